@@ -1,0 +1,36 @@
+"""Train a tiny ViT with MPOptTrainer micro-batching; run by test_distributed.py, alone or under torchrun.
+
+Each of the two epochs is one optimizer step over the same 8 samples, so one process with a batch of 8 and
+two processes with 4 each see the same global batch.
+"""
+
+import argparse
+import os
+import sys
+
+import torch
+from safetensors.torch import save_file
+
+sys.path.insert(0, os.path.dirname(__file__))
+from trainer_utils import ListDataset, training_args  # noqa: E402
+
+from mpopt_hf import MemoryConfig, MPOptTrainer  # noqa: E402
+from mpopt_hf.tiny_models import build_tiny, example_batch  # noqa: E402
+
+parser = argparse.ArgumentParser()
+parser.add_argument("--out", required=True)
+parser.add_argument("--micro-batch-size", type=int, required=True)
+cli = parser.parse_args()
+
+world = int(os.environ.get("WORLD_SIZE", "1"))
+model = build_tiny("vit", dropout=0.0)
+data = ListDataset(example_batch(model, 8))
+args = training_args(cli.out, 8 // world, steps=-1, num_train_epochs=2, optim="sgd", weight_decay=0.0)
+trainer = MPOptTrainer(
+    model=model, args=args, train_dataset=data, memory_config=MemoryConfig(cli.micro_batch_size, checkpoint_segments=2)
+)
+trainer.train()
+assert trainer.state.global_step == 2, trainer.state.global_step
+assert trainer.args.world_size == world, (trainer.args.world_size, world)
+if trainer.is_world_process_zero():
+    save_file({k: v.contiguous() for k, v in trainer.model.state_dict().items()}, os.path.join(cli.out, "weights.safetensors"))

@@ -1,0 +1,43 @@
+"""Micro-batching under DDP (two gloo CPU processes) updates the weights like one process on the global batch."""
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+SCRIPT = Path(__file__).with_name("dist_microbatch.py")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run(cmd, cwd):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
+    done = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+
+def test_two_processes_match_one(tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    _run([sys.executable, str(SCRIPT), "--out", str(one), "--micro-batch-size", "8"], tmp_path)
+    _run(
+        [
+            sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+            "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+            str(SCRIPT), "--out", str(two), "--micro-batch-size", "3",
+        ],
+        tmp_path,
+    )
+    reference, distributed = load_file(one / "weights.safetensors"), load_file(two / "weights.safetensors")
+    start = __import__("mpopt_hf.tiny_models", fromlist=["build_tiny"]).build_tiny("vit", dropout=0.0).state_dict()
+    assert reference.keys() == distributed.keys()
+    assert any(not torch.equal(reference[k], start[k]) for k in reference)  # training moved the weights
+    for key in reference:
+        assert torch.allclose(reference[key], distributed[key], atol=1e-6), key
