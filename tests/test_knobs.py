@@ -191,3 +191,21 @@ def test_every_family_trains_with_each_knob(family):
             opt.step()
             opt.zero_grad(set_to_none=True)
             assert torch.isfinite(loss)
+
+
+def test_knobs_compose_with_a_peft_lora_model():
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(build_tiny("vit", dropout=0.0), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    model.train()
+    lora_before = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert find_blocks(model).family == "vit"
+    apply_memory_config(model, MemoryConfig(4, freeze_rate=0.5, checkpoint_segments=2))
+    batch = example_batch(model.get_base_model(), 4)
+    model(**batch).loss.backward()
+    with_grad = {n for n, p in model.named_parameters() if p.grad is not None}
+    assert with_grad and with_grad <= lora_before  # base weights stay frozen: PEFT froze them, not us
+    assert not any(".layers.0." in n or ".layers.1." in n for n in with_grad)
+    assert any(".layers.3." in n and "lora_A" in n for n in with_grad)
+    apply_memory_config(model, MemoryConfig(4))
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == lora_before
