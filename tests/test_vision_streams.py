@@ -1,0 +1,73 @@
+"""vision.streams: task streams built from clean sources and corruptions."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import vision
+from vision.sources.office31 import OFFICE31_CLASSES
+from vision.streams import build_stream, corruption_stream, digits_stream, office31_stream, severity_stream
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_corruption_cycle():
+    names = ["fog", "snow", "pixelate"]
+    tasks = corruption_stream(names, severity=4, max_samples_per_task=30, include_clean=True)
+    assert [t.name for t in tasks] == ["clean", "fog-4", "snow-4", "pixelate-4"]
+    assert tasks[1].domain == {"corruption": "fog", "severity": 4} and tasks[0].domain == {}
+    assert (tasks[1].corruption, tasks[1].severity, tasks[0].corruption) == ("fog", 4, None)
+    for t in tasks:
+        assert t.sizes == {"train": 30, "val": 30, "test": 30}
+        x = t.train[:]["pixel_values"]
+        assert x.shape == (30, 3, 32, 32) and x.dtype == torch.float32 and 0 <= float(x.min()) and float(x.max()) <= 1
+        assert t.train.features["labels"].names == [str(d) for d in range(10)]
+    again = corruption_stream(names, severity=4, max_samples_per_task=30, include_clean=True)
+    assert torch.equal(again[2].train[:]["pixel_values"], tasks[2].train[:]["pixel_values"])  # reproducible
+
+
+def test_severity_stream_goes_up_and_down():
+    tasks = severity_stream("gaussian_noise", max_samples_per_task=40, source="sample-images", patches_per_image=10)
+    assert [t.domain["severity"] for t in tasks] == [1, 2, 3, 4, 5, 4, 3, 2, 1]
+    assert tasks[0].name == "gaussian_noise-1" and tasks[0].sizes == {"train": 40, "val": 10, "test": 20}
+    # the 20 test patches are under max_samples_per_task: every task has the same ones, corrupted
+    clean = vision.load("sample-images", split="test", patches_per_image=10)[:]["pixel_values"]
+    dist = [(t.test[:]["pixel_values"] - clean).pow(2).mean().sqrt().item() for t in tasks]
+    assert all(a < b for a, b in zip(dist[:5], dist[1:5])) and all(a > b for a, b in zip(dist[4:], dist[5:]))
+
+
+def test_digits_stream_and_build_stream():
+    tasks = digits_stream(["contrast"], max_samples_per_task=20)
+    assert [t.name for t in tasks] == ["clean", "contrast-5"]
+    x_clean = tasks[0].val[:]["pixel_values"]
+    x_low = tasks[1].val[:]["pixel_values"]
+    assert x_low.std() < 0.5 * x_clean.std()  # severity-5 contrast squeezes the pixel spread
+    same = build_stream("digits", corruptions=["contrast"], max_samples_per_task=20)
+    assert torch.equal(same[1].val[:]["pixel_values"], x_low)
+    with pytest.raises(ValueError, match=r"unknown stream kind 'rain'; accepted: \['corruptions', 'digits', 'office31', 'severity'\]"):
+        build_stream("rain")
+    with pytest.raises(ValueError, match=r"unknown corruption 'rain'"):
+        corruption_stream(["rain"])
+    with pytest.raises(ValueError, match=r"max_samples_per_task must be None or an int >= 1"):
+        corruption_stream(["fog"], max_samples_per_task=0)
+
+
+def test_office31_stream(tmp_path):
+    rng = np.random.default_rng(0)
+    for domain in ("amazon", "dslr", "webcam"):
+        for c in OFFICE31_CLASSES:
+            (tmp_path / domain / c).mkdir(parents=True)
+            for i in range(3):
+                Image.fromarray(rng.integers(0, 256, (10, 12, 3), dtype=np.uint8)).save(tmp_path / domain / c / f"{i}.jpg")
+    tasks = office31_stream(str(tmp_path), image_size=16, max_samples_per_task=40)
+    assert [t.name for t in tasks] == ["amazon", "dslr", "webcam"]
+    assert tasks[1].sizes["train"] == 40 and tasks[2].train[0]["pixel_values"].shape == (3, 16, 16)

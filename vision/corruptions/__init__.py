@@ -1,0 +1,133 @@
+"""CIFAR-10-C-style corruptions of image batches.
+
+``corrupt(images, name, severity, seed)`` applies one of the 15 benchmark
+corruptions of Hendrycks & Dietterich (``CORRUPTIONS``) or one of their 4 extra
+ones (``EXTRA_CORRUPTIONS``) at a severity 1..5 (tables in ``params.py``).
+
+Input: a float torch tensor or numpy array, shape (N, 3, H, W) or (3, H, W),
+values in [0, 1] (values outside are clamped first). Output: the same type,
+shape and dtype, values in [0, 1]. The parameters were made for 32x32 images;
+any H, W >= 8 works. uint8 or channels-last data is refused: convert with
+``torch.from_numpy(a).permute(0, 3, 1, 2).float() / 255``.
+
+The output is a pure function of (images, name, severity, seed): all
+randomness comes from ``numpy.random.default_rng(seed)``, never from a global
+generator.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, TypeVar
+
+import numpy as np
+import torch
+
+from . import blur, digital, noise, weather
+from .params import PARAMS
+
+CORRUPTIONS: tuple[str, ...] = (
+    "gaussian_noise",
+    "shot_noise",
+    "impulse_noise",
+    "defocus_blur",
+    "glass_blur",
+    "motion_blur",
+    "zoom_blur",
+    "snow",
+    "frost",
+    "fog",
+    "brightness",
+    "contrast",
+    "elastic_transform",
+    "pixelate",
+    "jpeg_compression",
+)
+EXTRA_CORRUPTIONS: tuple[str, ...] = ("speckle_noise", "gaussian_blur", "spatter", "saturate")
+ALL_CORRUPTIONS: tuple[str, ...] = CORRUPTIONS + EXTRA_CORRUPTIONS
+SEVERITIES: tuple[int, ...] = (1, 2, 3, 4, 5)
+
+_FUNCS: dict[str, Callable] = {
+    name: getattr(module, name)
+    for module in (noise, blur, weather, digital)
+    for name in ALL_CORRUPTIONS
+    if hasattr(module, name)
+}
+if not set(_FUNCS) == set(ALL_CORRUPTIONS) == set(PARAMS):  # a developer error, caught at import
+    raise RuntimeError("vision.corruptions: function table, names and PARAMS are out of sync")
+
+# pixels per internal chunk (2048 CIFAR images): bounds the temporaries (grids, FFTs) for big inputs
+_CHUNK_PIXELS = 2048 * 32 * 32
+
+ArrayLike = TypeVar("ArrayLike", torch.Tensor, np.ndarray)
+
+
+def check_corruption(name: str, severity: int) -> None:
+    """Raise ValueError unless ``name`` is a known corruption and ``severity`` in 1..5."""
+    if name not in _FUNCS:
+        raise ValueError(
+            f"unknown corruption {name!r}; accepted: {', '.join(ALL_CORRUPTIONS)}"
+        )
+    if isinstance(severity, bool) or not isinstance(severity, (int, np.integer)) or not 1 <= severity <= 5:
+        raise ValueError(f"severity must be an int in 1..5, got {severity!r}")
+
+
+def corrupt(images: ArrayLike, name: str, severity: int, seed: int = 0) -> ArrayLike:
+    """Corrupt ``images`` with corruption ``name`` at ``severity`` (1..5), deterministically for ``seed``."""
+    check_corruption(name, severity)
+    x, restore = _as_batch(images)
+    rng = np.random.default_rng(seed)
+    fn, p = _FUNCS[name], PARAMS[name][int(severity) - 1]
+    chunk = max(1, _CHUNK_PIXELS // (x.shape[-2] * x.shape[-1]))
+    with torch.no_grad():
+        outs = [fn(x[i : i + chunk].contiguous(), p, rng).clamp_(0.0, 1.0) for i in range(0, x.shape[0], chunk)]
+    out = torch.cat(outs) if len(outs) > 1 else outs[0]
+    return restore(out)
+
+
+def _as_batch(images: ArrayLike) -> tuple[torch.Tensor, Callable[[torch.Tensor], ArrayLike]]:
+    """Validate and convert to a float32 (N, 3, H, W) tensor; return it and the inverse conversion."""
+    is_numpy = isinstance(images, np.ndarray)
+    if not is_numpy and not isinstance(images, torch.Tensor):
+        raise ValueError(
+            f"images must be a torch.Tensor or numpy.ndarray of shape (N, 3, H, W) or (3, H, W), "
+            f"got {type(images).__name__}"
+        )
+    t = torch.from_numpy(np.ascontiguousarray(images)) if is_numpy else images
+    if not t.is_floating_point():
+        raise ValueError(
+            f"images must be floating point in [0, 1] (float16/32/64), got dtype {t.dtype}; "
+            "for uint8 images divide by 255 first"
+        )
+    if t.ndim not in (3, 4):
+        raise ValueError(f"images must have rank 3 (3, H, W) or 4 (N, 3, H, W), got rank {t.ndim} {tuple(t.shape)}")
+    single = t.ndim == 3
+    b = t.unsqueeze(0) if single else t
+    if b.shape[1] != 3:
+        raise ValueError(
+            f"images must be channels-first RGB: shape (N, 3, H, W) or (3, H, W), got {tuple(t.shape)}"
+        )
+    if b.shape[-1] < 8 or b.shape[-2] < 8:
+        raise ValueError(f"images must be at least 8x8 pixels, got H={b.shape[-2]}, W={b.shape[-1]}")
+    dtype, device = t.dtype, t.device
+    x = b.detach().to(device="cpu", dtype=torch.float32).clamp(0.0, 1.0).contiguous()
+
+    def restore(out: torch.Tensor) -> ArrayLike:
+        out = out.to(dtype=dtype)
+        if single:
+            out = out[0]
+        if is_numpy:
+            return out.numpy()
+        return out.to(device)
+
+    return x, restore
+
+
+__all__ = [
+    "ALL_CORRUPTIONS",
+    "CORRUPTIONS",
+    "EXTRA_CORRUPTIONS",
+    "PARAMS",
+    "SEVERITIES",
+    "check_corruption",
+    "corrupt",
+]

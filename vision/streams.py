@@ -1,0 +1,233 @@
+"""Task streams: the ordered domains an online learner retrains through.
+
+A stream is a list of :class:`Task` s; each is one domain (a corruption at a
+severity, an Office-31 camera, ...) with its own train/val/test datasets. The
+builders:
+
+* :func:`corruption_stream`  — cycle through corruptions at one severity, on a clean source;
+* :func:`severity_stream`    — one corruption, severity 1 -> 5 -> 1 (gradual drift and recovery);
+* :func:`digits_stream`      — clean digits, then corrupted digits;
+* :func:`office31_stream`    — Office-31 amazon -> dslr -> webcam from a root folder.
+
+Each corruption task draws a fresh random subset of the clean source (at most
+``max_samples_per_task`` per split) and corrupts it with a seed derived from
+(seed, task index, split), so a stream is reproducible and no two tasks see the
+same images in the same state. ``STREAMS`` maps a name to its builder, so one
+recipe can take the stream kind as a flag.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import datasets
+import numpy as np
+from tqdm.auto import tqdm
+
+from . import arrow, registry
+from .corruptions import CORRUPTIONS, check_corruption, corrupt
+from .splits import SPLITS
+
+DEFAULT_MAX_SAMPLES = 512
+
+
+@dataclass
+class Task:
+    """One domain of a stream."""
+
+    name: str
+    train: datasets.Dataset
+    val: datasets.Dataset
+    test: datasets.Dataset
+    domain: dict[str, Any] = field(default_factory=dict)  # what defines it, e.g. {"corruption": "fog", "severity": 5}
+
+    @property
+    def corruption(self) -> str | None:
+        """The corruption of a corruption task (None for clean or Office-31 tasks)."""
+        return self.domain.get("corruption")
+
+    @property
+    def severity(self) -> int | None:
+        return self.domain.get("severity")
+
+    @property
+    def sizes(self) -> dict[str, int]:
+        return {"train": len(self.train), "val": len(self.val), "test": len(self.test)}
+
+    def __repr__(self) -> str:
+        return f"Task({self.name!r}, {self.sizes}, domain={self.domain})"
+
+
+def _check_max(max_samples_per_task: int | None) -> None:
+    if max_samples_per_task is not None and (
+        isinstance(max_samples_per_task, bool) or not isinstance(max_samples_per_task, int) or max_samples_per_task < 1
+    ):
+        raise ValueError(f"max_samples_per_task must be None or an int >= 1, got {max_samples_per_task!r}")
+
+
+def _clean_pool(source: str, root_dir: str | None, seed: int, options: dict) -> dict[str, tuple]:
+    """The clean source's splits as arrays: split -> (images, labels, class names)."""
+    pool = {}
+    for split in SPLITS:
+        ds = registry.build(source, root_dir=root_dir, split=split, seed=seed, **options)
+        images, labels = arrow.to_arrays(ds)
+        pool[split] = (images, labels, arrow.class_names(ds))
+    return pool
+
+
+def _task_from_pool(
+    pool: dict[str, tuple],
+    name: str,
+    index: int,
+    corruption: str | None,
+    severity: int | None,
+    max_samples: int | None,
+    seed: int,
+    transform: Callable | None,
+    eval_transform: Callable | None,
+) -> Task:
+    parts = {}
+    for k, split in enumerate(SPLITS):
+        images, labels, names = pool[split]
+        rng = np.random.default_rng([seed, index, k])
+        if max_samples is not None and labels.size > max_samples:
+            idx = np.sort(rng.choice(labels.size, max_samples, replace=False))
+            images, labels = images[idx], labels[idx]
+        if corruption is not None:
+            images = corrupt(np.ascontiguousarray(images), corruption, severity, seed=int(rng.integers(2**31)))
+        tf = transform if split == "train" else eval_transform
+        parts[split] = arrow.from_arrays(images, labels, names, tf)
+    domain = {} if corruption is None else {"corruption": corruption, "severity": severity}
+    return Task(name, parts["train"], parts["val"], parts["test"], domain)
+
+
+def _build(
+    plan: Sequence[tuple[str | None, int | None]],
+    source: str,
+    root_dir: str | None,
+    max_samples_per_task: int | None,
+    seed: int,
+    transform: Callable | None,
+    eval_transform: Callable | None,
+    source_options: dict,
+) -> list[Task]:
+    _check_max(max_samples_per_task)
+    for corruption, severity in plan:
+        if corruption is not None:
+            check_corruption(corruption, severity)
+    pool = _clean_pool(source, root_dir, seed, source_options)
+    tasks = []
+    bar = tqdm(plan, desc=f"building {source} stream", unit="task", disable=len(plan) < 8, leave=False)
+    for i, (corruption, severity) in enumerate(bar):
+        name = "clean" if corruption is None else f"{corruption}-{severity}"
+        tasks.append(
+            _task_from_pool(pool, name, i, corruption, severity, max_samples_per_task, seed, transform, eval_transform)
+        )
+    return tasks
+
+
+def corruption_stream(
+    corruptions: Sequence[str] = CORRUPTIONS,
+    severity: int = 5,
+    source: str = "digits",
+    root_dir: str | None = None,
+    max_samples_per_task: int | None = DEFAULT_MAX_SAMPLES,
+    seed: int = 0,
+    include_clean: bool = False,
+    transform: Callable | None = None,
+    eval_transform: Callable | None = None,
+    **source_options: Any,
+) -> list[Task]:
+    """One task per corruption, in order, at ``severity`` (optionally preceded by the clean source)."""
+    if isinstance(corruptions, str):
+        corruptions = [corruptions]
+    plan: list[tuple[str | None, int | None]] = [(None, None)] if include_clean else []
+    plan += [(c, severity) for c in corruptions]
+    if not plan:
+        raise ValueError("corruption_stream: corruptions is empty and include_clean is False: no tasks")
+    return _build(plan, source, root_dir, max_samples_per_task, seed, transform, eval_transform, source_options)
+
+
+def severity_stream(
+    corruption: str = "gaussian_noise",
+    severities: Sequence[int] = (1, 2, 3, 4, 5, 4, 3, 2, 1),
+    source: str = "digits",
+    root_dir: str | None = None,
+    max_samples_per_task: int | None = DEFAULT_MAX_SAMPLES,
+    seed: int = 0,
+    transform: Callable | None = None,
+    eval_transform: Callable | None = None,
+    **source_options: Any,
+) -> list[Task]:
+    """One corruption whose severity drifts (default 1 -> 5 -> 1)."""
+    if not severities:
+        raise ValueError("severity_stream: severities is empty: no tasks")
+    plan = [(corruption, s) for s in severities]
+    return _build(plan, source, root_dir, max_samples_per_task, seed, transform, eval_transform, source_options)
+
+
+def digits_stream(
+    corruptions: Sequence[str] | str = ("gaussian_noise",),
+    severity: int = 5,
+    max_samples_per_task: int | None = DEFAULT_MAX_SAMPLES,
+    seed: int = 0,
+    transform: Callable | None = None,
+    eval_transform: Callable | None = None,
+) -> list[Task]:
+    """Clean digits, then digits under each corruption in turn."""
+    return corruption_stream(
+        corruptions,
+        severity,
+        source="digits",
+        max_samples_per_task=max_samples_per_task,
+        seed=seed,
+        include_clean=True,
+        transform=transform,
+        eval_transform=eval_transform,
+    )
+
+
+def office31_stream(
+    root_dir: str | None = None,
+    domains: Sequence[str] = ("amazon", "dslr", "webcam"),
+    image_size: int = 224,
+    max_samples_per_task: int | None = None,
+    seed: int = 0,
+    transform: Callable | None = None,
+    eval_transform: Callable | None = None,
+) -> list[Task]:
+    """Office-31 domains in order (default A -> D -> W); each domain split by seed."""
+    _check_max(max_samples_per_task)
+    tasks = []
+    for domain in domains:
+        parts = {
+            split: registry.build(
+                "office31",
+                root_dir=root_dir,
+                split=split,
+                transform=transform if split == "train" else eval_transform,
+                domain=domain,
+                image_size=image_size,
+                seed=seed,
+                max_samples=max_samples_per_task,
+            )
+            for split in SPLITS
+        }
+        tasks.append(Task(domain, parts["train"], parts["val"], parts["test"], {"domain": domain}))
+    return tasks
+
+
+STREAMS: dict[str, Callable[..., list[Task]]] = {
+    "corruptions": corruption_stream,
+    "severity": severity_stream,
+    "digits": digits_stream,
+    "office31": office31_stream,
+}
+
+
+def build_stream(kind: str, **kwargs: Any) -> list[Task]:
+    """``STREAMS[kind](**kwargs)``, with an error that lists the kinds."""
+    if kind not in STREAMS:
+        raise ValueError(f"unknown stream kind {kind!r}; accepted: {sorted(STREAMS)}")
+    return STREAMS[kind](**kwargs)
