@@ -93,3 +93,129 @@ class MemoryConfig:
     def short(self) -> str:
         """A compact label for tables and logs, e.g. ``mb8/f0.50/ckpt2/bf16``."""
         return f"mb{self.micro_batch_size}/f{self.freeze_rate:.2f}/ckpt{self.checkpoint_segments}/{self.precision}"
+
+
+GAIN_METRICS = ("auto", "val_accuracy", "entropy", "confidence")
+
+
+@dataclass
+class MPOptArguments:
+    """How the rule engine chooses the knobs: the memory budget, the search space, the trials and the re-tune rules.
+
+    Parsed by `transformers.HfArgumentParser` next to `TrainingArguments`, so every field is also a flag.
+    Search-space fields left as None are derived from the model's blocks and the effective batch at train begin.
+    """
+
+    memory_budget_mib: float | None = field(
+        default=None,
+        metadata={
+            "help": "Peak memory the training step may use, in MiB. None: on CUDA the device's total memory; on CPU "
+            "no budget (only out-of-memory errors steer the search)."
+        },
+    )
+    safety_margin: float = field(
+        default=0.05,
+        metadata={"help": "Share of the budget kept free for prediction error and fragmentation; in [0, 0.5)."},
+    )
+    micro_batch_sizes: list[int] | None = field(
+        default=None,
+        metadata={"help": "Micro-batch sizes to consider. None: powers of two up to the effective batch, and it."},
+    )
+    freeze_rates: list[float] | None = field(
+        default=None,
+        metadata={"help": "Freeze rates to consider, each in [0, 1]. None: 0, 0.25, 0.5, 0.75 (distinct block counts)."},
+    )
+    checkpoint_segments: list[int] | None = field(
+        default=None,
+        metadata={"help": "Checkpoint segment counts to consider (0 = off). None: 0, half and all trainable blocks."},
+    )
+    precisions: list[str] | None = field(
+        default=None,
+        metadata={"help": f"Precisions to consider, from {list(PRECISIONS)}. None: the run's own precision (fp32, "
+                  "or fp16 under TrainingArguments.fp16), plus bf16 on a CUDA device that supports it."},
+    )
+    trial_steps: int = field(
+        default=4, metadata={"help": "Optimizer steps one trial of a configuration lasts before its gain is measured."}
+    )
+    trial_max_s: float | None = field(
+        default=None,
+        metadata={"help": "A trial also ends after this many seconds of training, so that a slow candidate's trial "
+                  "cannot eat the time budget. None: trials last trial_steps steps."},
+    )
+    time_budget_s: float | None = field(
+        default=None,
+        metadata={"help": "Seconds of training (step time, evaluation excluded) after which training stops. None: no limit."},
+    )
+    gain_metric: str = field(
+        default="auto",
+        metadata={
+            "help": f"What a trial's gain is measured on, one of {list(GAIN_METRICS)}. 'val_accuracy' needs labelled "
+            "evaluation data; 'entropy' (mean prediction entropy, lower is better) and 'confidence' (mean top "
+            "probability) need none. 'auto': val_accuracy when the evaluation data have labels, else entropy."
+        },
+    )
+    exploration: float = field(
+        default=0.5,
+        metadata={"help": "UCB exploration weight: how often a challenger is re-measured against the incumbent (>= 0)."},
+    )
+    discount: float = field(
+        default=0.25,
+        metadata={"help": "Weight kept by older gain estimates when the search re-opens (drift, periodic re-tune); in [0, 1]."},
+    )
+    drift_threshold: float | None = field(
+        default=0.5,
+        metadata={
+            "help": "Relative jump of an unsupervised proxy (entropy/confidence) between two measurements that counts "
+            "as drift and re-opens the search. None: only task boundaries do."
+        },
+    )
+    retune_every_steps: int = field(
+        default=0, metadata={"help": "Re-open the search every this many optimizer steps (0 = never)."}
+    )
+    bn_min_micro_batch: int = field(
+        default=8,
+        metadata={
+            "help": "For models with BatchNorm, micro-batches smaller than this are excluded (unless the whole "
+            "effective batch is smaller): BatchNorm would train on tiny-batch statistics."
+        },
+    )
+
+    def __post_init__(self) -> None:
+        if self.memory_budget_mib is not None and not self.memory_budget_mib > 0:
+            raise ValueError(f"MPOptArguments.memory_budget_mib must be > 0 MiB or None, got {self.memory_budget_mib}.")
+        if not 0.0 <= self.safety_margin < 0.5:
+            raise ValueError(f"MPOptArguments.safety_margin must be in [0, 0.5), got {self.safety_margin}.")
+        self._check_list("micro_batch_sizes", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1,
+                         "ints >= 1")
+        self._check_list("freeze_rates", lambda v: isinstance(v, (int, float)) and 0.0 <= v <= 1.0, "numbers in [0, 1]")
+        self._check_list("checkpoint_segments", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0,
+                         "ints >= 0")
+        self._check_list("precisions", lambda v: v in PRECISIONS, f"values from {list(PRECISIONS)}")
+        if self.gain_metric not in GAIN_METRICS:
+            raise ValueError(f"MPOptArguments.gain_metric must be one of {list(GAIN_METRICS)}, got {self.gain_metric!r}.")
+        if self.trial_steps < 1:
+            raise ValueError(f"MPOptArguments.trial_steps must be an int >= 1, got {self.trial_steps}.")
+        if self.trial_max_s is not None and not self.trial_max_s > 0:
+            raise ValueError(f"MPOptArguments.trial_max_s must be > 0 seconds or None, got {self.trial_max_s}.")
+        if self.time_budget_s is not None and not self.time_budget_s > 0:
+            raise ValueError(f"MPOptArguments.time_budget_s must be > 0 seconds or None, got {self.time_budget_s}.")
+        if self.exploration < 0:
+            raise ValueError(f"MPOptArguments.exploration must be >= 0, got {self.exploration}.")
+        if not 0.0 <= self.discount <= 1.0:
+            raise ValueError(f"MPOptArguments.discount must be in [0, 1], got {self.discount}.")
+        if self.drift_threshold is not None and not self.drift_threshold > 0:
+            raise ValueError(f"MPOptArguments.drift_threshold must be > 0 or None, got {self.drift_threshold}.")
+        if self.retune_every_steps < 0:
+            raise ValueError(f"MPOptArguments.retune_every_steps must be >= 0 (0 = never), got {self.retune_every_steps}.")
+        if self.bn_min_micro_batch < 1:
+            raise ValueError(f"MPOptArguments.bn_min_micro_batch must be >= 1, got {self.bn_min_micro_batch}.")
+
+    def _check_list(self, name: str, ok: Any, allowed: str) -> None:
+        values = getattr(self, name)
+        if values is None:
+            return
+        if len(values) == 0:
+            raise ValueError(f"MPOptArguments.{name} is empty: give at least one of {allowed}, or None for the default.")
+        bad = [v for v in values if not ok(v)]
+        if bad:
+            raise ValueError(f"MPOptArguments.{name} holds {bad}; allowed: {allowed}.")

@@ -1,0 +1,424 @@
+"""`MPOptCallback`: connects the rule engine to a Trainer.
+
+It builds the candidates at the first step (search space x cost model), measures each step's time (and
+peak memory on CUDA), evaluates the gain metric when a trial ends, and applies the engine's answer at the
+next step boundary. It only observes and signals; the step itself (micro-batching, out-of-memory retry)
+belongs to `MPOptTrainer`. Its state is a JSON file in each checkpoint folder, restored on resume.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from transformers import TrainerCallback
+
+from .blocks import find_blocks
+from .config import MemoryConfig, MPOptArguments
+from .engine import (
+    MIB,
+    Candidate,
+    CostModel,
+    RuleEngine,
+    default_checkpoint_segments,
+    default_freeze_rates,
+    default_micro_batch_sizes,
+    enumerate_configs,
+)
+from .knobs import apply_memory_config
+from .microbatch import batch_size_of, split_batch
+from .oom import free_memory, is_out_of_memory
+
+logger = logging.getLogger(__name__)
+
+STATE_FILE = "mpopt_engine.json"
+DECISIONS_FILE = "decisions.json"
+
+
+# ---------------------------------------------------------------------------- metrics (plain functions)
+
+
+def metric_from_logits(logits: torch.Tensor, labels: torch.Tensor | None, metric: str) -> tuple[float, int]:
+    """(sum of the per-item score, item count); higher is better. Causal-LM logits are shifted by one."""
+    logits = logits.detach().float()
+    if logits.dim() == 3:  # [batch, tokens, vocab]: next-token prediction
+        logits = logits[:, :-1]
+        labels = None if labels is None else labels[:, 1:]
+    flat = logits.reshape(-1, logits.shape[-1])
+    if metric == "val_accuracy":
+        if labels is None:
+            raise ValueError("gain_metric='val_accuracy' needs labels in the evaluation data; use 'entropy' or 'confidence'.")
+        target = labels.reshape(-1)
+        keep = target != -100
+        return float((flat.argmax(-1)[keep] == target[keep]).sum()), int(keep.sum())
+    probs = flat.softmax(-1)
+    if metric == "entropy":  # lower entropy is better: return its negative
+        entropy = -(probs * probs.clamp_min(1e-12).log()).sum(-1)
+        return float(-entropy.sum()), flat.shape[0]
+    if metric == "confidence":
+        return float(probs.max(-1).values.sum()), flat.shape[0]
+    raise ValueError(f"Unknown gain metric {metric!r}; allowed: 'val_accuracy', 'entropy', 'confidence'.")
+
+
+def resolve_metric(metric: str, example: dict[str, Any] | None) -> str:
+    if metric != "auto":
+        return metric
+    return "val_accuracy" if example is not None and ("labels" in example or "label" in example) else "entropy"
+
+
+# ---------------------------------------------------------------------------- the callback
+
+
+class MPOptCallback(TrainerCallback):
+    """Lets the rule engine choose the memory configuration online.
+
+    ``cost_model`` predicts ``(peak_bytes, step_s)`` of a configuration (the profiler's memory model, or a
+    fake in tests); it is required when a memory budget is set. ``clock`` times the steps (inject one for
+    deterministic tests). ``eval_dataset`` is used for the gain metric when the trainer has none. With a
+    profile ``store`` and its ``store_key``, configurations it knows as infeasible are never tried, and new
+    out-of-memory marks are written to it; ``on_infeasible`` is called for each new mark as well.
+    """
+
+    def __init__(
+        self,
+        mpopt_args: MPOptArguments,
+        cost_model: CostModel | None = None,
+        clock: Callable[[], float] = time.perf_counter,
+        eval_dataset: Any = None,
+        on_infeasible: Callable[[MemoryConfig, str], None] | None = None,
+        store: Any = None,
+        store_key: Any = None,
+    ) -> None:
+        if (store is None) != (store_key is None):
+            raise ValueError("MPOptCallback: give both store and store_key (mpopt_hf.store.make_key), or neither.")
+        self.store, self.store_key = store, store_key
+        self.mpopt_args = mpopt_args
+        self.cost_model = cost_model
+        self.clock = clock
+        self.eval_dataset = eval_dataset
+        self.on_infeasible = on_infeasible
+        self.trainer: Any = None
+        self.engine: RuleEngine | None = None
+        self.metric = mpopt_args.gain_metric
+        self.eval_chunk: int | None = None
+        self._resume_dir: str | None = None
+        self._needs_baseline = False
+        self._step_start: float | None = None
+        self._logged = 0
+        self._warned = False
+        self._applied: MemoryConfig | None = None
+
+    # -------------------------------------------------------------- wiring
+
+    def bind_trainer(self, trainer: Any) -> None:
+        """Called by MPOptTrainer: the engine may now change micro-batches and precision, and answer OOM."""
+        self.trainer = trainer
+        trainer.mpopt_callback = self
+        trainer.oom_handler = self._on_oom
+
+    def resume_from(self, checkpoint_dir: str) -> None:
+        self._resume_dir = checkpoint_dir
+
+    def task_boundary(self) -> None:
+        """The online loop moved to a new task: re-open the search, re-measure the baseline on the new data."""
+        if self.engine is None:
+            return
+        step = self._step()
+        self._apply(self.engine.task_boundary(step))
+        self._needs_baseline = True
+        self._flush_decisions()
+
+    # -------------------------------------------------------------- Trainer events
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if self.trainer is None and not self._warned:
+            self._warned = True
+            warnings.warn(
+                "MPOptCallback on a plain Trainer applies only freezing and checkpointing: micro-batch size and "
+                "precision stay the Trainer's, and out-of-memory errors are not retried. Use "
+                "MPOptTrainer(..., mpopt_args=MPOptArguments(...)) for all knobs.",
+                stacklevel=2,
+            )
+
+    def on_step_begin(self, args, state, control, model=None, **kwargs):
+        self._model_ref = model
+        if self.engine is None:
+            self._setup(args, state, model)
+        elif self._needs_baseline:
+            self.engine.set_baseline(self._measure_metric(model))
+            self._needs_baseline = False
+        self._step_start = self.clock()
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if self.engine is None or self._step_start is None:
+            return control
+        step_s = self._reduce(self.clock() - self._step_start, "max")
+        peak = getattr(self.trainer, "_step_peak_bytes", None) if self.trainer is not None else None
+        if peak is not None:
+            peak = self._reduce(float(peak), "max")
+        if self.engine.observe_step(state.global_step, step_s, peak):
+            metric = self._measure_metric(model)
+            proxy = self.metric != "val_accuracy"
+            self._apply(self.engine.observe_metric(state.global_step, metric, proxy=proxy))
+        elif self.engine.current != self._applied:
+            self._apply(self.engine.current)  # over budget: the engine already chose another
+        self._flush_decisions()
+        if self.engine.out_of_time:
+            control.should_training_stop = True
+        return control
+
+    def on_save(self, args, state, control, **kwargs):
+        if self.engine is None or not state.is_world_process_zero:
+            return control
+        folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+        if os.path.isdir(folder):
+            with open(os.path.join(folder, STATE_FILE), "w") as f:
+                payload = {"engine": self.engine.state_dict(), "metric": self.metric, "eval_chunk": self.eval_chunk,
+                           "needs_baseline": self._needs_baseline}
+                json.dump(payload, f)
+        return control
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.engine is not None and state.is_world_process_zero:
+            os.makedirs(args.output_dir, exist_ok=True)
+            with open(os.path.join(args.output_dir, DECISIONS_FILE), "w") as f:
+                json.dump([d.to_dict() for d in self.engine.decisions], f, indent=1)
+        return control
+
+    # -------------------------------------------------------------- setup
+
+    def _setup(self, args, state, model: nn.Module) -> None:
+        blocks = find_blocks(model)
+        effective = args.per_device_train_batch_size
+        self.engine = self._build_engine(args, model, blocks.n_blocks, effective)
+        resume = self._resume_dir
+        if resume is None and state.global_step > 0:  # a plain Trainer resumed: the folder follows the convention
+            resume = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+        path = None if resume is None else os.path.join(resume, STATE_FILE)
+        if path is not None and os.path.isfile(path):
+            with open(path) as f:
+                saved = json.load(f)
+            self.engine.load_state_dict(saved["engine"])
+            self.metric, self.eval_chunk = saved["metric"], saved["eval_chunk"]
+            self._needs_baseline = saved.get("needs_baseline", False)
+            self._logged = len(self.engine.decisions)  # those were logged by the first run
+            self._apply(self.engine.current)
+            return
+        self.metric = resolve_metric(self.mpopt_args.gain_metric, self._first_eval_row())
+        self._apply(self.engine.start(state.global_step, self._measure_metric(model)))
+        self._flush_decisions()
+
+    def _build_engine(self, args, model: nn.Module, n_blocks: int, effective: int) -> RuleEngine:
+        a = self.mpopt_args
+        if self.trainer is None:  # plain Trainer: micro-batch and precision are fixed by the Trainer
+            micro, precisions = [effective], ["fp16" if args.fp16 else ("bf16" if args.bf16 else "fp32")]
+        else:
+            micro = a.micro_batch_sizes or default_micro_batch_sizes(effective)
+            precisions = a.precisions or self._default_precisions(args)
+        configs = enumerate_configs(
+            [m for m in micro if m <= effective] or [effective],
+            a.freeze_rates if a.freeze_rates is not None else default_freeze_rates(n_blocks),
+            a.checkpoint_segments if a.checkpoint_segments is not None else default_checkpoint_segments(n_blocks),
+            precisions,
+            n_blocks,
+        )
+        if not configs:
+            raise ValueError(
+                f"The search space is empty for a model with {n_blocks} blocks: check MPOptArguments.checkpoint_segments "
+                f"(each must be <= the trainable blocks) and freeze_rates."
+            )
+        budget = self._budget_bytes(args)
+        if budget is not None and self.cost_model is None:
+            raise ValueError(
+                f"MPOptArguments.memory_budget_mib={budget / MIB:.1f} needs a cost model to predict peaks: pass "
+                "cost_model=... (e.g. the profiler's fitted memory model), or leave memory_budget_mib=None and let "
+                "out-of-memory errors steer the search."
+            )
+        candidates = [
+            Candidate(c, *self.cost_model.predict(c)) if self.cost_model is not None else Candidate(c) for c in configs
+        ]
+        has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+        return RuleEngine(
+            candidates,
+            budget_bytes=budget,
+            margin=a.safety_margin,
+            trial_steps=a.trial_steps,
+            trial_max_s=a.trial_max_s,
+            exploration=a.exploration,
+            discount=a.discount,
+            drift_threshold=a.drift_threshold,
+            retune_every_steps=a.retune_every_steps,
+            time_budget_s=a.time_budget_s,
+            has_batchnorm=has_bn,
+            bn_min_micro_batch=a.bn_min_micro_batch,
+            effective_batch=effective,
+            on_infeasible=self._mark_infeasible,
+            known_infeasible=self.store.infeasible(self.store_key) if self.store is not None else None,
+        )
+
+    def _mark_infeasible(self, config: MemoryConfig, reason: str) -> None:
+        if self.store is not None:
+            self.store.mark_infeasible(self.store_key, config, reason)
+        if self.on_infeasible is not None:
+            self.on_infeasible(config, reason)
+
+    def _budget_bytes(self, args) -> float | None:
+        if self.mpopt_args.memory_budget_mib is not None:
+            return self.mpopt_args.memory_budget_mib * MIB
+        if args.device.type == "cuda":  # the device's memory; the margin is applied by the feasibility rule
+            return float(torch.cuda.get_device_properties(args.device).total_memory)
+        return None
+
+    @staticmethod
+    def _default_precisions(args) -> list[str]:
+        if args.fp16:
+            return ["fp16"]
+        if args.device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return ["fp32", "bf16"]
+        return ["fp32"]
+
+    # -------------------------------------------------------------- acting
+
+    def _apply(self, config: MemoryConfig) -> None:
+        self._applied = config
+        if self.trainer is not None:
+            if self.trainer.memory_config != config or self.trainer._memory_config is None:
+                self.trainer.set_memory_config(config)
+        else:
+            model = self._plain_model
+            if model is not None:
+                apply_memory_config(model, config)
+
+    @property
+    def _plain_model(self) -> nn.Module | None:
+        return getattr(self, "_model_ref", None)
+
+    def _on_oom(self, config: MemoryConfig, step: int) -> MemoryConfig:
+        if self.engine is None:
+            if config.micro_batch_size <= 1:
+                raise RuntimeError(f"{config.short()} ran out of memory with a micro-batch of 1.")
+            return config.replace(micro_batch_size=config.micro_batch_size // 2)
+        following = self.engine.on_oom(step, config)
+        self._applied = following  # the trainer switches to it itself, before re-running the step
+        self._flush_decisions()
+        return following
+
+    def _flush_decisions(self) -> None:
+        """Log the decisions not yet logged through the Trainer's `log`, so trackers see them."""
+        if self.engine is None:
+            return
+        new = self.engine.decisions[self._logged :]
+        self._logged = len(self.engine.decisions)
+        for d in new:
+            logger.info("mpopt decision at step %d: %s (%s)", d.step, MemoryConfig.from_dict(d.config).short(), d.reason)
+            if self.trainer is not None:
+                entry = {
+                    "mpopt/micro_batch_size": d.config["micro_batch_size"],
+                    "mpopt/freeze_rate": d.config["freeze_rate"],
+                    "mpopt/checkpoint_segments": d.config["checkpoint_segments"],
+                    "mpopt/decision": len(self.engine.decisions) - len(new) + new.index(d),
+                }
+                if d.predicted_peak_bytes is not None:
+                    entry["mpopt/predicted_peak_mib"] = round(d.predicted_peak_bytes / MIB, 2)
+                if d.gain_estimate is not None:
+                    entry["mpopt/gain_per_s"] = d.gain_estimate
+                self.trainer.log(entry)
+
+    def _step(self) -> int:
+        return 0 if self.trainer is None else self.trainer.state.global_step
+
+    # -------------------------------------------------------------- the gain metric
+
+    def _eval_data(self) -> Any:
+        data = self.trainer.eval_dataset if self.trainer is not None and self.trainer.eval_dataset is not None else None
+        data = data if data is not None else self.eval_dataset
+        if data is None:
+            raise ValueError(
+                "MPOptCallback needs evaluation data for the gain metric: give the Trainer an eval_dataset (labelled "
+                "for gain_metric='val_accuracy', unlabelled for 'entropy'/'confidence') or MPOptCallback(eval_dataset=...)."
+            )
+        return data
+
+    def _first_eval_row(self) -> dict[str, Any] | None:
+        data = self._eval_data()
+        return data[0] if len(data) else None
+
+    def _measure_metric(self, model: nn.Module) -> float:
+        """Mean score over the evaluation data, averaged over ranks; halves its own batch on out-of-memory."""
+        if self.trainer is not None:
+            loader = self.trainer.get_eval_dataloader(self._eval_data())
+        else:
+            loader = torch.utils.data.DataLoader(self._eval_data(), batch_size=8, collate_fn=_default_collate)
+        device = next(model.parameters()).device
+        was_training = model.training
+        model.eval()
+        total, count = 0.0, 0
+        try:
+            with torch.no_grad():
+                for batch in loader:
+                    batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+                    s, n = self._score_batch(model, batch)
+                    total, count = total + s, count + n
+        finally:
+            model.train(was_training)
+        sums = self._reduce_pair(total, count)
+        return sums[0] / max(sums[1], 1)
+
+    def _score_batch(self, model: nn.Module, batch: dict[str, Any]) -> tuple[float, int]:
+        size = batch_size_of(batch)
+        chunk = min(self.eval_chunk or size, size)
+        while True:
+            try:
+                total, count = 0.0, 0
+                for part in split_batch(batch, chunk):
+                    labels = part.get("labels", part.get("label"))
+                    inputs = {k: v for k, v in part.items() if k not in ("labels", "label")}
+                    logits = model(**inputs).logits
+                    s, n = metric_from_logits(logits, labels, self.metric)
+                    total, count = total + s, count + n
+                return total, count
+            except Exception as exc:  # noqa: BLE001
+                if not is_out_of_memory(exc) or chunk <= 1:
+                    raise
+            free_memory()
+            chunk = max(1, chunk // 2)
+            self.eval_chunk = chunk  # evaluation only: the training configuration is not touched
+
+    # -------------------------------------------------------------- several processes
+
+    @staticmethod
+    def _distributed() -> bool:
+        return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+    def _reduce(self, value: float, op: str) -> float:
+        """Every rank's engine must see the same numbers, so that all make the same decisions."""
+        if not self._distributed():
+            return value
+        tensor = torch.tensor([value], dtype=torch.float64, device=self._device())
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+        return float(tensor.item())
+
+    def _reduce_pair(self, a: float, b: float) -> tuple[float, float]:
+        if not self._distributed():
+            return a, b
+        tensor = torch.tensor([a, b], dtype=torch.float64, device=self._device())
+        dist.all_reduce(tensor)
+        return float(tensor[0]), float(tensor[1])
+
+    def _device(self) -> torch.device:
+        return self.trainer.args.device if self.trainer is not None else torch.device("cpu")
+
+
+def _default_collate(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    return {k: torch.stack([torch.as_tensor(r[k]) for r in rows]) for k in rows[0]}
+
+
+__all__ = ["MPOptCallback", "metric_from_logits", "resolve_metric", "STATE_FILE", "DECISIONS_FILE"]

@@ -1,0 +1,96 @@
+"""MPOptCallback: metrics, the plain-Trainer path, task boundaries, the time budget."""
+
+import json
+import os
+
+import pytest
+import torch
+from transformers import Trainer, TrainerCallback
+
+from dist_fakes import FakeCost, StepClock
+from mpopt_hf import MemoryConfig, MPOptArguments, MPOptCallback, MPOptTrainer
+from mpopt_hf.blocks import find_blocks
+from mpopt_hf.callback import metric_from_logits, resolve_metric
+from mpopt_hf.tiny_models import build_tiny, example_batch
+from trainer_utils import ListDataset, training_args
+
+
+def test_metrics_from_logits():
+    logits = torch.tensor([[2.0, 0.0], [0.0, 2.0], [2.0, 0.0]])
+    assert metric_from_logits(logits, torch.tensor([0, 1, 1]), "val_accuracy") == (2.0, 3)
+    uniform = torch.zeros(4, 2)
+    s, n = metric_from_logits(uniform, None, "entropy")
+    assert n == 4 and s == pytest.approx(-4 * torch.log(torch.tensor(2.0)).item())
+    assert metric_from_logits(uniform, None, "confidence") == (pytest.approx(2.0), 4)
+    lm = torch.zeros(1, 3, 5)
+    lm[0, 0, 2] = lm[0, 1, 4] = 9.0  # position t predicts token t+1
+    assert metric_from_logits(lm, torch.tensor([[7, 2, 4]]), "val_accuracy") == (2.0, 2)
+    with pytest.raises(ValueError, match="needs labels"):
+        metric_from_logits(logits, None, "val_accuracy")
+    assert resolve_metric("auto", {"pixel_values": 0, "labels": 1}) == "val_accuracy"
+    assert resolve_metric("auto", {"pixel_values": 0}) == "entropy"
+
+
+def _data(model, n=32, labels=True):
+    batch = example_batch(model, n)
+    if not labels:
+        batch.pop("labels")
+    return ListDataset(batch)
+
+
+def test_plain_trainer_gets_freezing_only_and_a_warning(tmp_path):
+    model = build_tiny("vit", dropout=0.0)
+    callback = MPOptCallback(
+        MPOptArguments(freeze_rates=[0.5], checkpoint_segments=[1], trial_steps=1), eval_dataset=_data(model, 8)
+    )
+    trainer = Trainer(model=model, args=training_args(tmp_path, 8, steps=2), train_dataset=_data(model), callbacks=[callback])
+    with pytest.warns(UserWarning, match=r"plain Trainer applies only freezing and checkpointing"):
+        trainer.train()
+    blocks = find_blocks(model)
+    assert not any(p.requires_grad for p in blocks.block_params(0)) and all(p.requires_grad for p in blocks.block_params(3))
+    decisions = json.load(open(os.path.join(tmp_path, "decisions.json")))
+    assert {MemoryConfig.from_dict(d["config"]) for d in decisions} == {MemoryConfig(8, freeze_rate=0.5, checkpoint_segments=1)}
+
+
+def test_unlabelled_data_use_entropy_and_a_task_boundary_reopens_the_search(tmp_path):
+    model = build_tiny("vit", dropout=0.0)
+    mpopt = MPOptArguments(micro_batch_sizes=[8], freeze_rates=[0.0, 0.5], checkpoint_segments=[0], trial_steps=1)
+    trainer = MPOptTrainer(
+        model=model, args=training_args(tmp_path, 8, steps=6), train_dataset=_data(model),
+        eval_dataset=_data(model, 8, labels=False), mpopt_args=mpopt, cost_model=FakeCost(), clock=StepClock(),
+    )
+
+    class Boundary(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 4:
+                trainer.mpopt_callback.task_boundary()
+
+    trainer.add_callback(Boundary())
+    trainer.train()
+    callback = trainer.mpopt_callback
+    assert callback.metric == "entropy"
+    reasons = [(d.step, d.reason) for d in callback.engine.decisions]
+    assert (4, "task boundary: measure each candidate") in reasons
+    after = [r for s, r in reasons if s > 4]
+    assert after and after[0] == "trial: measure each candidate"  # the second survivor is re-trialled too
+
+
+def test_time_budget_stops_training(tmp_path):
+    model = build_tiny("vit", dropout=0.0)
+    mpopt = MPOptArguments(micro_batch_sizes=[8], freeze_rates=[0.0], checkpoint_segments=[0], time_budget_s=2.0)
+    trainer = MPOptTrainer(
+        model=model, args=training_args(tmp_path, 8, steps=20), train_dataset=_data(model),
+        eval_dataset=_data(model, 8), mpopt_args=mpopt, clock=StepClock(tick=0.5),
+    )
+    trainer.train()
+    assert trainer.state.global_step == 4  # 0.5 s per step (fake clock): the 2 s budget lasts 4 steps
+
+
+def test_budget_without_a_cost_model_says_how_to_fix(tmp_path):
+    model = build_tiny("vit", dropout=0.0)
+    trainer = MPOptTrainer(
+        model=model, args=training_args(tmp_path, 8, steps=1), train_dataset=_data(model), eval_dataset=_data(model, 8),
+        mpopt_args=MPOptArguments(memory_budget_mib=64),
+    )
+    with pytest.raises(ValueError, match=r"memory_budget_mib=64\.0 needs a cost model.*cost_model="):
+        trainer.train()
