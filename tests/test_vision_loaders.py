@@ -101,20 +101,30 @@ def test_missing_folder_says_layout_and_how(tmp_path):
         vision.load("office31", root_dir=None) if "MPOPT_DATA_DIR" not in os.environ else pytest.skip("env set")
 
 
+def write_cifar10c(root, corruptions=("fog",), n=40):
+    """Write ``root/CIFAR-10-C`` with n base images: 5*n rows per corruption file.
+
+    Pixels encode where a row came from: red = which base image, green = 50 x (severity - 1),
+    blue = 10 x the corruption's position in ``corruptions``.
+    """
+    folder = root / "CIFAR-10-C"
+    folder.mkdir()
+    labels = np.tile(np.arange(n) % 10, 5).astype(np.uint8)
+    np.save(folder / "labels.npy", labels)
+    for k, name in enumerate(corruptions):
+        data = np.zeros((5 * n, 32, 32, 3), dtype=np.uint8)
+        for s in range(5):
+            data[s * n : (s + 1) * n, :, :, 0] = np.arange(n)[:, None, None]  # red: which base image
+            data[s * n : (s + 1) * n, :, :, 1] = 50 * s  # green: which severity
+        data[..., 2] = 10 * k  # blue: which corruption
+        np.save(folder / f"{name}.npy", data)
+    return root
+
+
 @pytest.fixture
 def cifar10c_root(tmp_path):
     """CIFAR-10-C layout with n=40 base images: 200 rows per corruption file."""
-    folder = tmp_path / "CIFAR-10-C"
-    folder.mkdir()
-    n = 40
-    labels = np.tile(np.arange(n) % 10, 5).astype(np.uint8)
-    np.save(folder / "labels.npy", labels)
-    data = np.zeros((5 * n, 32, 32, 3), dtype=np.uint8)
-    for s in range(5):
-        data[s * n : (s + 1) * n, :, :, 0] = np.arange(n)[:, None, None]  # red: which base image
-        data[s * n : (s + 1) * n, :, :, 1] = 50 * s  # green: which severity
-    np.save(folder / "fog.npy", data)
-    return tmp_path
+    return write_cifar10c(tmp_path)
 
 
 def test_cifar10c(cifar10c_root):

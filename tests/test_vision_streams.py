@@ -9,7 +9,15 @@ from PIL import Image
 
 import vision
 from vision.sources.office31 import OFFICE31_CLASSES
-from vision.streams import build_stream, corruption_stream, digits_stream, office31_stream, severity_stream
+from test_vision_loaders import write_cifar10c
+from vision.streams import (
+    build_stream,
+    cifar10c_stream,
+    corruption_stream,
+    digits_stream,
+    office31_stream,
+    severity_stream,
+)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -53,7 +61,7 @@ def test_digits_stream_and_build_stream():
     assert x_low.std() < 0.5 * x_clean.std()  # severity-5 contrast squeezes the pixel spread
     same = build_stream("digits", corruptions=["contrast"], max_samples_per_task=20)
     assert torch.equal(same[1].val[:]["pixel_values"], x_low)
-    with pytest.raises(ValueError, match=r"unknown stream kind 'rain'; accepted: \['corruptions', 'digits', 'office31', 'severity'\]"):
+    with pytest.raises(ValueError, match=r"unknown stream kind 'rain'; accepted: \['cifar10-c', 'corruptions', 'digits', 'office31', 'severity'\]"):
         build_stream("rain")
     with pytest.raises(ValueError, match=r"unknown corruption 'rain'"):
         corruption_stream(["rain"])
@@ -71,3 +79,39 @@ def test_office31_stream(tmp_path):
     tasks = office31_stream(str(tmp_path), image_size=16, max_samples_per_task=40)
     assert [t.name for t in tasks] == ["amazon", "dslr", "webcam"]
     assert tasks[1].sizes["train"] == 40 and tasks[2].train[0]["pixel_values"].shape == (3, 16, 16)
+
+
+def test_cifar10c_stream(tmp_path):
+    root = write_cifar10c(tmp_path, corruptions=("fog", "snow", "pixelate"), n=60)
+    tasks = cifar10c_stream(str(root), ["snow", "fog"], severity=4, max_samples_per_task=10, seed=3)
+    assert [t.name for t in tasks] == ["snow-4", "fog-4"]
+    assert [t.domain for t in tasks] == [{"corruption": c, "severity": 4} for c in ("snow", "fog")]
+    assert tasks[0].sizes == {"train": 10, "val": 6, "test": 10}  # of 60 images: 42 / 6 / 12 before the cap
+    assert tasks[0].train.features["labels"].names == list(vision.get_info("cifar10-c").classes)
+    snow, fog = (t.test[:]["pixel_values"] for t in tasks)
+    assert snow.shape == (10, 3, 32, 32) and torch.allclose(snow[:, 1], torch.tensor(150 / 255))  # the severity-4 block
+    assert torch.allclose(snow[:, 2], torch.tensor(10 / 255)) and float(fog[:, 2].max()) == 0.0  # each its own file
+    assert torch.equal(snow[:, 0], fog[:, 0])  # the same base images under every corruption
+    ids = {s: set((getattr(tasks[0], s)[:]["pixel_values"][:, 0, 0, 0] * 255).round().int().tolist()) for s in ("train", "val", "test")}
+    assert not (ids["train"] & ids["test"] or ids["train"] & ids["val"] or ids["val"] & ids["test"])  # disjoint splits
+    again = build_stream("cifar10-c", root_dir=str(root), corruptions=["snow"], severity=4, max_samples_per_task=10, seed=3)
+    assert torch.equal(again[0].train[:]["pixel_values"], tasks[0].train[:]["pixel_values"])  # reproducible
+    other = cifar10c_stream(str(root), ["snow"], severity=4, max_samples_per_task=10, seed=4)
+    assert not torch.equal(other[0].train[:]["pixel_values"], tasks[0].train[:]["pixel_values"])
+
+
+def test_cifar10c_stream_layout_errors(tmp_path):
+    root = write_cifar10c(tmp_path, corruptions=("fog",), n=20)
+    with pytest.raises(vision.DataLayoutError, match=r"(?s)expected: <root_dir>/CIFAR-10-C/<corruption>\.npy.*"
+                       r"looked in: .*missing: \['snow\.npy', 'frost\.npy'\]; corruptions present: \['fog'\].*"
+                       r"how to get it: .*zenodo"):
+        cifar10c_stream(str(root), ["fog", "snow", "frost"])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(vision.DataLayoutError, match=r"(?s)expected: .*labels\.npy.*looked in: .*empty \(no labels\.npy\)"):
+        cifar10c_stream(str(tmp_path / "empty"), ["fog"])
+    with pytest.raises(vision.DataLayoutError, match=r"not a folder"):
+        cifar10c_stream(str(tmp_path / "nope"), ["fog"])
+    with pytest.raises(ValueError, match=r"unknown corruption 'haze'"):
+        cifar10c_stream(str(root), ["haze"])
+    with pytest.raises(ValueError, match=r"no tasks"):
+        cifar10c_stream(str(root), [])

@@ -7,6 +7,7 @@ builders:
 * :func:`corruption_stream`  — cycle through corruptions at one severity, on a clean source;
 * :func:`severity_stream`    — one corruption, severity 1 -> 5 -> 1 (gradual drift and recovery);
 * :func:`digits_stream`      — clean digits, then corrupted digits;
+* :func:`cifar10c_stream`    — the released (pre-corrupted) CIFAR-10-C, one task per corruption;
 * :func:`office31_stream`    — Office-31 amazon -> dslr -> webcam from a root folder.
 
 Each corruption task draws a fresh random subset of the clean source (at most
@@ -18,6 +19,7 @@ recipe can take the stream kind as a flag.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -27,6 +29,7 @@ from tqdm.auto import tqdm
 
 from . import arrow, registry
 from .corruptions import CORRUPTIONS, check_corruption, corrupt
+from .errors import DataLayoutError
 from .splits import SPLITS
 
 DEFAULT_MAX_SAMPLES = 512
@@ -188,6 +191,82 @@ def digits_stream(
     )
 
 
+def cifar10c_stream(
+    root_dir: str | None = None,
+    corruptions: Sequence[str] | str = CORRUPTIONS,
+    severity: int = 5,
+    max_samples_per_task: int | None = DEFAULT_MAX_SAMPLES,
+    seed: int = 0,
+    transform: Callable | None = None,
+    eval_transform: Callable | None = None,
+    **source_options: Any,
+) -> list[Task]:
+    """One task per corruption of the released CIFAR-10-C, at ``severity``, in order.
+
+    Built on the registry's ``cifar10-c`` source (the ``.npy`` layout, see
+    ``vision.sources.cifar_c``): train/val/test are carved by ``seed`` from that
+    severity's images (10000 in the real data) by image index, and cut to
+    ``max_samples_per_task`` per split by ``seed`` too, so every task holds the
+    same base images under its own corruption. There is no clean task: the
+    release has none. ``source_options`` go to the source (``val_fraction``,
+    ``test_fraction``). A missing or misplaced folder raises
+    :class:`vision.DataLayoutError` before any task is built.
+    """
+    _check_max(max_samples_per_task)
+    if isinstance(corruptions, str):
+        corruptions = [corruptions]
+    if not corruptions:
+        raise ValueError("cifar10c_stream: corruptions is empty: no tasks")
+    for corruption in corruptions:
+        check_corruption(corruption, severity)
+    for key in ("corruption", "severity", "max_samples", "seed"):
+        if key in source_options:
+            raise ValueError(f"cifar10c_stream: pass {key!r} through the stream's own arguments, not as a source option")
+    _check_cifar10c_files(root_dir, corruptions)
+    tasks = []
+    bar = tqdm(corruptions, desc="building cifar10-c stream", unit="task", disable=len(corruptions) < 8, leave=False)
+    for corruption in bar:
+        parts = {
+            split: registry.build(
+                "cifar10-c",
+                root_dir=root_dir,
+                split=split,
+                transform=transform if split == "train" else eval_transform,
+                corruption=corruption,
+                severity=severity,
+                seed=seed,
+                max_samples=max_samples_per_task,
+                **source_options,
+            )
+            for split in SPLITS
+        }
+        domain = {"corruption": corruption, "severity": severity}
+        tasks.append(Task(f"{corruption}-{severity}", parts["train"], parts["val"], parts["test"], domain))
+    return tasks
+
+
+def _check_cifar10c_files(root_dir: str | None, corruptions: Sequence[str]) -> None:
+    """Fail fast, naming every missing corruption file, instead of after loading the first tasks."""
+    from .sources import cifar_c
+    from .sources.base import find_folder, resolve_root
+
+    root = resolve_root(root_dir, "cifar10-c", cifar_c.LAYOUT, cifar_c.HOW_TO_GET)
+    folder = find_folder(root, [cifar_c.FOLDER], lambda d: os.path.isfile(os.path.join(d, "labels.npy")))
+    if folder is None:
+        raise DataLayoutError(
+            "cifar10-c", cifar_c.LAYOUT, f"{os.path.abspath(root)} (no labels.npy)", cifar_c.HOW_TO_GET
+        )
+    missing = [c for c in corruptions if not os.path.isfile(os.path.join(folder, f"{c}.npy"))]
+    if missing:
+        have = sorted(f[:-4] for f in os.listdir(folder) if f.endswith(".npy") and f != "labels.npy")
+        raise DataLayoutError(
+            "cifar10-c",
+            cifar_c.LAYOUT,
+            f"{os.path.abspath(folder)} (missing: {[c + '.npy' for c in missing]}; corruptions present: {have})",
+            cifar_c.HOW_TO_GET,
+        )
+
+
 def office31_stream(
     root_dir: str | None = None,
     domains: Sequence[str] = ("amazon", "dslr", "webcam"),
@@ -222,6 +301,7 @@ STREAMS: dict[str, Callable[..., list[Task]]] = {
     "corruptions": corruption_stream,
     "severity": severity_stream,
     "digits": digits_stream,
+    "cifar10-c": cifar10c_stream,
     "office31": office31_stream,
 }
 

@@ -1,0 +1,296 @@
+"""The online CLIP classification run behind ``recipes/clip_cls_online.py``.
+
+Offline default (no arguments): a tiny CLIP, pre-trained for seconds on clean
+digits (cached), then a stream of corrupted digits retrained under a memory
+budget that the unconstrained configuration exceeds. The real job:
+``--model openai/clip-vit-base-patch32 --dataset cifar10-c --data_dir DIR``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .loading import TINY, build_classifier
+from .losses import ADAPTATIONS, UNSUPERVISED_LOSSES
+from .modeling import CLIPClassifier
+
+logger = logging.getLogger(__name__)
+
+DATASETS = ("digits", "cifar10-c")  # vision registry names; each has a vision.streams builder of the same name
+DEFAULT_CORRUPTIONS = ("fog", "contrast", "glass_blur", "frost", "motion_blur")
+# CLIP prompts read better with words than with the registry's class names ("0".."9") where they differ
+DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+PROMPT_NAMES = {"digits": DIGIT_NAMES}
+DEFAULT_TRAINING_FLAGS = [
+    "--output_dir", "outputs/clip_cls_online",
+    "--per_device_train_batch_size", "64",
+    "--max_steps", "12",
+    "--learning_rate", "1e-3",
+    "--lr_scheduler_type", "constant",
+    "--weight_decay", "0.0",
+    "--report_to", "none",
+    "--save_strategy", "no",
+    "--logging_strategy", "no",
+    "--disable_tqdm", "true",
+    "--dataloader_num_workers", "0",
+    # the engine's search space, kept small so the offline default predicts it in seconds
+    "--micro_batch_sizes", "64", "32", "16",
+    "--freeze_rates", "0", "0.5",
+    "--checkpoint_segments", "0", "2",
+    "--trial_steps", "3",
+]
+
+
+@dataclass
+class ModelArguments:
+    model: str = field(default=TINY, metadata={"help": f"A CLIP hub id or folder, or '{TINY}' (built offline)."})
+    local_files_only: bool = field(default=True, metadata={"help": "Never download; False lets a hub id download."})
+    adaptation: str = field(default="supervised", metadata={"help": f"Retraining loss, one of {list(ADAPTATIONS)}."})
+    unsupervised_loss: str = field(default="entropy", metadata={"help": f"One of {list(UNSUPERVISED_LOSSES)}."})
+    confidence_margin: float = field(
+        default=0.4, metadata={"help": "Unsupervised losses use samples with entropy < margin x ln(classes); 1 = all."}
+    )
+    templates: list[str] = field(default_factory=lambda: ["a photo of a {}."], metadata={"help": "Prompt templates."})
+    pretrain_steps: int | None = field(
+        default=None, metadata={"help": f"Supervised steps on the clean source domain. None: 200 for '{TINY}', 0 else."}
+    )
+    pretrain_lr: float = field(default=3e-3, metadata={"help": "Learning rate of the source pre-training."})
+    cache_dir: str | None = field(
+        default=None, metadata={"help": "Where pre-trained source checkpoints are cached. None: ~/.cache/mpopt_hf/clip_online."}
+    )
+
+
+@dataclass
+class DataArguments:
+    dataset: str = field(default="digits", metadata={"help": f"One of {list(DATASETS)}."})
+    data_dir: str | None = field(
+        default=None, metadata={"help": "Folder of the data set (cifar10-c: the folder holding CIFAR-10-C/, or it)."}
+    )
+    corruptions: list[str] = field(default_factory=lambda: list(DEFAULT_CORRUPTIONS),
+                                   metadata={"help": "The stream: one task per corruption, in this order."})
+    severity: int = field(default=5, metadata={"help": "Corruption severity 1..5."})
+    train_per_task: int = field(default=512, metadata={"help": "At most this many training images per task."})
+    test_per_task: int = field(default=360, metadata={"help": "At most this many test (and val) images per task."})
+    stream_seed: int = field(default=0, metadata={"help": "Seed of the splits and the corruption noise."})
+
+    def __post_init__(self) -> None:
+        if self.dataset not in DATASETS:
+            raise ValueError(f"DataArguments.dataset: unknown data set {self.dataset!r}; known: {list(DATASETS)}.")
+        if self.train_per_task < 1 or self.test_per_task < 1:
+            raise ValueError("DataArguments.train_per_task and test_per_task must be >= 1.")
+
+
+@dataclass
+class RunArguments:
+    baseline: str = field(
+        default="mpopt",
+        metadata={"help": "mpopt, none (source model, no adaptation), fixed, auto_find_batch_size, full_checkpointing."},
+    )
+    budget_fraction: float = field(
+        default=0.5,
+        metadata={"help": "Without --memory_budget_mib: the budget is this share of the unconstrained step's predicted peak."},
+    )
+    measure_peak: bool = field(default=True, metadata={"help": "On CPU, measure each configuration's peak (MemTracker)."})
+
+    def __post_init__(self) -> None:
+        from mpopt_hf.online import BASELINES
+
+        if self.baseline not in BASELINES:
+            raise ValueError(f"RunArguments.baseline must be one of {list(BASELINES)}, got {self.baseline!r}.")
+        if not 0 < self.budget_fraction <= 1:
+            raise ValueError(f"RunArguments.budget_fraction must be in (0, 1], got {self.budget_fraction}.")
+
+
+def parse(argv: list[str] | None = None):
+    """(model, data, run, mpopt, training) arguments; the recipe's defaults go first so any flag overrides them."""
+    from transformers import HfArgumentParser, TrainingArguments
+
+    from mpopt_hf.config import MPOptArguments
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if len(argv) == 1 and argv[0].endswith(".json"):
+        return HfArgumentParser(_classes()).parse_json_file(argv[0])
+    flags = DEFAULT_TRAINING_FLAGS + ([] if torch.cuda.is_available() else ["--use_cpu", "true"])
+    parser = HfArgumentParser((ModelArguments, DataArguments, RunArguments, MPOptArguments, TrainingArguments))
+    return parser.parse_args_into_dataclasses(args=flags + argv)
+
+
+def _classes():
+    from transformers import TrainingArguments
+
+    from mpopt_hf.config import MPOptArguments
+
+    return (ModelArguments, DataArguments, RunArguments, MPOptArguments, TrainingArguments)
+
+
+# ---------------------------------------------------------------------------- data
+
+
+def load_stream(data: DataArguments):
+    """``(class_names, source_task, target_tasks)`` for the chosen data set, from ``vision.streams``.
+
+    digits: clean digits (the source) then one task per corruption; cifar10-c: the released
+    corruptions, no source task (CLIP starts zero-shot). vision caps every split at one
+    ``max_samples_per_task``: the larger of the two flags, then train is cut to ``train_per_task``
+    and val/test to ``test_per_task`` (random subsets by ``stream_seed``). The digits source trains on
+    the whole clean train split.
+    """
+    import vision
+    from vision.registry import get_info
+    from vision.streams import build_stream
+
+    cap = max(data.train_per_task, data.test_per_task)
+    if data.dataset == "digits":
+        tasks = build_stream("digits", corruptions=data.corruptions, severity=data.severity,
+                             max_samples_per_task=cap, seed=data.stream_seed)
+        source, targets = tasks[0], tasks[1:]
+        # pre-train on the whole clean train split the stream draws from (vision caps the clean task like the others)
+        source.train = vision.load("digits", split="train", seed=data.stream_seed)
+    else:
+        source, targets = None, build_stream(data.dataset, root_dir=data.data_dir, corruptions=data.corruptions,
+                                             severity=data.severity, max_samples_per_task=cap, seed=data.stream_seed)
+    for task in targets if source is None else [source, *targets]:
+        if task is not source:
+            task.train = _at_most(task.train, data.train_per_task, data.stream_seed)
+        task.val = _at_most(task.val, data.test_per_task, data.stream_seed + 1)
+        task.test = _at_most(task.test, data.test_per_task, data.stream_seed + 2)
+    classes = list(get_info(data.dataset).classes)
+    names = list(PROMPT_NAMES.get(data.dataset, classes))
+    if len(names) != len(classes):
+        raise ValueError(f"PROMPT_NAMES[{data.dataset!r}] has {len(names)} names for {len(classes)} classes.")
+    return names, source, targets
+
+
+def _at_most(dataset, n: int, seed: int):
+    """``dataset`` cut to a random ``n`` rows (order kept) when it has more."""
+    if len(dataset) <= n:
+        return dataset
+    return dataset.select(np.sort(np.random.default_rng(seed).choice(len(dataset), n, replace=False)))
+
+
+# ---------------------------------------------------------------------------- the source model
+
+
+def source_model(model_args: ModelArguments, class_names: list[str], source, training_args) -> CLIPClassifier:
+    """The zero-shot classifier, pre-trained on the clean source domain when asked (cached by its settings)."""
+    steps = model_args.pretrain_steps
+    if steps is None:
+        steps = 200 if model_args.model == TINY else 0
+    kwargs = dict(adaptation=model_args.adaptation, unsupervised_loss=model_args.unsupervised_loss,
+                  confidence_margin=model_args.confidence_margin)
+    if steps > 0 and source is None:
+        raise ValueError(
+            f"--pretrain_steps {steps}: this data set's stream has no clean source domain to pre-train on; "
+            "use --pretrain_steps 0 (CLIP starts zero-shot)."
+        )
+    if steps == 0:
+        return build_classifier(model_args.model, class_names, model_args.templates, model_args.local_files_only,
+                                seed=training_args.seed, **kwargs)
+    key = {"model": model_args.model, "classes": class_names, "templates": model_args.templates, "steps": steps,
+           "lr": model_args.pretrain_lr, "seed": training_args.seed, "source_size": len(source.train), "v": 1}
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    cache_root = Path(model_args.cache_dir or Path.home() / ".cache" / "mpopt_hf" / "clip_online")
+    path = cache_root / f"source-{digest}"
+    if (path / "config.json").exists():
+        model = CLIPClassifier.from_pretrained(path)
+    else:
+        model = build_classifier(model_args.model, class_names, model_args.templates, model_args.local_files_only,
+                                 seed=training_args.seed)
+        pretrain(model, source.train, steps, model_args.pretrain_lr, training_args)
+        tmp = cache_root / f".tmp-{digest}-{os.getpid()}"
+        model.save_pretrained(tmp)  # then renamed: a crash never leaves a half-written checkpoint under the key
+        if path.exists():  # another run cached the same source meanwhile
+            shutil.rmtree(tmp)
+        else:
+            tmp.replace(path)
+    for name, value in kwargs.items():
+        setattr(model.config, name, value)
+    return model
+
+
+def pretrain(model: CLIPClassifier, train, steps: int, lr: float, training_args) -> None:
+    """Supervised training on the source domain with a plain loop (seconds for the tiny CLIP)."""
+    model.set_adaptation("supervised")
+    device = training_args.device
+    model.to(device).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    generator = torch.Generator().manual_seed(training_args.seed)
+    rows = train.with_format("torch")[:]
+    images, labels = rows["pixel_values"].to(device), rows["labels"].to(device)
+    batch = training_args.per_device_train_batch_size
+    for _ in range(steps):
+        pick = torch.randint(len(labels), (batch,), generator=generator).to(device)
+        loss = model(pixel_values=images[pick], labels=labels[pick]).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    model.eval()
+
+
+def default_budget_mib(model, train, training_args, fraction: float) -> tuple[float, float]:
+    """(budget, unconstrained peak): ``fraction`` of the predicted peak of the whole batch with no knob."""
+    from mpopt_hf.config import MemoryConfig
+    from mpopt_hf.profiler import predict_step
+
+    data = train.with_format("torch")[: training_args.per_device_train_batch_size]
+    batch = {k: v.to(training_args.device) for k, v in data.items()}
+    optimizer = torch.optim.AdamW(model.parameters(), lr=training_args.learning_rate)
+    full = predict_step(model, batch, MemoryConfig(micro_batch_size=len(batch["labels"])), optimizer).peak_mib
+    return round(full * fraction, 2), full
+
+
+# ---------------------------------------------------------------------------- main
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Parse, build, run the stream, print the table; returns the results dict (also in results.json)."""
+    from mpopt_hf.online import OnlineRetrainer
+    from mpopt_hf.report import format_table
+
+    model_args, data_args, run_args, mpopt_args, training_args = parse(argv)
+    started = time.perf_counter()
+    torch.manual_seed(training_args.seed)
+    class_names, source, targets = load_stream(data_args)
+    model = source_model(model_args, class_names, source, training_args).to(training_args.device)
+    budget = mpopt_args.memory_budget_mib
+    unconstrained = None
+    if budget is None:
+        budget, unconstrained = default_budget_mib(model, targets[0].train, training_args, run_args.budget_fraction)
+    mpopt_args.memory_budget_mib = budget
+    print(
+        f"clip_cls_online: model={model_args.model} dataset={data_args.dataset} baseline={run_args.baseline} "
+        f"adaptation={model_args.adaptation} | effective batch {training_args.per_device_train_batch_size} x "
+        f"{training_args.max_steps} steps/task | budget {budget:.2f} MiB"
+        + (f" (unconstrained step predicted at {unconstrained:.2f} MiB)" if unconstrained else "")
+    )
+    retrainer = OnlineRetrainer(
+        model, training_args, baseline=run_args.baseline, mpopt_args=mpopt_args, budget_mib=budget,
+        measure_peak=run_args.measure_peak, train_with_labels=model_args.adaptation == "supervised",
+    )
+    result = retrainer.run(targets, output_dir=training_args.output_dir)
+    summary = result.summary
+    summary["run_seconds"] = time.perf_counter() - started
+    summary["unconstrained_predicted_peak_mib"] = unconstrained
+    summary["arguments"] = {"model": asdict(model_args), "data": asdict(data_args), "run": asdict(run_args)}
+    from mpopt_hf.report import write_results
+
+    paths = write_results(result.to_dict(), training_args.output_dir)
+    print(format_table([asdict(t) for t in result.tasks]))
+    print(
+        f"mean accuracy {summary['mean_accuracy_before']:.3f} -> {summary['mean_accuracy_after']:.3f}; "
+        f"within budget: {summary['within_budget']}; {summary['run_seconds']:.0f} s\n"
+        f"results: {paths['json']}\nplot:    {paths['png']}"
+    )
+    return result.to_dict()

@@ -1,0 +1,1 @@
+"""Package marker so the metric script ships with mpopt_hf (find_packages)."""

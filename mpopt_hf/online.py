@@ -1,0 +1,384 @@
+"""Retraining over a stream of tasks: evaluate, retrain under a memory configuration, evaluate, record.
+
+`OnlineRetrainer` knows nothing about data sets or models beyond ``nn.Module`` and
+``datasets.Dataset``: a task is anything with ``name``, ``train`` and ``test``
+(optionally ``val``, ``corruption``, ``severity``). The baselines share one loop,
+so their records are comparable field for field:
+
+* ``none``: the source model, never adapted (accuracy_after == accuracy_before);
+* ``fixed``: one given `MemoryConfig` for the whole stream;
+* ``full_checkpointing``: the whole batch at once with every block checkpointed;
+* ``auto_find_batch_size``: transformers' own reaction to out-of-memory errors (halve the batch and retry);
+* ``mpopt``: the rule engine (`MPOptCallback`) chooses online, one engine for the whole stream with its
+  ``task_boundary()`` called between tasks; its cost model defaults to fake-tensor predictions of each
+  configuration's peak (`mpopt_hf.profiler.predict_step`).
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import logging
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .blocks import find_blocks
+from .config import MemoryConfig
+from .metrics import load_metric
+
+logger = logging.getLogger(__name__)
+
+BASELINES = ("mpopt", "none", "fixed", "auto_find_batch_size", "full_checkpointing")
+MiB = 2**20
+
+
+@dataclass
+class TaskRecord:
+    """What happened on one task; sizes in MiB, times in seconds."""
+
+    task: str
+    accuracy_before: float
+    accuracy_after: float
+    configs: list[dict[str, Any]] = field(default_factory=list)
+    measured_peak_mib: float | None = None
+    measured_peak_source: str | None = None
+    predicted_peak_mib: float | None = None
+    budget_mib: float | None = None
+    seconds: float = 0.0
+    search_seconds: float = 0.0
+    train_samples: int = 0
+    steps: int = 0
+    corruption: str | None = None
+    severity: int | None = None
+
+
+@dataclass
+class OnlineResult:
+    tasks: list[TaskRecord]
+    summary: dict[str, Any]
+    paths: dict[str, str] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"tasks": [asdict(t) for t in self.tasks], "summary": self.summary}
+
+
+def engine_available() -> bool:
+    """True once `MPOptTrainer` accepts ``mpopt_args`` (the rule engine)."""
+    from .trainer import MPOptTrainer
+
+    return "mpopt_args" in inspect.signature(MPOptTrainer.__init__).parameters
+
+
+# ---------------------------------------------------------------------------- evaluation
+
+
+@torch.no_grad()
+def predict_labels(model: nn.Module, dataset, batch_size: int = 256, label_column: str = "labels") -> list[int]:
+    """Argmax predictions of ``model`` over ``dataset`` (every column but the labels goes to the model)."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    data = dataset.with_format("torch")
+    inputs = [c for c in data.column_names if c != label_column]
+    predictions: list[int] = []
+    for start in range(0, len(data), batch_size):
+        rows = data[start : start + batch_size]
+        logits = model(**{k: rows[k].to(device) for k in inputs}).logits
+        predictions.extend(logits.argmax(dim=-1).tolist())
+    model.train(was_training)
+    return predictions
+
+
+def accuracy_on(model: nn.Module, dataset, metric, batch_size: int = 256, label_column: str = "labels") -> float:
+    if label_column not in dataset.column_names:
+        raise ValueError(f"Evaluation data need a {label_column!r} column; columns are {dataset.column_names}.")
+    predictions = predict_labels(model, dataset, batch_size, label_column)
+    return float(metric.compute(predictions=predictions, references=list(dataset[label_column]))["accuracy"])
+
+
+# ---------------------------------------------------------------------------- the loop
+
+
+class OnlineRetrainer:
+    """Evaluate -> retrain -> evaluate over a stream of tasks, recording accuracy, memory and time per task.
+
+    ``args`` are the `TrainingArguments` of each task's retraining (``max_steps`` per task; its
+    ``per_device_train_batch_size`` is the effective batch). ``budget_mib`` is what the peak is held to.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        args,
+        *,
+        baseline: str = "fixed",
+        memory_config: MemoryConfig | None = None,
+        mpopt_args: Any = None,
+        budget_mib: float | None = None,
+        measure_peak: bool = True,
+        predict_peak: bool = True,
+        train_with_labels: bool = True,
+        label_column: str = "labels",
+        eval_batch_size: int = 256,
+        data_collator: Any = None,
+        show_progress: bool = True,
+        cost_model: Any = None,
+        engine_eval_size: int = 128,
+        show_trainer_logs: bool = False,
+    ) -> None:
+        if baseline not in BASELINES:
+            raise ValueError(f"baseline must be one of {list(BASELINES)}, got {baseline!r}.")
+        if baseline == "fixed" and memory_config is None:
+            memory_config = MemoryConfig(micro_batch_size=args.per_device_train_batch_size)
+        if budget_mib is None and mpopt_args is not None:
+            budget_mib = getattr(mpopt_args, "memory_budget_mib", None)
+        if baseline == "mpopt" and (mpopt_args is None or not engine_available()):
+            raise ValueError(
+                "baseline='mpopt' needs mpopt_args=MPOptArguments(...) and an MPOptTrainer that accepts them "
+                "(the rule engine); use baseline='fixed' with a memory_config otherwise."
+            )
+        self.model, self.args, self.baseline = model, args, baseline
+        self.memory_config, self.mpopt_args, self.budget_mib = memory_config, mpopt_args, budget_mib
+        self.measure_peak, self.predict_peak = measure_peak, predict_peak
+        self.train_with_labels, self.label_column = train_with_labels, label_column
+        self.eval_batch_size, self.data_collator, self.show_progress = eval_batch_size, data_collator, show_progress
+        self.accuracy_metric = load_metric("accuracy")
+        self.uses_engine = baseline == "mpopt"
+        self._callback = None
+        self._measured: dict[MemoryConfig, float] = {}
+        self._predicted: dict[MemoryConfig, float] = {}
+        self._cost_seconds = 0.0
+        self.cost_model = cost_model
+        self.engine_eval_size = engine_eval_size
+        self.show_trainer_logs = show_trainer_logs
+
+    # ------------------------------------------------------------------ public
+
+    def run(self, tasks: Iterable, output_dir: str | Path | None = None, reference_errors: dict[str, float] | None = None
+            ) -> OnlineResult:
+        """Run the stream; with ``output_dir`` write results.json/.csv (after every task) and the plot (at the end)."""
+        from .report import write_results
+
+        records: list[TaskRecord] = []
+        tasks = list(tasks)
+        if not tasks:
+            raise ValueError("The stream has no tasks.")
+        started = time.perf_counter()
+        result = OnlineResult(tasks=records, summary={})
+        bar = tqdm(tasks, desc=f"online [{self.baseline}]", unit="task", disable=not self.show_progress)
+        for index, task in enumerate(bar):
+            records.append(self.run_task(task))
+            bar.set_postfix(task=records[-1].task, acc=f"{records[-1].accuracy_after:.3f}")
+            result.summary = summarise(records, self.baseline, self.budget_mib, len(tasks), time.perf_counter() - started,
+                                       reference_errors)
+            if output_dir is not None:
+                result.paths = write_results(result.to_dict(), output_dir, plot=index == len(tasks) - 1)
+        return result
+
+    def run_task(self, task) -> TaskRecord:
+        name = str(getattr(task, "name", task))
+        evaluation = getattr(task, "test", None) or getattr(task, "val", None)
+        if evaluation is None:
+            raise ValueError(f"Task {name!r} has neither a test nor a val split to evaluate on.")
+        before = accuracy_on(self.model, evaluation, self.accuracy_metric, self.eval_batch_size, self.label_column)
+        record = TaskRecord(task=name, accuracy_before=before, accuracy_after=before, budget_mib=self.budget_mib,
+                            corruption=getattr(task, "corruption", None), severity=getattr(task, "severity", None))
+        if self.baseline != "none":
+            self._retrain(task, record)
+            record.accuracy_after = accuracy_on(self.model, evaluation, self.accuracy_metric, self.eval_batch_size,
+                                                self.label_column)
+        return record
+
+    # ------------------------------------------------------------------ retraining
+
+    def _train_set(self, task):
+        train = task.train
+        if not self.train_with_labels and self.label_column in train.column_names:
+            train = train.remove_columns(self.label_column)  # unsupervised adaptation: labels never reach the model
+        return train
+
+    def _args(self):
+        if self.baseline == "auto_find_batch_size" and not self.args.auto_find_batch_size:
+            args = copy.copy(self.args)  # TrainingArguments has non-init fields: dataclasses.replace would refuse
+            args.auto_find_batch_size = True
+            return args
+        return self.args
+
+    def _retrain(self, task, record: TaskRecord) -> None:
+        from .trainer import MPOptTrainer
+
+        train = self._train_set(task)
+        args = self._args()
+        kwargs: dict[str, Any] = dict(model=self.model, args=args, train_dataset=train, data_collator=self.data_collator)
+        search = 0.0
+        if self.uses_engine:
+            # The engine's gain metric needs evaluation data: the task's val split, else a slice of its train split.
+            val = getattr(task, "val", None)
+            if val is not None and not self.train_with_labels and self.label_column in val.column_names:
+                val = val.remove_columns(self.label_column)
+            kwargs["eval_dataset"] = val if val is not None else train.select(range(min(self.engine_eval_size, len(train))))
+            if self._callback is None:
+                start = time.perf_counter()
+                kwargs["mpopt_args"] = self.mpopt_args
+                kwargs["cost_model"] = self.cost_model or self._default_cost_model(train)
+                search += time.perf_counter() - start
+            else:
+                kwargs["callbacks"] = [self._callback]  # one engine for the whole stream: it keeps what it learned
+        else:
+            start = time.perf_counter()
+            kwargs["memory_config"] = self._config_for(train)
+            search = time.perf_counter() - start
+        trainer = MPOptTrainer(**kwargs)
+        if self.uses_engine:
+            if self._callback is None:
+                self._callback = trainer.mpopt_callback
+            else:
+                self._callback.task_boundary()  # bound to the new trainer by now: re-open the search on the new data
+        if not self.show_trainer_logs:
+            from transformers import PrinterCallback
+
+            trainer.remove_callback(PrinterCallback)  # the per-task table says it; keep the progress bar readable
+        configs = _ConfigLog()
+        trainer.add_callback(configs.callback(trainer))
+        on_cuda = args.device.type == "cuda"
+        if on_cuda:
+            torch.cuda.synchronize(args.device)
+            torch.cuda.reset_peak_memory_stats(args.device)
+        predicted_before = self._cost_seconds
+        start = time.perf_counter()
+        output = trainer.train()
+        record.seconds = time.perf_counter() - start
+        record.steps = int(output.global_step)
+        record.train_samples = len(train)
+        record.configs = [c.to_dict() for c in configs.used]
+        record.search_seconds = search + self._cost_seconds - predicted_before
+        if on_cuda:
+            record.measured_peak_mib = torch.cuda.max_memory_allocated(args.device) / MiB
+            record.measured_peak_source = "cuda_max_memory_allocated"
+        elif self.measure_peak and configs.used:
+            batch = self._first_batch(trainer)
+            record.measured_peak_mib = max(self._measure(trainer, batch, c) for c in configs.used)
+            record.measured_peak_source = "memtracker"
+        if self.predict_peak and configs.used:
+            batch = self._first_batch(trainer)
+            record.predicted_peak_mib = max(self._predict(trainer, batch, c) for c in configs.used)
+
+    def _default_cost_model(self, train):
+        """Peak of each configuration predicted by a fake-tensor step (no compute), cached; step time left unknown."""
+        from .engine import FunctionCostModel
+        from .profiler import fake_setup, predict_step
+
+        batch = self._collate(train, self.args.per_device_train_batch_size)
+        optimizer = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=self.args.learning_rate)
+        setup = fake_setup(self.model, optimizer, batch)  # one fake copy for every prediction
+
+        def cost(config: MemoryConfig) -> tuple[float | None, float | None]:
+            if config not in self._predicted:
+                start = time.perf_counter()
+                self._predicted[config] = predict_step(self.model, batch, config, optimizer, setup=setup).peak_mib
+                self._cost_seconds += time.perf_counter() - start
+            return self._predicted[config] * MiB, None
+
+        return FunctionCostModel(cost)
+
+    def _config_for(self, train) -> MemoryConfig:
+        effective = self.args.per_device_train_batch_size
+        if self.baseline in ("fixed", "auto_find_batch_size"):
+            return self.memory_config or MemoryConfig(micro_batch_size=effective)
+        if self.baseline == "full_checkpointing":
+            return MemoryConfig(micro_batch_size=effective, checkpoint_segments=find_blocks(self.model).n_blocks)
+        raise RuntimeError(f"baseline {self.baseline!r} chooses its configurations through the engine.")
+
+    def _collate(self, dataset, size: int) -> dict[str, Any]:
+        from transformers import default_data_collator
+
+        collator = self.data_collator or default_data_collator
+        rows = dataset.with_format("torch").select(range(min(size, len(dataset))))
+        device = next(self.model.parameters()).device
+        return {k: v.to(device) if torch.is_tensor(v) else v for k, v in collator(list(rows)).items()}
+
+    def _first_batch(self, trainer) -> dict[str, Any]:
+        return self._collate(trainer.train_dataset, trainer.args.per_device_train_batch_size)
+
+    def _measure(self, trainer, batch, config: MemoryConfig) -> float:
+        """CPU: live tensor bytes of one real step (torch's MemTracker, via mpopt_hf.profiler.measure)."""
+        if config not in self._measured:
+            from .profiler import measure
+
+            self._measured[config] = measure(self.model, batch, config, _plain_optimizer(trainer), steps=1, warmup=0).peak_mib
+        return self._measured[config]
+
+    def _predict(self, trainer, batch, config: MemoryConfig) -> float:
+        if config not in self._predicted:
+            from .profiler import predict_step
+
+            self._predicted[config] = predict_step(self.model, batch, config, _plain_optimizer(trainer)).peak_mib
+        return self._predicted[config]
+
+
+def _plain_optimizer(trainer) -> torch.optim.Optimizer:
+    """The torch optimizer under accelerate's wrapper (the profiler copies its state)."""
+    return getattr(trainer.optimizer, "optimizer", trainer.optimizer)
+
+
+class _ConfigLog:
+    """Records each distinct MemoryConfig the trainer runs, in order (read at every step end)."""
+
+    def __init__(self) -> None:
+        self.used: list[MemoryConfig] = []
+
+    def callback(self, trainer):
+        from transformers import TrainerCallback
+
+        log = self
+
+        class _Watch(TrainerCallback):
+            def on_step_end(self, args, state, control, **kwargs):
+                config = trainer.memory_config
+                if not log.used or log.used[-1] != config:
+                    log.used.append(config)
+
+        return _Watch()
+
+
+# ---------------------------------------------------------------------------- summary
+
+
+def summarise(records: Sequence[TaskRecord], baseline: str, budget_mib: float | None, n_tasks: int,
+              seconds: float, reference_errors: dict[str, float] | None = None) -> dict[str, Any]:
+    """Means over tasks, the budget check and mCE of the adapted model against the model before each task."""
+    n = len(records)
+    measured = [r.measured_peak_mib for r in records if r.measured_peak_mib is not None]
+    summary: dict[str, Any] = {
+        "baseline": baseline,
+        "tasks_done": n,
+        "tasks_planned": n_tasks,
+        "complete": n == n_tasks,
+        "mean_accuracy_before": sum(r.accuracy_before for r in records) / n,
+        "mean_accuracy_after": sum(r.accuracy_after for r in records) / n,
+        "budget_mib": budget_mib,
+        "max_measured_peak_mib": max(measured) if measured else None,
+        "within_budget": None if not measured or budget_mib is None else max(measured) <= budget_mib,
+        "seconds": seconds,
+        "train_seconds": sum(r.seconds for r in records),
+        "search_seconds": sum(r.search_seconds for r in records),
+    }
+    summary["mean_gain"] = summary["mean_accuracy_after"] - summary["mean_accuracy_before"]
+    names = [r.corruption or r.task for r in records]
+    errors = [1.0 - r.accuracy_after for r in records]
+    base = [reference_errors[name] for name in names] if reference_errors else [1.0 - r.accuracy_before for r in records]
+    try:
+        result = load_metric("mce").compute(predictions=errors, references=base, corruptions=names)
+        summary["mce"] = result["mce"]
+        summary["mce_reference"] = "reference_errors" if reference_errors else "accuracy_before"
+    except ValueError as error:  # e.g. a reference with no error at all on a corruption
+        summary["mce"] = None
+        summary["mce_reference"] = f"undefined: {error}"
+    return summary

@@ -1,0 +1,110 @@
+"""OnlineRetrainer, the shipped metrics and the report files, on a tiny CLIP and a 2-task digit stream."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import clip_online
+from clip_online.run import DIGIT_NAMES
+from mpopt_hf.config import MemoryConfig
+from mpopt_hf.metrics import load_metric, metric_path
+from mpopt_hf.online import OnlineRetrainer
+from mpopt_hf.report import atomic_write_bytes, format_table, plot_png, write_results
+from vision.streams import digits_stream
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _training_args(tmp_path, steps=2, batch=16):
+    from transformers import TrainingArguments
+
+    return TrainingArguments(output_dir=str(tmp_path / "trainer"), per_device_train_batch_size=batch, max_steps=steps,
+                             learning_rate=1e-3, report_to=[], use_cpu=True, save_strategy="no", logging_strategy="no",
+                             disable_tqdm=True, dataloader_num_workers=0, seed=0)
+
+
+@pytest.fixture(scope="module")
+def stream():
+    return digits_stream(["fog", "contrast"], severity=5, max_samples_per_task=40)
+
+
+def test_metrics_load_by_path_and_compute():
+    assert metric_path("accuracy").endswith("mpopt_hf/metrics/accuracy/accuracy.py")
+    assert load_metric("accuracy").compute(predictions=[0, 1, 1, 2], references=[0, 1, 0, 2])["accuracy"] == 0.75
+    mce = load_metric("mce").compute(predictions=[0.2, 0.4, 0.3], references=[0.4, 0.4, 0.3],
+                                     corruptions=["fog", "fog", "snow"])
+    assert mce["ce"] == pytest.approx({"fog": 0.75, "snow": 1.0}) and mce["mce"] == pytest.approx(0.875)
+    with pytest.raises(ValueError, match="corruptions"):
+        load_metric("mce").compute(predictions=[0.2], references=[0.4])
+    with pytest.raises(ValueError, match="Unknown metric"):
+        metric_path("f1")
+
+
+def test_report_files_are_valid_and_atomic(tmp_path):
+    import matplotlib.image
+
+    tasks = [
+        {"task": "fog-5", "accuracy_before": 0.4, "accuracy_after": 0.7, "configs": [MemoryConfig(8).to_dict()],
+         "measured_peak_mib": 3.0, "predicted_peak_mib": 3.1, "budget_mib": 4.0, "seconds": 1.0},
+        {"task": "snow-5", "accuracy_before": 0.5, "accuracy_after": 0.6, "configs": [], "measured_peak_mib": None,
+         "predicted_peak_mib": None, "budget_mib": 4.0, "seconds": 0.0},
+    ]
+    paths = write_results({"tasks": tasks, "summary": {"baseline": "fixed"}}, tmp_path)
+    png = open(paths["png"], "rb").read()
+    assert png.startswith(PNG_MAGIC)
+    image = matplotlib.image.imread(paths["png"])
+    assert image.ndim == 3 and image.shape[0] > 100
+    assert json.load(open(paths["json"]))["tasks"][0]["task"] == "fog-5"
+    assert "mb8/f0.00/ckpt0/fp32" in open(paths["csv"]).read()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results.csv", "results.json", "results.png"]  # no temp left
+    assert "fog-5" in format_table(tasks)
+    assert plot_png(tasks[1:]).startswith(PNG_MAGIC)
+
+
+def test_atomic_write_keeps_the_old_file_on_failure(tmp_path, monkeypatch):
+    target = atomic_write_bytes(tmp_path / "results.json", b"old")
+    monkeypatch.setattr("os.replace", lambda *a: (_ for _ in ()).throw(OSError("disk full")))
+    with pytest.raises(OSError, match="disk full"):
+        atomic_write_bytes(target, b"new")
+    assert target.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["results.json"]
+
+
+@pytest.mark.parametrize("baseline", ["none", "fixed", "full_checkpointing", "auto_find_batch_size"])
+def test_online_retrainer_records_every_task(tmp_path, stream, baseline):
+    targets = stream[1:]  # after the clean task
+    torch.manual_seed(0)
+    model = clip_online.build_classifier(clip_online.TINY, list(DIGIT_NAMES))
+    config = MemoryConfig(micro_batch_size=8, freeze_rate=0.25, checkpoint_segments=1)
+    retrainer = OnlineRetrainer(model, _training_args(tmp_path), baseline=baseline, memory_config=config,
+                                budget_mib=64.0, show_progress=False)
+    result = retrainer.run(targets, output_dir=tmp_path / "out")
+    data = json.load(open(tmp_path / "out" / "results.json"))
+    assert [t["task"] for t in data["tasks"]] == ["fog-5", "contrast-5"]
+    assert data["summary"]["complete"] and data["summary"]["tasks_done"] == 2
+    for task in data["tasks"]:
+        assert 0 <= task["accuracy_before"] <= 1 and 0 <= task["accuracy_after"] <= 1
+        expected = {"fixed": config, "full_checkpointing": MemoryConfig(16, checkpoint_segments=4),
+                    "auto_find_batch_size": config}.get(baseline)
+        if baseline == "none":
+            assert task["configs"] == [] and task["accuracy_after"] == task["accuracy_before"]
+        else:
+            assert [MemoryConfig.from_dict(c) for c in task["configs"]] == [expected]
+            assert task["steps"] == 2 and task["measured_peak_source"] == "memtracker"
+            assert 0 < task["measured_peak_mib"] <= 64.0
+            assert task["predicted_peak_mib"] == pytest.approx(task["measured_peak_mib"], rel=0.25)
+    assert (tmp_path / "out" / "results.png").read_bytes().startswith(PNG_MAGIC)
+    assert result.summary["mce"] is None or result.summary["mce"] > 0
+
+
+def test_online_retrainer_rejects_bad_input(tmp_path):
+    model = torch.nn.Linear(2, 2)
+    with pytest.raises(ValueError, match="baseline must be one of"):
+        OnlineRetrainer(model, _training_args(tmp_path), baseline="magic")
+    with pytest.raises(ValueError, match="needs mpopt_args"):
+        OnlineRetrainer(model, _training_args(tmp_path), baseline="mpopt")
+    retrainer = OnlineRetrainer(model, _training_args(tmp_path), baseline="none", show_progress=False)
+    with pytest.raises(ValueError, match="no tasks"):
+        retrainer.run([])
