@@ -23,6 +23,7 @@ from transformers import TrainerCallback
 
 from .blocks import find_blocks
 from .config import MemoryConfig, MPOptArguments
+from .cost import FakeTensorCostModel, first_batch
 from .engine import (
     MIB,
     Candidate,
@@ -151,7 +152,7 @@ class MPOptCallback(TrainerCallback):
     def on_step_begin(self, args, state, control, model=None, **kwargs):
         self._model_ref = model
         if self.engine is None:
-            self._setup(args, state, model)
+            self._setup(args, state, model, kwargs.get("train_dataloader"), kwargs.get("optimizer"))
         elif self._needs_baseline:
             self.engine.set_baseline(self._measure_metric(model))
             self._needs_baseline = False
@@ -195,9 +196,14 @@ class MPOptCallback(TrainerCallback):
 
     # -------------------------------------------------------------- setup
 
-    def _setup(self, args, state, model: nn.Module) -> None:
+    def _setup(self, args, state, model: nn.Module, train_dataloader: Any = None, optimizer: Any = None) -> None:
         blocks = find_blocks(model)
         effective = args.per_device_train_batch_size
+        if self.cost_model is None and self._budget_bytes(args) is not None and train_dataloader is not None:
+            # A budget needs predicted peaks: the default is a fake-tensor step of each configuration.
+            batch = first_batch(train_dataloader, effective)
+            batch = {k: v.to(args.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+            self.cost_model = FakeTensorCostModel(model, batch, optimizer, lr=args.learning_rate)
         self.engine = self._build_engine(args, model, blocks.n_blocks, effective)
         resume = self._resume_dir
         if resume is None and state.global_step > 0:  # a plain Trainer resumed: the folder follows the convention
@@ -239,7 +245,7 @@ class MPOptCallback(TrainerCallback):
         if budget is not None and self.cost_model is None:
             raise ValueError(
                 f"MPOptArguments.memory_budget_mib={budget / MIB:.1f} needs a cost model to predict peaks: pass "
-                "cost_model=... (e.g. the profiler's fitted memory model), or leave memory_budget_mib=None and let "
+                "cost_model=... (e.g. the profiler's fitted memory model) or a train_dataloader to predict from, or leave memory_budget_mib=None and let "
                 "out-of-memory errors steer the search."
             )
         candidates = [

@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 
 from .blocks import find_blocks
 from .config import MemoryConfig
+from .cost import FakeTensorCostModel, plain_optimizer
 from .metrics import load_metric
 
 logger = logging.getLogger(__name__)
@@ -153,8 +154,7 @@ class OnlineRetrainer:
         self.uses_engine = baseline == "mpopt"
         self._callback = None
         self._measured: dict[MemoryConfig, float] = {}
-        self._predicted: dict[MemoryConfig, float] = {}
-        self._cost_seconds = 0.0
+        self._fake_costs: FakeTensorCostModel | None = None
         self.cost_model = cost_model
         self.engine_eval_size = engine_eval_size
         self.show_trainer_logs = show_trainer_logs
@@ -270,23 +270,12 @@ class OnlineRetrainer:
             batch = self._first_batch(trainer)
             record.predicted_peak_mib = max(self._predict(trainer, batch, c) for c in configs.used)
 
-    def _default_cost_model(self, train):
-        """Peak of each configuration predicted by a fake-tensor step (no compute), cached; step time left unknown."""
-        from .engine import FunctionCostModel
-        from .profiler import fake_setup, predict_step
-
-        batch = self._collate(train, self.args.per_device_train_batch_size)
-        optimizer = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=self.args.learning_rate)
-        setup = fake_setup(self.model, optimizer, batch)  # one fake copy for every prediction
-
-        def cost(config: MemoryConfig) -> tuple[float | None, float | None]:
-            if config not in self._predicted:
-                start = time.perf_counter()
-                self._predicted[config] = predict_step(self.model, batch, config, optimizer, setup=setup).peak_mib
-                self._cost_seconds += time.perf_counter() - start
-            return self._predicted[config] * MiB, None
-
-        return FunctionCostModel(cost)
+    def _default_cost_model(self, train) -> FakeTensorCostModel:
+        """Peak of each configuration predicted by a fake-tensor step (no compute), cached; its time is search cost."""
+        if self._fake_costs is None:
+            batch = self._collate(train, self.args.per_device_train_batch_size)
+            self._fake_costs = FakeTensorCostModel(self.model, batch, lr=self.args.learning_rate)
+        return self._fake_costs
 
     def _config_for(self, train) -> MemoryConfig:
         effective = self.args.per_device_train_batch_size
@@ -312,20 +301,17 @@ class OnlineRetrainer:
         if config not in self._measured:
             from .profiler import measure
 
-            self._measured[config] = measure(self.model, batch, config, _plain_optimizer(trainer), steps=1, warmup=0).peak_mib
+            self._measured[config] = measure(self.model, batch, config, plain_optimizer(trainer.optimizer), steps=1, warmup=0).peak_mib
         return self._measured[config]
 
     def _predict(self, trainer, batch, config: MemoryConfig) -> float:
-        if config not in self._predicted:
-            from .profiler import predict_step
+        if self._fake_costs is None:
+            self._fake_costs = FakeTensorCostModel(self.model, batch, plain_optimizer(trainer.optimizer))
+        return self._fake_costs.peak_mib(config)
 
-            self._predicted[config] = predict_step(self.model, batch, config, _plain_optimizer(trainer)).peak_mib
-        return self._predicted[config]
-
-
-def _plain_optimizer(trainer) -> torch.optim.Optimizer:
-    """The torch optimizer under accelerate's wrapper (the profiler copies its state)."""
-    return getattr(trainer.optimizer, "optimizer", trainer.optimizer)
+    @property
+    def _cost_seconds(self) -> float:
+        return 0.0 if self._fake_costs is None else self._fake_costs.seconds
 
 
 class _ConfigLog:

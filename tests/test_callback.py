@@ -86,11 +86,26 @@ def test_time_budget_stops_training(tmp_path):
     assert trainer.state.global_step == 4  # 0.5 s per step (fake clock): the 2 s budget lasts 4 steps
 
 
-def test_budget_without_a_cost_model_says_how_to_fix(tmp_path):
+def test_a_budget_without_a_cost_model_predicts_peaks_on_fake_tensors(tmp_path):
+    from mpopt_hf.cost import FakeTensorCostModel
+
     model = build_tiny("vit", dropout=0.0)
-    trainer = MPOptTrainer(
-        model=model, args=training_args(tmp_path, 8, steps=1), train_dataset=_data(model), eval_dataset=_data(model, 8),
-        mpopt_args=MPOptArguments(memory_budget_mib=64),
+    space = dict(micro_batch_sizes=[16, 4], freeze_rates=[0.0], checkpoint_segments=[0], trial_steps=1)
+    probe = MPOptTrainer(
+        model=model, args=training_args(tmp_path, 16, steps=1), train_dataset=_data(model),
+        eval_dataset=_data(model, 8), mpopt_args=MPOptArguments(memory_budget_mib=1e6, **space), clock=StepClock(),
     )
-    with pytest.raises(ValueError, match=r"memory_budget_mib=64\.0 needs a cost model.*cost_model="):
-        trainer.train()
+    probe.train()
+    costs = probe.mpopt_callback.cost_model
+    assert isinstance(costs, FakeTensorCostModel)
+    whole, micro = costs.peak_mib(MemoryConfig(16)), costs.peak_mib(MemoryConfig(4))
+    assert micro < whole
+    # a budget between the two peaks (margin included) leaves only the micro-batched configuration
+    budget = (whole + micro) / 2 / (1 - 0.05)
+    trainer = MPOptTrainer(
+        model=build_tiny("vit", dropout=0.0), args=training_args(tmp_path, 16, steps=3), train_dataset=_data(model),
+        eval_dataset=_data(model, 8), mpopt_args=MPOptArguments(memory_budget_mib=budget, **space), clock=StepClock(),
+    )
+    trainer.train()
+    used = {MemoryConfig.from_dict(d.config) for d in trainer.mpopt_callback.engine.decisions}
+    assert used == {MemoryConfig(4)}
