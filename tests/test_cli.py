@@ -1,0 +1,103 @@
+"""The ``mpopt profile`` command end to end on a tiny model, and its answers to bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from mpopt_hf.cli import EXIT_BAD_INPUT, EXIT_BUDGET_TOO_SMALL, SUBCOMMANDS, build_parser, main, parse_input_shape
+
+SMALL_SPACE = ["--batch-size", "8", "--precisions", "fp32", "--micro-batch-sizes", "4,8", "--freeze-rates", "0,1",
+               "--checkpoint-segments", "0,1", "--steps", "1"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models gain nothing from a second thread, and on a shared machine two spin against each other."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("store") / "profiles.sqlite")
+
+
+def test_json_rows_then_reuse_from_store(capsys, store):
+    code, out, _ = run(capsys, "profile", "--model", "tiny-vit", "--input-shape", "3,32,32", *SMALL_SPACE,
+                       "--fit-measurements", "1", "--measure", "1", "--json", "--store", store)
+    assert code == 0
+    rows = json.loads(out)
+    assert len(rows) == 6  # 2 micro-batch sizes x (freeze 0: ckpt 0/1, freeze 1: ckpt 0)
+    for row in rows:
+        assert {"micro_batch_size", "freeze_rate", "checkpoint_segments", "precision", "predicted_peak_mib",
+                "predicted_step_s", "fits"} <= set(row)
+        assert row["fits"] is None and row["predicted_peak_mib"] > 0
+    measured = [r for r in rows if r["measured"]]
+    assert len(measured) == 2 and sum(r["used_for_fit"] for r in measured) == 1
+    for row in measured:
+        assert row["measured_peak_mib"] > 0 and row["measured_step_s"] > 0
+        assert abs(row["peak_error"]) < 0.08
+
+    code, out, _ = run(capsys, "profile", "--model", "tiny-vit", "--input-shape", "3,32,32", *SMALL_SPACE,
+                       "--fit-measurements", "1", "--budget-mib", "1000", "--store", store)
+    assert code == 0
+    assert "fit reused from the store" in out and "6 of 6 configurations fit 1000 MiB" in out
+    assert "peak MiB" in out.splitlines()[1]
+
+
+def test_budget_below_minimum_exits_nonzero_naming_it(capsys, store):
+    code, _, err = run(capsys, "profile", "--model", "tiny-vit", "--input-shape", "3,32,32", *SMALL_SPACE,
+                       "--fit-measurements", "1", "--budget-mib", "0.01", "--json", "--store", store)
+    assert code == EXIT_BUDGET_TOO_SMALL
+    assert "below the smallest predicted peak" in err and "MiB (reached by mb4/f1.00/ckpt0/fp32)" in err
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--model", "resnet9000", "--input-shape", "3,32,32"], "Unknown --model 'resnet9000'; accepted: a small_cnn"),
+        (["--model", "tiny-vit", "--input-shape", "3,x,32"], "--input-shape must be comma-separated"),
+        (["--model", "tiny-vit", "--input-shape", "3,32"], "C,H,W for images"),
+        (["--model", "tiny-vit", "--input-shape", "1,32,32"], "must have 3 channels"),
+        (["--model", "tiny-gpt-neo", "--input-shape", "3,32,32"], "one sequence length up to"),
+        (["--model", "tiny-vit", "--input-shape", "3,32,32", "--precisions", "fp8"], "accepted: ['fp32', 'bf16'"),
+        (["--model", "tiny-vit", "--input-shape", "3,32,32", "--freeze-rates", "0,half"], "--freeze-rates must be"),
+        (["--model", "tiny-vit", "--input-shape", "3,32,32", "--freeze-rates", "1.5"], "freeze_rate must be in [0, 1]"),
+    ],
+)
+def test_bad_input_names_value_and_what_is_accepted(capsys, tmp_path, argv, message):
+    code, _, err = run(capsys, "profile", *argv, "--no-store")
+    assert code == EXIT_BAD_INPUT and message in err
+
+
+@pytest.mark.parametrize("budget", ["-5", "0", "abc"])
+def test_non_positive_budget_is_refused_by_the_parser(capsys, budget):
+    with pytest.raises(SystemExit) as exc:
+        main(["profile", "--model", "tiny-vit", "--input-shape", "3,32,32", "--budget-mib", budget])
+    assert exc.value.code == 2
+    assert f"--budget-mib must be a positive number of MiB, got '{budget}'" in capsys.readouterr().err
+
+
+def test_parser_is_extensible():
+    assert "profile" in SUBCOMMANDS
+    SUBCOMMANDS["noop"] = lambda sub: sub.add_parser("noop").set_defaults(handler=lambda args: 0)
+    try:
+        assert build_parser().parse_args(["noop"]).command == "noop"
+        assert main(["noop"]) == 0
+    finally:
+        del SUBCOMMANDS["noop"]
+
+
+def test_input_shape_parsing():
+    assert parse_input_shape("3, 32,32") == (3, 32, 32) and parse_input_shape("128") == (128,)
