@@ -13,13 +13,7 @@ SMALL_SPACE = ["--batch-size", "8", "--precisions", "fp32", "--micro-batch-sizes
                "--checkpoint-segments", "0,1", "--steps", "1"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from a second thread, and on a shared machine two spin against each other."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def run(capsys, *argv):

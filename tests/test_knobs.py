@@ -8,7 +8,7 @@ from mpopt_hf import MemoryConfig
 from mpopt_hf.blocks import ModelBlocks, find_blocks, register_block_adapter
 from mpopt_hf.knobs import apply_memory_config, autocast_context, count_trainable_parameters, plan_knobs, remove_knobs
 from mpopt_hf.tiny_models import TINY_FAMILIES, build_tiny, example_batch
-from trainer_utils import saved_activation_bytes
+from trainer_utils import saved_activation_bytes, train_for
 
 
 def test_plan_freezes_prefix_and_spreads_checkpoints():
@@ -183,14 +183,7 @@ def test_every_family_trains_with_each_knob(family):
         MemoryConfig(4, checkpoint_segments=n // 2),
         MemoryConfig(4, precision="bf16"),
     ):
-        apply_memory_config(model, cfg)
-        for _ in range(3):
-            with autocast_context(cfg, "cpu"):
-                loss = model(**batch).loss
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            assert torch.isfinite(loss)
+        train_for(model, batch, cfg, opt, steps=3)
 
 
 def test_knobs_compose_with_a_peft_lora_model():

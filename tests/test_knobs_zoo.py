@@ -6,8 +6,8 @@ import torch
 import small_cnn
 from mpopt_hf import MemoryConfig
 from mpopt_hf.blocks import find_blocks
-from mpopt_hf.knobs import apply_memory_config, autocast_context, count_trainable_parameters
-from trainer_utils import saved_activation_bytes
+from mpopt_hf.knobs import apply_memory_config, count_trainable_parameters
+from trainer_utils import saved_activation_bytes, train_for
 
 
 def _tiny(name):
@@ -51,13 +51,6 @@ def test_zoo_trains_three_steps_with_each_knob(name):
         MemoryConfig(8, checkpoint_segments=max(1, n_blocks // 2)),
         MemoryConfig(8, precision="bf16"),
     ):
-        apply_memory_config(model, cfg)
-        for _ in range(3):
-            with autocast_context(cfg, "cpu"):
-                loss = model(**batch).loss
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            assert torch.isfinite(loss), (name, cfg)
+        train_for(model, batch, cfg, opt, steps=3)
         if cfg.freeze_rate:
             assert count_trainable_parameters(model) < total

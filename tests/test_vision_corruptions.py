@@ -11,13 +11,7 @@ from vision.corruptions import ALL_CORRUPTIONS, CORRUPTIONS, EXTRA_CORRUPTIONS, 
 from vision.sources.sample_images import PatchConfig, cut_patches
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Small batches: a single thread avoids thread-pool overhead on a shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

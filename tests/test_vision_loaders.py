@@ -16,12 +16,7 @@ from vision.sources.cifar import CIFAR10_CLASSES, CIFAR100_CLASSES
 from vision.sources.office31 import OFFICE31_CLASSES
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def labels_of(ds) -> list[int]:

@@ -81,3 +81,15 @@ def saved_activation_bytes(model: torch.nn.Module, batch: dict) -> int:
     out.loss.backward()
     model.zero_grad(set_to_none=True)
     return sum(seen.values())
+
+
+def train_for(model: torch.nn.Module, batch: dict, config, optimizer, steps: int) -> None:
+    """Apply ``config`` and run ``steps`` real steps as the profiler runs them; every weight must stay finite."""
+    from mpopt_hf.knobs import apply_memory_config
+    from mpopt_hf.profiler import train_step
+
+    apply_memory_config(model, config)
+    model.train()
+    for _ in range(steps):
+        train_step(model, batch, config, optimizer)
+    assert all(torch.isfinite(p).all() for p in model.parameters()), config

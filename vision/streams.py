@@ -226,20 +226,10 @@ def cifar10c_stream(
     tasks = []
     bar = tqdm(corruptions, desc="building cifar10-c stream", unit="task", disable=len(corruptions) < 8, leave=False)
     for corruption in bar:
-        parts = {
-            split: registry.build(
-                "cifar10-c",
-                root_dir=root_dir,
-                split=split,
-                transform=transform if split == "train" else eval_transform,
-                corruption=corruption,
-                severity=severity,
-                seed=seed,
-                max_samples=max_samples_per_task,
-                **source_options,
-            )
-            for split in SPLITS
-        }
+        parts = _all_splits(
+            "cifar10-c", root_dir, transform, eval_transform, corruption=corruption, severity=severity, seed=seed,
+            max_samples=max_samples_per_task, **source_options,
+        )
         domain = {"corruption": corruption, "severity": severity}
         tasks.append(Task(f"{corruption}-{severity}", parts["train"], parts["val"], parts["test"], domain))
     return tasks
@@ -267,6 +257,18 @@ def _check_cifar10c_files(root_dir: str | None, corruptions: Sequence[str]) -> N
         )
 
 
+def _all_splits(
+    name: str, root_dir: str | None, transform: Callable | None, eval_transform: Callable | None, **options: Any
+) -> dict[str, datasets.Dataset]:
+    """Every split of a registered source; the train split gets ``transform``, the others ``eval_transform``."""
+    return {
+        split: registry.build(
+            name, root_dir=root_dir, split=split, transform=transform if split == "train" else eval_transform, **options
+        )
+        for split in SPLITS
+    }
+
+
 def office31_stream(
     root_dir: str | None = None,
     domains: Sequence[str] = ("amazon", "dslr", "webcam"),
@@ -280,19 +282,10 @@ def office31_stream(
     _check_max(max_samples_per_task)
     tasks = []
     for domain in domains:
-        parts = {
-            split: registry.build(
-                "office31",
-                root_dir=root_dir,
-                split=split,
-                transform=transform if split == "train" else eval_transform,
-                domain=domain,
-                image_size=image_size,
-                seed=seed,
-                max_samples=max_samples_per_task,
-            )
-            for split in SPLITS
-        }
+        parts = _all_splits(
+            "office31", root_dir, transform, eval_transform, domain=domain, image_size=image_size, seed=seed,
+            max_samples=max_samples_per_task,
+        )
         tasks.append(Task(domain, parts["train"], parts["val"], parts["test"], {"domain": domain}))
     return tasks
 
