@@ -33,7 +33,7 @@ from .knobs import plan_knobs
 
 MiB = 2**20
 STATUSES = ("T", "C", "F")  # trainable, checkpointed, frozen
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 
 
 class BudgetTooSmallError(ValueError):
@@ -139,7 +139,6 @@ class ParamGroup:
     grad_bytes: int = 0  # bytes of gradients (= parameters that can train)
     tensors: int = 0
     max_tensor_bytes: int = 0
-    second_tensor_bytes: int = 0
     fresh_tensors: int = 0  # trainable, held by the optimizer, no state yet
     fresh_bytes: int = 0
 
@@ -157,11 +156,14 @@ class OptimizerCost:
     total: float = 0.0
     ops_per_tensor: float = 0.0
 
-    def transient(self, groups: Sequence["ParamGroup"]) -> float:
-        sizes = sorted(s for g in groups for s in (g.max_tensor_bytes, g.second_tensor_bytes))
-        top = sizes[-1] if sizes else 0
-        second = sizes[-2] if len(sizes) > 1 else 0
-        return self.largest * top + self.second * second + self.total * sum(g.grad_bytes for g in groups)
+    def transient(self, sizes: Sequence[float]) -> float:
+        """Transient of one step over the trainable tensors' bytes, in the optimizer's order (a
+        single-tensor loop keeps the previous tensor's temporaries while it works on the next)."""
+        peak, previous = 0.0, 0.0
+        for size in sizes:
+            peak = max(peak, self.largest * size + self.second * previous)
+            previous = size
+        return peak + self.total * sum(sizes)
 
 
 @dataclass(frozen=True)
@@ -180,11 +182,18 @@ class ModelStructure:
     rest: ParamGroup
     optimizer: OptimizerCost
     device_type: str = "cpu"
+    # every trainable tensor the optimizer holds, in its order: (group, bytes); group -1 stem, -2 rest, i block i
+    optimizer_order: tuple[tuple[int, int], ...] = ()
 
     def groups(self, config: MemoryConfig) -> list[ParamGroup]:
         """The parameter groups that train under ``config``."""
         n_frozen = plan_knobs(config, self.n_blocks).n_frozen
         return ([] if n_frozen else [self.stem]) + list(self.blocks[n_frozen:]) + [self.rest]
+
+    def trainable_in_optimizer_order(self, config: MemoryConfig) -> list[int]:
+        n_frozen = plan_knobs(config, self.n_blocks).n_frozen
+        return [size for group, size in self.optimizer_order
+                if group == -2 or (group == -1 and not n_frozen) or group >= n_frozen]
 
     def body_bytes(self, config: MemoryConfig) -> dict[str, float]:
         """Bytes of stem and block parameters by status (T, C, F) under ``config``."""
@@ -343,7 +352,7 @@ class MemoryModel:
         static = s.weights_bytes + opt_state + inputs
         workspace = cal.workspace(config.precision, m)
         peak_first, peak_later, ret_first, ret_later, grads_first = self._dynamic(config, m)
-        opt_transient = s.optimizer.transient(groups)
+        opt_transient = s.optimizer.transient(s.trainable_in_optimizer_order(config))
         candidates = [
             (static + peak_first + workspace, "first micro-batch", grads_first, ret_first, peak_first - ret_first - grads_first),
             (static + grads + opt_transient, "optimizer step", grads, 0.0, opt_transient),
@@ -410,6 +419,7 @@ class MemoryModel:
         st["stem"], st["rest"] = ParamGroup(**st["stem"]), ParamGroup(**st["rest"])
         st["blocks"] = tuple(ParamGroup(**g) for g in st["blocks"])
         st["optimizer"] = OptimizerCost(**st["optimizer"])
+        st["optimizer_order"] = tuple(tuple(pair) for pair in st.get("optimizer_order", ()))
         spans = {p: [_span_from_dict(s) for s in items] for p, items in data["spans"].items()}
         return cls(ModelStructure(**st), spans, Calibration(**data["calibration"]))
 

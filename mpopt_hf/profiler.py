@@ -662,7 +662,6 @@ def _param_group(params: list[nn.Parameter], trainable: dict[int, bool], optimiz
         grad_bytes=sum(sizes),
         tensors=len(params),
         max_tensor_bytes=sizes[-1] if sizes else 0,
-        second_tensor_bytes=sizes[-2] if len(sizes) > 1 else 0,
         fresh_tensors=len(fresh),
         fresh_bytes=sum(_alloc_bytes(p) for p in fresh),
     )
@@ -689,6 +688,10 @@ def model_structure(
                 per_sample += nbytes / total
             else:
                 const += nbytes
+    group_of = {id(p): -1 for p in stem_params}
+    group_of.update({id(p): i for i, ps in enumerate(block_params) for p in ps})
+    order = tuple((group_of.get(id(p), -2), _alloc_bytes(p)) for g in optimizer.param_groups for p in g["params"]
+                  if trainable.get(id(p), p.requires_grad))
     _, kinds, indices = units_of(blocks)
     state_tensors = [v for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v)]
     device = next(model.parameters()).device
@@ -705,6 +708,7 @@ def model_structure(
         rest=_param_group(rest, trainable, optimizer, held),
         optimizer=optimizer_cost(optimizer, device, next(model.parameters()).dtype),
         device_type=device.type,
+        optimizer_order=order,
     )
 
 

@@ -67,14 +67,15 @@ def test_split_spans_by_owner_glue_stays_with_the_current_span():
 
 
 def _structure(n_blocks=2, **kw):
-    group = ParamGroup(grad_bytes=100 * KIB, tensors=2, max_tensor_bytes=80 * KIB, second_tensor_bytes=20 * KIB,
+    group = ParamGroup(grad_bytes=100 * KIB, tensors=2, max_tensor_bytes=80 * KIB,
                        fresh_tensors=2, fresh_bytes=100 * KIB)
     return ModelStructure(
         n_blocks=n_blocks, unit_kinds=("stem",) + ("block",) * n_blocks + ("head",),
         unit_blocks=(-1,) + tuple(range(n_blocks)) + (-1,), weights_bytes=(n_blocks + 2) * 100 * KIB,
         input_bytes_per_sample=1 * KIB, input_bytes_const=0, existing_state_bytes=0, stem=group,
         blocks=(group,) * n_blocks, rest=group,
-        optimizer=OptimizerCost(state_a=4, state_b=2.0, largest=2.0, second=1.0), **kw)
+        optimizer=OptimizerCost(state_a=4, state_b=2.0, largest=2.0, second=1.0),
+        optimizer_order=tuple((g, b * KIB) for g in (-1, *range(n_blocks), -2) for b in (80, 20)), **kw)
 
 
 def _span(phase, unit, **costs):
@@ -100,6 +101,15 @@ def test_structural_terms_follow_the_trainable_set():
     assert half.optimizer_state == 2 * (2 * 4 + 2 * 100 * KIB)  # stem and block 0 frozen
     assert half.gradients == 2 * 100 * KIB and half.phase == "later micro-batches"
     assert full.inputs == half.inputs == 8 * KIB
+
+
+def test_optimizer_transient_follows_the_optimizer_order():
+    cost = OptimizerCost(largest=2.0, second=1.0)
+    assert cost.transient([10, 1, 10]) == 21  # 2 x 10 + the 1 before it, not 2 x 10 + 10
+    assert cost.transient([1, 10, 10]) == 30
+    assert OptimizerCost(total=1.0).transient([3, 4]) == 7  # foreach: everything at once
+    structure = _structure()
+    assert structure.trainable_in_optimizer_order(MemoryConfig(2, 0.5)) == [80 * KIB, 20 * KIB] * 2
 
 
 def test_activations_scale_with_micro_batch_and_knobs():
