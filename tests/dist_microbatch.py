@@ -34,3 +34,8 @@ assert trainer.state.global_step == 2, trainer.state.global_step
 assert trainer.args.world_size == world, (trainer.args.world_size, world)
 if trainer.is_world_process_zero():
     save_file({k: v.contiguous() for k, v in trainer.model.state_dict().items()}, os.path.join(cli.out, "weights.safetensors"))
+# Tear gloo down before interpreter exit: its threads aborting at exit ("terminate called without an active
+# exception") would turn a finished run into a SIGABRT.
+if torch.distributed.is_initialized():
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
