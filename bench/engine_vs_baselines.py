@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -55,14 +56,16 @@ class WallClockBudget(TrainerCallback):
 
 
 class FakePeakCostModel:
-    """Peak bytes predicted by the profiler on fake tensors; no step-time prediction."""
+    """Peak bytes predicted by the profiler on fake tensors; no step-time prediction. Its time is kept."""
 
     def __init__(self, model, batch, optimizer):
-        self.model, self.batch, self.optimizer, self.cache = model, batch, optimizer, {}
+        self.model, self.batch, self.optimizer, self.cache, self.seconds = model, batch, optimizer, {}, 0.0
 
     def predict(self, config):
         if config not in self.cache:
+            start = time.perf_counter()
             self.cache[config] = predict_step(self.model, self.batch, config, self.optimizer).peak_bytes
+            self.seconds += time.perf_counter() - start
         return float(self.cache[config]), None
 
 
@@ -113,6 +116,9 @@ def main() -> None:
     parser.add_argument("--corruption", default="fog")
     parser.add_argument("--severity", type=int, default=5)
     parser.add_argument("--budget-share", type=float, default=0.6, help="budget as a share of the default config's peak")
+    parser.add_argument("--seeds", type=int, default=3, help="runs per row (different data order), interleaved")
+    parser.add_argument("--trial-steps", type=int, default=4)
+    parser.add_argument("--search-share", type=float, default=0.05)
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     ns = parser.parse_args()
     torch.manual_seed(0)
@@ -153,78 +159,91 @@ def main() -> None:
     full = next(MemoryConfig(m, checkpoint_segments=n_blocks) for m in micro if fits(MemoryConfig(m, checkpoint_segments=n_blocks)))
     head = next(MemoryConfig(m, freeze_rate=1.0) for m in micro if fits(MemoryConfig(m, freeze_rate=1.0)))
 
-    runs: dict[str, dict] = {}
+    plan = {f"fixed/{c.config.short()}": c.config for c in survivors}
+    plan.update({"auto_find_batch": auto, "full_ckpt": full, "head_only": head})
+    runs: dict[str, list[dict]] = {name: [] for name in ["mpopt", *plan]}
 
-    def run_fixed(name, config):
+    def run_fixed(name, config, seed):
         model.load_state_dict(pretrained)
-        trainer = MPOptTrainer(model=model, args=_args(tmp, 10**6), train_dataset=s_train, memory_config=config,
+        trainer = MPOptTrainer(model=model, args=_args(tmp, 10**6, seed=seed), train_dataset=s_train,
+                               memory_config=config, callbacks=[WallClockBudget(ns.seconds)])
+        t0 = time.perf_counter()
+        trainer.train()
+        runs[name].append({"config": config.short(), "steps": trainer.state.global_step,
+                           "wall_s": time.perf_counter() - t0, "accuracy": accuracy(model, s_test),
+                           "predicted_peak_mib": cost.predict(config)[0] / MIB})
+
+    def run_mpopt(seed):
+        model.load_state_dict(pretrained)
+        mpopt = MPOptArguments(memory_budget_mib=budget_mib, micro_batch_sizes=micro, freeze_rates=rates,
+                               checkpoint_segments=segments, precisions=["fp32"], trial_steps=ns.trial_steps,
+                               trial_max_s=ns.seconds / 15, search_share=ns.search_share, gain_metric="val_accuracy")
+        trainer = MPOptTrainer(model=model, args=_args(tmp, 10**6, seed=seed), train_dataset=s_train,
+                               eval_dataset=s_val, mpopt_args=mpopt, cost_model=cost,
                                callbacks=[WallClockBudget(ns.seconds)])
         t0 = time.perf_counter()
         trainer.train()
-        runs[name] = {"config": config.short(), "steps": trainer.state.global_step, "wall_s": time.perf_counter() - t0,
-                      "accuracy": accuracy(model, s_test), "predicted_peak_mib": cost.predict(config)[0] / MIB}
+        wall = time.perf_counter() - t0
+        engine = trainer.mpopt_callback.engine
+        ran = [MemoryConfig.from_dict(d.config) for d in engine.decisions]
+        runs["mpopt"].append({
+            "config": "online", "steps": trainer.state.global_step, "wall_s": wall, "accuracy": accuracy(model, s_test),
+            "search_share": engine.search_seconds / wall, "decisions": len(ran), "final": engine.current.short(),
+            "max_predicted_peak_mib": max(cost.predict(c)[0] for c in ran) / MIB,
+            "sequence": [f"{d.step}:{MemoryConfig.from_dict(d.config).short()}:{d.reason}" for d in engine.decisions],
+        })
 
-    model.load_state_dict(pretrained)
-    mpopt = MPOptArguments(memory_budget_mib=budget_mib, micro_batch_sizes=micro, freeze_rates=rates,
-                           checkpoint_segments=segments, precisions=["fp32"], trial_steps=4,
-                           trial_max_s=ns.seconds / 15, gain_metric="val_accuracy")
-    trainer = MPOptTrainer(model=model, args=_args(tmp, 10**6), train_dataset=s_train, eval_dataset=s_val,
-                           mpopt_args=mpopt, cost_model=cost, callbacks=[WallClockBudget(ns.seconds)])
-    callback = trainer.mpopt_callback
-    search_s = [0.0]
-    measure = callback._measure_metric
+    # rows interleaved per seed, so that a change of machine load hits every row alike
+    for seed in range(ns.seeds):
+        run_mpopt(seed)
+        for name, config in plan.items():
+            run_fixed(name, config, seed)
 
-    def timed_measure(m):
-        t = time.perf_counter()
-        try:
-            return measure(m)
-        finally:
-            search_s[0] += time.perf_counter() - t
+    def mean(name, field):
+        return statistics.fmean(r[field] for r in runs[name])
 
-    callback._measure_metric = timed_measure
-    t0 = time.perf_counter()
-    trainer.train()
-    wall = time.perf_counter() - t0
-    ran = [d["config"] for d in (x.to_dict() for x in callback.engine.decisions)]
-    runs["mpopt"] = {"config": "online", "steps": trainer.state.global_step, "wall_s": wall,
-                     "accuracy": accuracy(model, s_test), "search_share": search_s[0] / wall,
-                     "decisions": len(ran), "final": callback.engine.current.short(),
-                     "max_predicted_peak_mib": max(cost.predict(MemoryConfig.from_dict(c))[0] for c in ran) / MIB}
+    def spread(name):
+        values = [r["accuracy"] for r in runs[name]]
+        return f"{statistics.fmean(values):.3f} ± {statistics.pstdev(values):.3f}" if len(values) > 1 else f"{values[0]:.3f}"
 
-    for c in survivors:
-        run_fixed(f"fixed/{c.config.short()}", c.config)
-    run_fixed("auto_find_batch", auto)
-    run_fixed("full_ckpt", full)
-    run_fixed("head_only", head)
-
-    best_fixed = max((k for k in runs if k.startswith("fixed/")), key=lambda k: runs[k]["accuracy"])
+    best_fixed = max((k for k in runs if k.startswith("fixed/")), key=lambda k: mean(k, "accuracy"))
     summary = {
-        "seconds": ns.seconds, "corruption": f"{ns.corruption}/{ns.severity}", "budget_mib": budget_mib,
+        "seconds": ns.seconds, "seeds": ns.seeds, "corruption": f"{ns.corruption}/{ns.severity}", "budget_mib": budget_mib,
         "default_peak_mib": cost.predict(default)[0] / MIB, "clean_acc_before": clean_acc,
-        "shifted_acc_before": shifted_acc, "best_fixed": best_fixed, "runs": runs,
-        "torch": torch.__version__, "threads": torch.get_num_threads(),
+        "shifted_acc_before": shifted_acc, "best_fixed": best_fixed, "prediction_s": cost.seconds,
+        "n_configs_predicted": len(space), "runs": runs, "torch": torch.__version__, "threads": torch.get_num_threads(),
     }
+    m = runs["mpopt"]
+    share = statistics.fmean(r["search_share"] for r in m)
     lines = [
         "# Rule engine vs fixed configurations (equal wall-clock, memory budget)",
         "",
         f"Command: `python bench/engine_vs_baselines.py {' '.join(sys.argv[1:])}` (torch {torch.__version__}, CPU, "
-        f"{torch.get_num_threads()} threads, shared machine: step counts vary with load).",
+        f"{torch.get_num_threads()} threads).",
         "",
         f"budget {budget_mib:.2f} MiB (default mb{BATCH}/f0/ckpt0 needs {summary['default_peak_mib']:.2f} MiB, predicted on "
-        f"fake tensors); {ns.seconds:.0f} s wall-clock per run; shift {ns.corruption}/{ns.severity}; "
-        f"accuracy before retraining: clean {clean_acc:.3f}, shifted {shifted_acc:.3f}",
+        f"fake tensors); {ns.seconds:.0f} s wall-clock per run, {ns.seeds} seed(s) per row (mean ± std); shift "
+        f"{ns.corruption}/{ns.severity}; accuracy before retraining: clean {clean_acc:.3f}, shifted {shifted_acc:.3f}",
         "",
-        "| run | configuration | steps | shifted test accuracy | predicted peak MiB |",
+        "| run | configuration | steps (mean) | shifted test accuracy | predicted peak MiB |",
         "| --- | --- | ---: | ---: | ---: |",
     ]
-    for name, r in runs.items():
-        peak = r.get("predicted_peak_mib", r.get("max_predicted_peak_mib"))
-        lines.append(f"| {name}{' (best fixed)' if name == best_fixed else ''} | {r['config']} | {r['steps']} | "
-                     f"{r['accuracy']:.3f} | {peak:.2f} |")
-    lines.append("")
-    lines.append(f"mpopt search cost (gain-metric evaluations) = {runs['mpopt']['search_share']:.1%} of its wall-clock; "
-                 f"{runs['mpopt']['decisions']} decisions, final {runs['mpopt']['final']}.")
-    lines += ["", "Raw figures:", "", "```json", json.dumps(summary, indent=1), "```"]
+    for name, rows in runs.items():
+        peak = max(r.get("predicted_peak_mib", r.get("max_predicted_peak_mib")) for r in rows)
+        lines.append(f"| {name}{' (best fixed)' if name == best_fixed else ''} | {rows[0]['config']} | "
+                     f"{mean(name, 'steps'):.0f} | {spread(name)} | {peak:.2f} |")
+    gap_best = mean("mpopt", "accuracy") - mean(best_fixed, "accuracy")
+    gap_auto = mean("mpopt", "accuracy") - mean("auto_find_batch", "accuracy")
+    lines += [
+        "",
+        f"mpopt - best fixed = {100 * gap_best:+.1f} points (target >= -1); mpopt - auto_find_batch = "
+        f"{100 * gap_auto:+.1f} points (target >= +3).",
+        f"mpopt search cost: gain-metric evaluations {share:.1%} of its wall-clock (target <= 10%); predicting the "
+        f"{len(space)} configurations' peaks took {cost.seconds:.1f} s before the runs "
+        f"({cost.seconds / ns.seconds:.1%} of one run). Final configurations: "
+        f"{', '.join(r['final'] for r in m)}; decisions per run: {', '.join(str(r['decisions']) for r in m)}.",
+        "", "Raw figures:", "", "```json", json.dumps(summary, indent=1), "```",
+    ]
     print("\n".join(lines))
     os.makedirs(ns.out, exist_ok=True)
     with open(os.path.join(ns.out, "engine_vs_baselines.md"), "w") as f:

@@ -102,10 +102,27 @@ class RunArguments:
         default=0.5,
         metadata={"help": "Without --memory_budget_mib: the budget is this share of the unconstrained step's predicted peak."},
     )
-    measure_peak: bool = field(default=True, metadata={"help": "On CPU, measure each configuration's peak (MemTracker)."})
+    measure_peak: bool = field(
+        default=True, metadata={"help": "On CPU, measure each configuration's peak (MemTracker and profiler events)."}
+    )
+    fixed_config: str | None = field(
+        default=None,
+        metadata={"help": "The 'fixed' baseline's configuration, e.g. mb32/f0.5/ckpt0/fp32. None: the whole batch, no knobs."},
+    )
+    seconds_per_task: float | None = field(
+        default=None,
+        metadata={"help": "Wall-clock seconds of retraining per task (evaluations and search included); with a large "
+                  "--max_steps it makes every baseline train for equal time. None: --max_steps steps per task."},
+    )
 
     def __post_init__(self) -> None:
+        from mpopt_hf.config import MemoryConfig
         from mpopt_hf.online import BASELINES
+
+        if self.fixed_config is not None:
+            MemoryConfig.parse(self.fixed_config)  # a malformed flag fails here, naming what is expected
+        if self.seconds_per_task is not None and not self.seconds_per_task > 0:
+            raise ValueError(f"RunArguments.seconds_per_task must be > 0 or None, got {self.seconds_per_task}.")
 
         if self.baseline not in BASELINES:
             raise ValueError(f"RunArguments.baseline must be one of {list(BASELINES)}, got {self.baseline!r}.")
@@ -256,6 +273,7 @@ def default_budget_mib(model, train, training_args, fraction: float) -> tuple[fl
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Parse, build, run the stream, print the table; returns the results dict (also in results.json)."""
+    from mpopt_hf.config import MemoryConfig
     from mpopt_hf.online import OnlineRetrainer
     from mpopt_hf.report import format_table
 
@@ -278,6 +296,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     retrainer = OnlineRetrainer(
         model, training_args, baseline=run_args.baseline, mpopt_args=mpopt_args, budget_mib=budget,
         measure_peak=run_args.measure_peak, train_with_labels=model_args.adaptation == "supervised",
+        memory_config=None if run_args.fixed_config is None else MemoryConfig.parse(run_args.fixed_config),
+        seconds_per_task=run_args.seconds_per_task,
     )
     result = retrainer.run(targets, output_dir=training_args.output_dir)
     summary = result.summary

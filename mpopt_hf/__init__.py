@@ -20,6 +20,7 @@ _LAZY = {
     "MPOptCallback": "mpopt_hf.callback",
     "apply_memory_config": "mpopt_hf.knobs",
     "find_blocks": "mpopt_hf.blocks",
+    "WallClockLimit": "mpopt_hf.wall_clock",
 }
 
 __all__ = ["MemoryConfig", *_LAZY]
@@ -28,6 +29,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .blocks import find_blocks
     from .knobs import apply_memory_config
     from .trainer import MPOptTrainer
+    from .wall_clock import WallClockLimit
 
 
 def __getattr__(name: str) -> Any:

@@ -23,7 +23,7 @@ from transformers import TrainerCallback
 
 from .blocks import find_blocks
 from .config import MemoryConfig, MPOptArguments
-from .cost import FakeTensorCostModel, first_batch
+from .cost import FakeTensorCostModel, ProfileCostModel, first_batch, plain_optimizer
 from .engine import (
     MIB,
     Candidate,
@@ -199,12 +199,13 @@ class MPOptCallback(TrainerCallback):
     def _setup(self, args, state, model: nn.Module, train_dataloader: Any = None, optimizer: Any = None) -> None:
         blocks = find_blocks(model)
         effective = args.per_device_train_batch_size
+        space = self._space(args, blocks.n_blocks, effective)
         if self.cost_model is None and self._budget_bytes(args) is not None and train_dataloader is not None:
-            # A budget needs predicted peaks: the default is a fake-tensor step of each configuration.
+            # A budget needs predicted peaks: fit the profiler's memory model (or predict each on fake tensors).
             batch = first_batch(train_dataloader, effective)
             batch = {k: v.to(args.device) if torch.is_tensor(v) else v for k, v in batch.items()}
-            self.cost_model = FakeTensorCostModel(model, batch, optimizer, lr=args.learning_rate)
-        self.engine = self._build_engine(args, model, blocks.n_blocks, effective)
+            self.cost_model = self._default_cost_model(model, batch, optimizer, space, args)
+        self.engine = self._build_engine(args, model, space, effective)
         resume = self._resume_dir
         if resume is None and state.global_step > 0:  # a plain Trainer resumed: the folder follows the convention
             resume = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
@@ -222,7 +223,27 @@ class MPOptCallback(TrainerCallback):
         self._apply(self.engine.start(state.global_step, self._measure_metric(model)))
         self._flush_decisions()
 
-    def _build_engine(self, args, model: nn.Module, n_blocks: int, effective: int) -> RuleEngine:
+    def _default_cost_model(self, model: nn.Module, batch: dict[str, Any], optimizer: Any,
+                            space: list[MemoryConfig], args) -> CostModel:
+        """MPOptArguments.cost_predictor: the fitted memory model ('profile', through the profile store when one
+        is set) or one fake-tensor step per configuration ('fake')."""
+        a = self.mpopt_args
+        if a.cost_predictor == "fake":
+            return FakeTensorCostModel(model, batch, optimizer, lr=args.learning_rate)
+        from .profiler import profile_key
+        from .store import open_store
+
+        if optimizer is None:
+            optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.learning_rate)
+        if self.store is None and a.profile_store is not None:
+            self.store = open_store(None if a.profile_store == "default" else a.profile_store)
+            self.store_key = profile_key(model, batch, plain_optimizer(optimizer))
+        cost = ProfileCostModel.fit(model, batch, optimizer, space, self.store)
+        logger.info("mpopt cost model: %s in %.1f s", "fit reused from the profile store" if cost.reused
+                    else f"fitted from {len(cost.profile.measurements)} measured configuration(s)", cost.seconds)
+        return cost
+
+    def _space(self, args, n_blocks: int, effective: int) -> list[MemoryConfig]:
         a = self.mpopt_args
         if self.trainer is None:  # plain Trainer: micro-batch and precision are fixed by the Trainer
             micro, precisions = [effective], ["fp16" if args.fp16 else ("bf16" if args.bf16 else "fp32")]
@@ -241,6 +262,10 @@ class MPOptCallback(TrainerCallback):
                 f"The search space is empty for a model with {n_blocks} blocks: check MPOptArguments.checkpoint_segments "
                 f"(each must be <= the trainable blocks) and freeze_rates."
             )
+        return configs
+
+    def _build_engine(self, args, model: nn.Module, configs: list[MemoryConfig], effective: int) -> RuleEngine:
+        a = self.mpopt_args
         budget = self._budget_bytes(args)
         if budget is not None and self.cost_model is None:
             raise ValueError(
@@ -251,6 +276,7 @@ class MPOptCallback(TrainerCallback):
         candidates = [
             Candidate(c, *self.cost_model.predict(c)) if self.cost_model is not None else Candidate(c) for c in configs
         ]
+        candidates = self._same_on_every_rank(candidates)
         has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
         return RuleEngine(
             candidates,
@@ -258,6 +284,7 @@ class MPOptCallback(TrainerCallback):
             margin=a.safety_margin,
             trial_steps=a.trial_steps,
             trial_max_s=a.trial_max_s,
+            search_share=a.search_share,
             exploration=a.exploration,
             discount=a.discount,
             drift_threshold=a.drift_threshold,
@@ -269,6 +296,15 @@ class MPOptCallback(TrainerCallback):
             on_infeasible=self._mark_infeasible,
             known_infeasible=self.store.infeasible(self.store_key) if self.store is not None else None,
         )
+
+    def _same_on_every_rank(self, candidates: list[Candidate]) -> list[Candidate]:
+        """Rank 0's predictions for every rank: measured step times differ between processes, and engines that
+        prune differently would choose differently and deadlock in the gradient all-reduce."""
+        if not self._distributed():
+            return candidates
+        payload = [[c.to_dict() for c in candidates]]
+        dist.broadcast_object_list(payload, src=0)
+        return [Candidate.from_dict(c) for c in payload[0]]
 
     def _mark_infeasible(self, config: MemoryConfig, reason: str) -> None:
         if self.store is not None:
@@ -358,7 +394,10 @@ class MPOptCallback(TrainerCallback):
         return data[0] if len(data) else None
 
     def _measure_metric(self, model: nn.Module) -> float:
-        """Mean score over the evaluation data, averaged over ranks; halves its own batch on out-of-memory."""
+        """Mean score over the evaluation data, averaged over ranks; halves its own batch on out-of-memory.
+
+        Its time (the slowest rank's, so that every rank's engine sizes its trials alike) is search cost."""
+        start = self.clock()
         if self.trainer is not None:
             loader = self.trainer.get_eval_dataloader(self._eval_data())
         else:
@@ -376,6 +415,9 @@ class MPOptCallback(TrainerCallback):
         finally:
             model.train(was_training)
         sums = self._reduce_pair(total, count)
+        seconds = self._reduce(self.clock() - start, "max")
+        if self.engine is not None:
+            self.engine.add_search_time(seconds)
         return sums[0] / max(sums[1], 1)
 
     def _score_batch(self, model: nn.Module, batch: dict[str, Any]) -> tuple[float, int]:

@@ -94,8 +94,32 @@ class MemoryConfig:
         """A compact label for tables and logs, e.g. ``mb8/f0.50/ckpt2/bf16``."""
         return f"mb{self.micro_batch_size}/f{self.freeze_rate:.2f}/ckpt{self.checkpoint_segments}/{self.precision}"
 
+    @classmethod
+    def parse(cls, text: str) -> "MemoryConfig":
+        """The inverse of `short`, for flags: ``mb8/f0.5/ckpt2/bf16``; every part but ``mb`` may be left out."""
+        values: dict[str, Any] = {}
+        prefixes = (("mb", "micro_batch_size", int), ("ckpt", "checkpoint_segments", int), ("f", "freeze_rate", float))
+        for part in filter(None, text.strip().split("/")):
+            if part in PRECISIONS:
+                values["precision"] = part
+                continue
+            match = next(((name, kind, part[len(p):]) for p, name, kind in prefixes if part.startswith(p)), None)
+            try:
+                if match is None or match[0] in values:
+                    raise ValueError
+                values[match[0]] = match[1](match[2])
+            except ValueError:
+                raise ValueError(
+                    f"Cannot read {part!r} in the memory configuration {text!r}: expected parts like 'mb8/f0.5/ckpt2/bf16' "
+                    f"(micro-batch, freeze rate, checkpoint segments, one of {list(PRECISIONS)}), 'mb' required."
+                ) from None
+        if "micro_batch_size" not in values:
+            raise ValueError(f"The memory configuration {text!r} has no micro-batch size: start it with e.g. 'mb8'.")
+        return cls(**values)
+
 
 GAIN_METRICS = ("auto", "val_accuracy", "entropy", "confidence")
+COST_PREDICTORS = ("profile", "fake")
 
 
 @dataclass
@@ -134,6 +158,19 @@ class MPOptArguments:
         metadata={"help": f"Precisions to consider, from {list(PRECISIONS)}. None: the run's own precision (fp32, "
                   "or fp16 under TrainingArguments.fp16), plus bf16 on a CUDA device that supports it."},
     )
+    cost_predictor: str = field(
+        default="profile",
+        metadata={"help": f"How a configuration is costed before it runs, one of {list(COST_PREDICTORS)}. 'profile': the "
+                  "profiler's memory model, traced on fake tensors and calibrated on <= 3 measured steps, predicts "
+                  "peak and step time of every configuration (reused from profile_store). 'fake': one fake-tensor "
+                  "step per configuration (exact tensor bytes, no step time, slower on a large space)."},
+    )
+    profile_store: str | None = field(
+        default=None,
+        metadata={"help": "Where the profile (fit, measurements, out-of-memory marks) is kept between runs: a SQLite "
+                  "file path, a redis:// URL, or 'default' (profiles.sqlite in the user's cache folder). None: "
+                  "nothing is kept."},
+    )
     trial_steps: int = field(
         default=4, metadata={"help": "Optimizer steps one trial of a configuration lasts before its gain is measured."}
     )
@@ -141,6 +178,12 @@ class MPOptArguments:
         default=None,
         metadata={"help": "A trial also ends after this many seconds of training, so that a slow candidate's trial "
                   "cannot eat the time budget. None: trials last trial_steps steps."},
+    )
+    search_share: float | None = field(
+        default=0.05,
+        metadata={"help": "Largest share of the time spent measuring the gain metric: a trial lasts at least "
+                  "(evaluation seconds) x (1 - share) / share of training, besides trial_steps. In (0, 1); None: "
+                  "trials last trial_steps steps however long an evaluation takes."},
     )
     time_budget_s: float | None = field(
         default=None,
@@ -193,10 +236,16 @@ class MPOptArguments:
         self._check_list("precisions", lambda v: v in PRECISIONS, f"values from {list(PRECISIONS)}")
         if self.gain_metric not in GAIN_METRICS:
             raise ValueError(f"MPOptArguments.gain_metric must be one of {list(GAIN_METRICS)}, got {self.gain_metric!r}.")
+        if self.cost_predictor not in COST_PREDICTORS:
+            raise ValueError(
+                f"MPOptArguments.cost_predictor must be one of {list(COST_PREDICTORS)}, got {self.cost_predictor!r}."
+            )
         if self.trial_steps < 1:
             raise ValueError(f"MPOptArguments.trial_steps must be an int >= 1, got {self.trial_steps}.")
         if self.trial_max_s is not None and not self.trial_max_s > 0:
             raise ValueError(f"MPOptArguments.trial_max_s must be > 0 seconds or None, got {self.trial_max_s}.")
+        if self.search_share is not None and not 0.0 < self.search_share < 1.0:
+            raise ValueError(f"MPOptArguments.search_share must be in (0, 1) or None, got {self.search_share}.")
         if self.time_budget_s is not None and not self.time_budget_s > 0:
             raise ValueError(f"MPOptArguments.time_budget_s must be > 0 seconds or None, got {self.time_budget_s}.")
         if self.exploration < 0:

@@ -1,10 +1,14 @@
-"""The engine's default cost model: each configuration's peak predicted on fake tensors.
+"""Cost models for the rule engine: what a configuration costs before it runs.
 
-The rule engine must know a configuration's peak before it runs it. Without a
-fitted memory model at hand, the exact answer for the tensors a step creates is a
-step run under ``FakeTensorMode`` (`mpopt_hf.profiler.predict_step`): no compute,
-no memory, so it works for a model that does not fit the device. Predictions are
-cached per configuration, and the time they took is kept as search cost.
+* `ProfileCostModel` (the default): the profiler's fitted memory model
+  (`mpopt_hf.profiler.fit_profile`): traced once on fake tensors, calibrated on at most 3
+  measured steps, then every configuration's peak *and step time* in microseconds; with a
+  profile store, the next run on the same model and device reuses the fit and measures nothing.
+* `FakeTensorCostModel`: one fake-tensor step per configuration
+  (`mpopt_hf.profiler.predict_step`): the exact tensor bytes, no compute and no memory, but
+  no step time, no kernel workspace, and about a second per configuration on a small model.
+
+Both keep the seconds they spent as search cost.
 """
 
 from __future__ import annotations
@@ -52,6 +56,37 @@ class FakeTensorCostModel:
 
     def predict(self, config: MemoryConfig) -> tuple[float | None, float | None]:
         return self.peak_mib(config) * MiB, None
+
+
+class ProfileCostModel:
+    """`CostModel` from a fitted `MemoryModel`: peak bytes and step seconds (None when no step was timed)."""
+
+    def __init__(self, profile: Any, batch_size: int, seconds: float = 0.0) -> None:
+        self.profile, self.batch_size, self.seconds = profile, int(batch_size), seconds
+
+    @classmethod
+    def fit(cls, model: nn.Module, batch: Mapping[str, Any], optimizer: Any, space: list[MemoryConfig],
+            store: Any = None, n_measure: int = 3) -> "ProfileCostModel":
+        """Fit (or reuse from ``store``) the memory model of ``model`` on ``batch`` for ``space``."""
+        from .microbatch import batch_size_of
+        from .profiler import fit_profile
+
+        start = time.perf_counter()
+        profile = fit_profile(model, batch, plain_optimizer(optimizer), space, store, n_measure=n_measure)
+        return cls(profile, batch_size_of(batch), time.perf_counter() - start)
+
+    @property
+    def reused(self) -> bool:
+        return bool(self.profile.reused)
+
+    def predict(self, config: MemoryConfig) -> tuple[float | None, float | None]:
+        memory_model = self.profile.model
+        peak = memory_model.predict(config, self.batch_size).peak_bytes
+        timed = memory_model.calibration.n_time_points > 0
+        return float(peak), (memory_model.predict_time(config, self.batch_size) if timed else None)
+
+    def peak_mib(self, config: MemoryConfig) -> float:
+        return self.predict(config)[0] / MiB
 
 
 def first_batch(dataloader: Any, size: int) -> dict[str, Any]:

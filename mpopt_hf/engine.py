@@ -262,6 +262,7 @@ class RuleEngine:
         margin: float = 0.05,
         trial_steps: int = 4,
         trial_max_s: float | None = None,
+        search_share: float | None = None,
         exploration: float = 0.5,
         discount: float = 0.25,
         drift_threshold: float | None = None,
@@ -277,7 +278,7 @@ class RuleEngine:
             raise ValueError("RuleEngine needs at least one candidate configuration; the search space is empty.")
         self.candidates = list(candidates)
         self.budget_bytes, self.margin = budget_bytes, margin
-        self.trial_steps, self.trial_max_s = trial_steps, trial_max_s
+        self.trial_steps, self.trial_max_s, self.search_share = trial_steps, trial_max_s, search_share
         self.exploration, self.discount = exploration, discount
         self.drift_threshold, self.retune_every_steps, self.time_budget_s = drift_threshold, retune_every_steps, time_budget_s
         self.has_batchnorm, self.bn_min_micro_batch, self.effective_batch = has_batchnorm, bn_min_micro_batch, effective_batch
@@ -295,6 +296,8 @@ class RuleEngine:
         self.elapsed_s = 0.0
         self.last_retune_step = 0
         self.last_peak: float | None = None
+        self.search_seconds = 0.0  # spent measuring the gain metric (training time is in elapsed_s)
+        self.last_eval_s: float | None = None
         self.decisions: list[Decision] = []
 
     # -------------------------------------------------------------- queries
@@ -344,9 +347,26 @@ class RuleEngine:
         if self.retune_every_steps and step - self.last_retune_step >= self.retune_every_steps:
             self.last_retune_step = step
             self._reopen()
-        return self.trial_steps_done >= self.trial_steps or (
-            self.trial_max_s is not None and self.trial_seconds >= self.trial_max_s
-        )
+        if self.trial_max_s is not None and self.trial_seconds >= self.trial_max_s:
+            return True
+        return self.trial_steps_done >= self.trial_steps and self.trial_seconds >= self.min_trial_seconds
+
+    @property
+    def min_trial_seconds(self) -> float:
+        """Training seconds a trial needs so that measuring its gain costs at most ``search_share`` of the time.
+
+        A trial is over after ``trial_steps`` steps *and* this long (``trial_max_s``, when set, still ends it):
+        on a fast step, a few steps are shorter than one evaluation of the gain metric, and the search would
+        cost more time than it trains.
+        """
+        if not self.search_share or not self.last_eval_s:
+            return 0.0
+        return self.last_eval_s * (1.0 - self.search_share) / self.search_share
+
+    def add_search_time(self, seconds: float) -> None:
+        """The caller spent ``seconds`` measuring the gain metric (it sets how long the next trials last)."""
+        self.search_seconds += seconds
+        self.last_eval_s = seconds
 
     def observe_metric(self, step: int, metric: float, proxy: bool = False) -> MemoryConfig:
         """The metric (higher is better) at the end of a trial; returns the configuration for the next one."""
@@ -468,6 +488,8 @@ class RuleEngine:
             "elapsed_s": self.elapsed_s,
             "last_retune_step": self.last_retune_step,
             "last_peak": self.last_peak,
+            "search_seconds": self.search_seconds,
+            "last_eval_s": self.last_eval_s,
             "decisions": [d.to_dict() for d in self.decisions],
         }
 
@@ -480,4 +502,5 @@ class RuleEngine:
         self.current = None if state["current"] is None else MemoryConfig.from_dict(state["current"])
         for name in ("baseline", "last_metric", "trial_seconds", "trial_steps_done", "elapsed_s", "last_retune_step", "last_peak"):
             setattr(self, name, state[name])
+        self.search_seconds, self.last_eval_s = state.get("search_seconds", 0.0), state.get("last_eval_s")
         self.decisions = [Decision(**d) for d in state["decisions"]]

@@ -7,11 +7,15 @@ so their records are comparable field for field:
 
 * ``none``: the source model, never adapted (accuracy_after == accuracy_before);
 * ``fixed``: one given `MemoryConfig` for the whole stream;
-* ``full_checkpointing``: the whole batch at once with every block checkpointed;
-* ``auto_find_batch_size``: transformers' own reaction to out-of-memory errors (halve the batch and retry);
+* ``full_checkpointing``: every block checkpointed, the whole batch at once, or under a budget the largest
+  micro-batch (with accumulation) whose predicted peak fits;
+* ``auto_find_batch_size``: transformers' own reaction to out-of-memory errors (halve the batch and retry;
+  the effective batch shrinks with it). On a CPU, which never runs out of memory, a budget is enforced as a
+  device of that size would: the batch is halved until its predicted peak fits;
 * ``mpopt``: the rule engine (`MPOptCallback`) chooses online, one engine for the whole stream with its
-  ``task_boundary()`` called between tasks; its cost model defaults to fake-tensor predictions of each
-  configuration's peak (`mpopt_hf.profiler.predict_step`).
+  ``task_boundary()`` called between tasks; its cost model is the one ``MPOptArguments.cost_predictor``
+  names (the profiler's fitted memory model by default). The baselines' budget checks predict peaks on
+  fake tensors (`mpopt_hf.profiler.predict_step`).
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from .blocks import find_blocks
 from .config import MemoryConfig
 from .cost import FakeTensorCostModel, plain_optimizer
 from .metrics import load_metric
+from .wall_clock import WallClockLimit
 
 logger = logging.getLogger(__name__)
 
@@ -133,6 +138,7 @@ class OnlineRetrainer:
         cost_model: Any = None,
         engine_eval_size: int = 128,
         show_trainer_logs: bool = False,
+        seconds_per_task: float | None = None,
     ) -> None:
         if baseline not in BASELINES:
             raise ValueError(f"baseline must be one of {list(BASELINES)}, got {baseline!r}.")
@@ -140,6 +146,8 @@ class OnlineRetrainer:
             memory_config = MemoryConfig(micro_batch_size=args.per_device_train_batch_size)
         if budget_mib is None and mpopt_args is not None:
             budget_mib = getattr(mpopt_args, "memory_budget_mib", None)
+        if seconds_per_task is not None and not seconds_per_task > 0:
+            raise ValueError(f"seconds_per_task must be > 0 or None, got {seconds_per_task}.")
         if baseline == "mpopt" and (mpopt_args is None or not engine_available()):
             raise ValueError(
                 "baseline='mpopt' needs mpopt_args=MPOptArguments(...) and an MPOptTrainer that accepts them "
@@ -153,11 +161,13 @@ class OnlineRetrainer:
         self.accuracy_metric = load_metric("accuracy")
         self.uses_engine = baseline == "mpopt"
         self._callback = None
-        self._measured: dict[MemoryConfig, float] = {}
+        self._measured: dict[MemoryConfig, Any] = {}
         self._fake_costs: FakeTensorCostModel | None = None
         self.cost_model = cost_model
         self.engine_eval_size = engine_eval_size
         self.show_trainer_logs = show_trainer_logs
+        self.seconds_per_task = seconds_per_task
+        self.margin = getattr(mpopt_args, "safety_margin", 0.05) if mpopt_args is not None else 0.05
 
     # ------------------------------------------------------------------ public
 
@@ -204,20 +214,34 @@ class OnlineRetrainer:
             train = train.remove_columns(self.label_column)  # unsupervised adaptation: labels never reach the model
         return train
 
-    def _args(self):
-        if self.baseline == "auto_find_batch_size" and not self.args.auto_find_batch_size:
-            args = copy.copy(self.args)  # TrainingArguments has non-init fields: dataclasses.replace would refuse
-            args.auto_find_batch_size = True
-            return args
-        return self.args
+    def _args(self, train):
+        if self.baseline != "auto_find_batch_size":
+            return self.args
+        args = copy.copy(self.args)  # TrainingArguments has non-init fields: dataclasses.replace would refuse
+        args.auto_find_batch_size = True
+        if self.budget_mib is not None and args.device.type != "cuda":
+            # no out-of-memory error on a CPU: halve as transformers would on a device with this budget
+            batch = args.per_device_train_batch_size
+            while batch > 1 and not self._fits(train, MemoryConfig(micro_batch_size=batch)):
+                batch //= 2
+            args.per_device_train_batch_size = batch
+        return args
+
+    def _fits(self, train, config: MemoryConfig) -> bool:
+        """Predicted peak <= budget x (1 - safety margin), the engine's own feasibility rule.
+
+        A batch of b samples costs what a micro-batch of b does (the same activations, weights, gradients
+        and optimizer state; only the loaded batch tensor differs), so one cost model serves both."""
+        return self._default_cost_model(train).peak_mib(config) <= self.budget_mib * (1 - self.margin)
 
     def _retrain(self, task, record: TaskRecord) -> None:
         from .trainer import MPOptTrainer
 
         train = self._train_set(task)
-        args = self._args()
+        start = time.perf_counter()
+        args = self._args(train)
+        search = time.perf_counter() - start
         kwargs: dict[str, Any] = dict(model=self.model, args=args, train_dataset=train, data_collator=self.data_collator)
-        search = 0.0
         if self.uses_engine:
             # The engine's gain metric needs evaluation data: the task's val split, else a slice of its train split.
             val = getattr(task, "val", None)
@@ -225,16 +249,15 @@ class OnlineRetrainer:
                 val = val.remove_columns(self.label_column)
             kwargs["eval_dataset"] = val if val is not None else train.select(range(min(self.engine_eval_size, len(train))))
             if self._callback is None:
-                start = time.perf_counter()
-                kwargs["mpopt_args"] = self.mpopt_args
-                kwargs["cost_model"] = self.cost_model or self._default_cost_model(train)
-                search += time.perf_counter() - start
+                kwargs["mpopt_args"] = self.mpopt_args  # the callback fits its cost model at the first step
+                if self.cost_model is not None:
+                    kwargs["cost_model"] = self.cost_model
             else:
                 kwargs["callbacks"] = [self._callback]  # one engine for the whole stream: it keeps what it learned
         else:
             start = time.perf_counter()
-            kwargs["memory_config"] = self._config_for(train)
-            search = time.perf_counter() - start
+            kwargs["memory_config"] = self._config_for(train, args)
+            search += time.perf_counter() - start
         trainer = MPOptTrainer(**kwargs)
         if self.uses_engine:
             if self._callback is None:
@@ -247,25 +270,30 @@ class OnlineRetrainer:
             trainer.remove_callback(PrinterCallback)  # the per-task table says it; keep the progress bar readable
         configs = _ConfigLog()
         trainer.add_callback(configs.callback(trainer))
+        if self.seconds_per_task is not None:
+            trainer.add_callback(WallClockLimit(self.seconds_per_task))
         on_cuda = args.device.type == "cuda"
         if on_cuda:
             torch.cuda.synchronize(args.device)
             torch.cuda.reset_peak_memory_stats(args.device)
-        predicted_before = self._cost_seconds
+        predicted_before, evaluated_before = self._cost_seconds, self._engine_search_seconds
         start = time.perf_counter()
         output = trainer.train()
         record.seconds = time.perf_counter() - start
         record.steps = int(output.global_step)
         record.train_samples = len(train)
         record.configs = [c.to_dict() for c in configs.used]
-        record.search_seconds = search + self._cost_seconds - predicted_before
+        # search cost: choosing configurations (peak predictions) and, for the engine, its gain-metric evaluations
+        record.search_seconds = (search + self._cost_seconds - predicted_before
+                                 + self._engine_search_seconds - evaluated_before)
         if on_cuda:
             record.measured_peak_mib = torch.cuda.max_memory_allocated(args.device) / MiB
             record.measured_peak_source = "cuda_max_memory_allocated"
         elif self.measure_peak and configs.used:
             batch = self._first_batch(trainer)
-            record.measured_peak_mib = max(self._measure(trainer, batch, c) for c in configs.used)
-            record.measured_peak_source = "memtracker"
+            measured = [self._measure(trainer, batch, c) for c in configs.used]
+            top = max(measured, key=lambda m: m.peak_bytes)
+            record.measured_peak_mib, record.measured_peak_source = top.peak_mib, top.backend
         if self.predict_peak and configs.used:
             batch = self._first_batch(trainer)
             record.predicted_peak_mib = max(self._predict(trainer, batch, c) for c in configs.used)
@@ -277,12 +305,17 @@ class OnlineRetrainer:
             self._fake_costs = FakeTensorCostModel(self.model, batch, lr=self.args.learning_rate)
         return self._fake_costs
 
-    def _config_for(self, train) -> MemoryConfig:
-        effective = self.args.per_device_train_batch_size
-        if self.baseline in ("fixed", "auto_find_batch_size"):
+    def _config_for(self, train, args) -> MemoryConfig:
+        effective = args.per_device_train_batch_size
+        if self.baseline == "fixed":
             return self.memory_config or MemoryConfig(micro_batch_size=effective)
+        if self.baseline == "auto_find_batch_size":
+            return MemoryConfig(micro_batch_size=effective)
         if self.baseline == "full_checkpointing":
-            return MemoryConfig(micro_batch_size=effective, checkpoint_segments=find_blocks(self.model).n_blocks)
+            config = MemoryConfig(micro_batch_size=effective, checkpoint_segments=find_blocks(self.model).n_blocks)
+            while self.budget_mib is not None and config.micro_batch_size > 1 and not self._fits(train, config):
+                config = config.replace(micro_batch_size=config.micro_batch_size // 2)
+            return config
         raise RuntimeError(f"baseline {self.baseline!r} chooses its configurations through the engine.")
 
     def _collate(self, dataset, size: int) -> dict[str, Any]:
@@ -296,22 +329,41 @@ class OnlineRetrainer:
     def _first_batch(self, trainer) -> dict[str, Any]:
         return self._collate(trainer.train_dataset, trainer.args.per_device_train_batch_size)
 
-    def _measure(self, trainer, batch, config: MemoryConfig) -> float:
-        """CPU: live tensor bytes of one real step (torch's MemTracker, via mpopt_hf.profiler.measure)."""
+    def _measure(self, trainer, batch, config: MemoryConfig):
+        """CPU: the peak of one real step, from torch's MemTracker and the profiler's allocation events
+        (`mpopt_hf.profiler.measure`); a `Measurement`, cached per configuration."""
         if config not in self._measured:
             from .profiler import measure
 
-            self._measured[config] = measure(self.model, batch, config, plain_optimizer(trainer.optimizer), steps=1, warmup=0).peak_mib
+            self._measured[config] = measure(self.model, batch, config, plain_optimizer(trainer.optimizer), steps=1,
+                                             warmup=0)
         return self._measured[config]
 
     def _predict(self, trainer, batch, config: MemoryConfig) -> float:
+        engine_costs = self._engine_cost_model
+        if engine_costs is not None:  # what the engine decided with
+            return float(engine_costs.predict(config)[0]) / MiB
         if self._fake_costs is None:
             self._fake_costs = FakeTensorCostModel(self.model, batch, plain_optimizer(trainer.optimizer))
         return self._fake_costs.peak_mib(config)
 
     @property
+    def _engine_search_seconds(self) -> float:
+        engine = None if self._callback is None else self._callback.engine
+        return 0.0 if engine is None else engine.search_seconds
+
+    @property
+    def _engine_cost_model(self) -> Any:
+        return None if self._callback is None else self._callback.cost_model
+
+    @property
     def _cost_seconds(self) -> float:
-        return 0.0 if self._fake_costs is None else self._fake_costs.seconds
+        """Seconds spent predicting costs so far: the baselines' fake-tensor steps and the engine's cost model."""
+        total = 0.0 if self._fake_costs is None else self._fake_costs.seconds
+        engine_costs = self._engine_cost_model
+        if engine_costs is not None and engine_costs is not self._fake_costs:
+            total += getattr(engine_costs, "seconds", 0.0)
+        return total
 
 
 class _ConfigLog:

@@ -383,7 +383,7 @@ def measure(
     return Measurement(
         config=config,
         device=_device_label(device),
-        backend="cuda" if device.type == "cuda" else "memtracker",
+        backend="cuda" if device.type == "cuda" else "memtracker+profiler",
         batch_size=batch_size_of(batch),
         peak_bytes=allocator_peak if device.type == "cuda" else max(tracked["allocator"], tracked["total"]),
         tracked_peak_bytes=tracked["total"],

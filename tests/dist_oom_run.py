@@ -55,7 +55,8 @@ def main() -> None:
         train_dataset=data,
         eval_dataset=evals,
         callbacks=[ran],
-        mpopt_args=MPOptArguments(micro_batch_sizes=[8, 4, 2], freeze_rates=[0.0], checkpoint_segments=[0], trial_steps=2),
+        mpopt_args=MPOptArguments(micro_batch_sizes=[8, 4, 2], freeze_rates=[0.0], checkpoint_segments=[0], trial_steps=2,
+                                    search_share=None),
         cost_model=FakeCost(),
         clock=StepClock(),
     )

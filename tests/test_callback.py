@@ -54,7 +54,8 @@ def test_plain_trainer_gets_freezing_only_and_a_warning(tmp_path):
 
 def test_unlabelled_data_use_entropy_and_a_task_boundary_reopens_the_search(tmp_path):
     model = build_tiny("vit", dropout=0.0)
-    mpopt = MPOptArguments(micro_batch_sizes=[8], freeze_rates=[0.0, 0.5], checkpoint_segments=[0], trial_steps=1)
+    mpopt = MPOptArguments(micro_batch_sizes=[8], freeze_rates=[0.0, 0.5], checkpoint_segments=[0], trial_steps=1,
+                           search_share=None)
     trainer = MPOptTrainer(
         model=model, args=training_args(tmp_path, 8, steps=6), train_dataset=_data(model),
         eval_dataset=_data(model, 8, labels=False), mpopt_args=mpopt, cost_model=FakeCost(), clock=StepClock(),
@@ -84,22 +85,30 @@ def test_time_budget_stops_training(tmp_path):
     )
     trainer.train()
     assert trainer.state.global_step == 4  # 0.5 s per step (fake clock): the 2 s budget lasts 4 steps
+    engine = trainer.mpopt_callback.engine
+    # the one evaluation (before training) took one tick: trials need 0.5 x 0.95 / 0.05 = 9.5 s, so no trial ended
+    assert engine.search_seconds == 0.5 and engine.min_trial_seconds == pytest.approx(9.5)
+    assert len(engine.decisions) == 1
 
 
-def test_a_budget_without_a_cost_model_predicts_peaks_on_fake_tensors(tmp_path):
-    from mpopt_hf.cost import FakeTensorCostModel
+@pytest.mark.parametrize("predictor", ["profile", "fake"])
+def test_a_budget_without_a_cost_model_predicts_peaks(tmp_path, predictor):
+    from mpopt_hf.cost import FakeTensorCostModel, ProfileCostModel
 
     model = build_tiny("vit", dropout=0.0)
-    space = dict(micro_batch_sizes=[16, 4], freeze_rates=[0.0], checkpoint_segments=[0], trial_steps=1)
+    space = dict(micro_batch_sizes=[16, 4], freeze_rates=[0.0], checkpoint_segments=[0], trial_steps=1,
+                 search_share=None, cost_predictor=predictor)
     probe = MPOptTrainer(
         model=model, args=training_args(tmp_path, 16, steps=1), train_dataset=_data(model),
         eval_dataset=_data(model, 8), mpopt_args=MPOptArguments(memory_budget_mib=1e6, **space), clock=StepClock(),
     )
     probe.train()
     costs = probe.mpopt_callback.cost_model
-    assert isinstance(costs, FakeTensorCostModel)
+    assert isinstance(costs, {"profile": ProfileCostModel, "fake": FakeTensorCostModel}[predictor])
     whole, micro = costs.peak_mib(MemoryConfig(16)), costs.peak_mib(MemoryConfig(4))
     assert micro < whole
+    step_s = [c.step_s for c in probe.mpopt_callback.engine.candidates]
+    assert all(t is not None and t > 0 for t in step_s) if predictor == "profile" else step_s == [None, None]
     # a budget between the two peaks (margin included) leaves only the micro-batched configuration
     budget = (whole + micro) / 2 / (1 - 0.05)
     trainer = MPOptTrainer(
@@ -109,3 +118,25 @@ def test_a_budget_without_a_cost_model_predicts_peaks_on_fake_tensors(tmp_path):
     trainer.train()
     used = {MemoryConfig.from_dict(d.config) for d in trainer.mpopt_callback.engine.decisions}
     assert used == {MemoryConfig(4)}
+
+
+def test_the_profile_store_makes_a_second_run_reuse_the_fit(tmp_path):
+    from mpopt_hf.store import SQLiteStore
+
+    path = tmp_path / "profiles.sqlite"
+    space = dict(micro_batch_sizes=[16, 4], freeze_rates=[0.0, 0.5], checkpoint_segments=[0], trial_steps=1,
+                 search_share=None, memory_budget_mib=1e6, profile_store=str(path))
+    runs = []
+    for _ in range(2):
+        model = build_tiny("vit", dropout=0.0)
+        trainer = MPOptTrainer(
+            model=model, args=training_args(tmp_path, 16, steps=1), train_dataset=_data(model),
+            eval_dataset=_data(model, 8), mpopt_args=MPOptArguments(**space), clock=StepClock(),
+        )
+        trainer.train()
+        callback = trainer.mpopt_callback
+        store = SQLiteStore(path)
+        runs.append((callback.cost_model.reused, len(store.measurements(callback.store_key))))
+        store.close()
+    assert runs[0][0] is False and runs[0][1] >= 1  # fitted: measured configurations went to the store
+    assert runs[1] == (True, runs[0][1])  # reused: nothing measured again

@@ -64,6 +64,7 @@ def test_budget_below_minimum_names_the_minimum_and_its_config():
         (dict(safety_margin=-0.1), r"safety_margin must be in \[0, 0\.5\)"),
         (dict(gain_metric="f1"), r"gain_metric must be one of \['auto', 'val_accuracy', 'entropy', 'confidence'\], got 'f1'"),
         (dict(trial_steps=0), r"trial_steps must be an int >= 1"),
+        (dict(search_share=1.0), r"search_share must be in \(0, 1\) or None, got 1\.0"),
         (dict(memory_budget_mib=0), r"memory_budget_mib must be > 0"),
     ],
 )
@@ -123,6 +124,25 @@ def test_settles_on_the_best_gain_per_second_within_12_trials():
     assert chosen[12:].count(b) >= 9  # exploits b after 12 trials, re-measuring challengers now and then
     reasons = [d.reason for d in engine.decisions]
     assert any("exploit best" in r for r in reasons) and any("re-measure challenger" in r for r in reasons)
+
+
+def test_trials_lengthen_so_that_evaluation_stays_within_search_share():
+    a, b, c, cands = _arms()
+    engine = RuleEngine(cands, trial_steps=2, search_share=0.2)
+    engine.start(0, 0.0)
+    engine.add_search_time(1.0)  # one evaluation takes 1 s: a trial must train 1 x 0.8 / 0.2 = 4 s
+    steps = 0
+    while not engine.observe_step(steps + 1, 0.5):
+        steps += 1
+    assert steps + 1 == 8  # 2 steps would be 1 s of training for 1 s of evaluation; 8 steps are 4 s
+    assert engine.min_trial_seconds == pytest.approx(4.0) and engine.search_seconds == pytest.approx(1.0)
+    capped = RuleEngine(cands, trial_steps=2, search_share=0.2, trial_max_s=1.5)
+    capped.start(0, 0.0)
+    capped.add_search_time(1.0)
+    assert [capped.observe_step(i, 0.5) for i in (1, 2, 3)] == [False, False, True]  # trial_max_s still ends it
+    restored = RuleEngine(cands, trial_steps=2, search_share=0.2)
+    restored.load_state_dict(engine.state_dict())
+    assert restored.search_seconds == 1.0 and restored.min_trial_seconds == pytest.approx(4.0)
 
 
 def test_redecides_after_a_drift_event():

@@ -87,16 +87,49 @@ def test_online_retrainer_records_every_task(tmp_path, stream, baseline):
     for task in data["tasks"]:
         assert 0 <= task["accuracy_before"] <= 1 and 0 <= task["accuracy_after"] <= 1
         expected = {"fixed": config, "full_checkpointing": MemoryConfig(16, checkpoint_segments=4),
-                    "auto_find_batch_size": config}.get(baseline)
+                    "auto_find_batch_size": MemoryConfig(16)}.get(baseline)  # the budget fits the whole batch
         if baseline == "none":
             assert task["configs"] == [] and task["accuracy_after"] == task["accuracy_before"]
         else:
             assert [MemoryConfig.from_dict(c) for c in task["configs"]] == [expected]
-            assert task["steps"] == 2 and task["measured_peak_source"] == "memtracker"
+            assert task["steps"] == 2 and task["measured_peak_source"] == "memtracker+profiler"
             assert 0 < task["measured_peak_mib"] <= 64.0
             assert task["predicted_peak_mib"] == pytest.approx(task["measured_peak_mib"], rel=0.25)
     assert (tmp_path / "out" / "results.png").read_bytes().startswith(PNG_MAGIC)
     assert result.summary["mce"] is None or result.summary["mce"] > 0
+
+
+def test_baselines_under_a_tight_budget_shrink_as_a_device_of_that_size_would(tmp_path, stream):
+    from mpopt_hf.cost import FakeTensorCostModel
+
+    torch.manual_seed(0)
+    model = clip_online.build_classifier(clip_online.TINY, list(DIGIT_NAMES))
+    train = stream[1].train
+    batch = {k: v for k, v in train.with_format("torch")[:16].items()}
+    costs = FakeTensorCostModel(model, batch)
+    whole, half = costs.peak_mib(MemoryConfig(16)), costs.peak_mib(MemoryConfig(8))
+    budget = (whole + half) / 2 / 0.95  # usable (after the 5% margin) lies between the two peaks
+    picked = {}
+    for baseline in ("auto_find_batch_size", "full_checkpointing"):
+        retrainer = OnlineRetrainer(model, _training_args(tmp_path, steps=1), baseline=baseline, budget_mib=budget,
+                                    show_progress=False, measure_peak=False)
+        record = retrainer.run_task(stream[1])
+        picked[baseline] = [MemoryConfig.from_dict(c) for c in record.configs]
+    assert picked["auto_find_batch_size"] == [MemoryConfig(8)]  # transformers halves the batch itself
+    ckpt = MemoryConfig(16, checkpoint_segments=4)
+    expected = ckpt if costs.peak_mib(ckpt) <= budget * 0.95 else ckpt.replace(micro_batch_size=8)
+    assert picked["full_checkpointing"] == [expected]
+
+
+def test_seconds_per_task_stops_each_task_on_time(tmp_path, stream):
+    torch.manual_seed(0)
+    model = clip_online.build_classifier(clip_online.TINY, list(DIGIT_NAMES))
+    retrainer = OnlineRetrainer(model, _training_args(tmp_path, steps=50), baseline="fixed", show_progress=False,
+                                measure_peak=False, predict_peak=False, seconds_per_task=1e-9)
+    result = retrainer.run(stream[1:])
+    assert [t.steps for t in result.tasks] == [1, 1]  # the limit is checked at each step end: one step, not 50
+    with pytest.raises(ValueError, match="seconds_per_task must be > 0"):
+        OnlineRetrainer(model, _training_args(tmp_path), baseline="fixed", seconds_per_task=0)
 
 
 def test_online_retrainer_rejects_bad_input(tmp_path):

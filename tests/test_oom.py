@@ -70,7 +70,7 @@ def _engine_trainer(tmp_path, model, steps=4, budget=None, eval_batch=8, **mpopt
         args=args,
         train_dataset=data,
         eval_dataset=evals,
-        mpopt_args=MPOptArguments(memory_budget_mib=budget, **mpopt),
+        mpopt_args=MPOptArguments(memory_budget_mib=budget, search_share=None, **mpopt),
         cost_model=FakeCost(),
         clock=StepClock(),
     )
@@ -147,7 +147,8 @@ def test_oom_marks_reach_the_profile_store_and_the_next_run_skips_them(tmp_path)
     store = SQLiteStore(tmp_path / "profiles.db")
     key = make_key(model, (3, 16, 16))
     FakeOOM(model, train_limit=2)
-    mpopt = MPOptArguments(micro_batch_sizes=[8, 4, 2], freeze_rates=[0.0], checkpoint_segments=[0], trial_steps=1)
+    mpopt = MPOptArguments(micro_batch_sizes=[8, 4, 2], freeze_rates=[0.0], checkpoint_segments=[0], trial_steps=1,
+                           search_share=None)
     data = ListDataset(example_batch(model, 16))
     trainer = MPOptTrainer(
         model=model, args=training_args(tmp_path / "a", 8, steps=1), train_dataset=data, eval_dataset=data,

@@ -59,7 +59,7 @@ def test_measure_restores_everything(setup):
     assert m.peak_bytes >= m.tracked_peak_bytes == sum(m.categories().values())
     assert m.weights == sum(p.numel() * 4 for p in model.parameters()) + sum(b.numel() * b.element_size()
                                                                              for b in model.buffers())
-    assert m.gradients > 0 and m.optimizer_state > 0 and m.step_s > 0 and m.backend == "memtracker"
+    assert m.gradients > 0 and m.optimizer_state > 0 and m.step_s > 0 and m.backend == "memtracker+profiler"
     assert Measurement.from_dict(json.loads(json.dumps(m.to_dict()))) == m
 
 
