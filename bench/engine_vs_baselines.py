@@ -116,9 +116,10 @@ def main() -> None:
     parser.add_argument("--corruption", default="fog")
     parser.add_argument("--severity", type=int, default=5)
     parser.add_argument("--budget-share", type=float, default=0.6, help="budget as a share of the default config's peak")
+    parser.add_argument("--probe", type=int, default=128, help="shifted training images held out as the engine's probe")
     parser.add_argument("--seeds", type=int, default=3, help="runs per row (different data order), interleaved")
     parser.add_argument("--trial-steps", type=int, default=4)
-    parser.add_argument("--search-share", type=float, default=0.05)
+    parser.add_argument("--search-share", type=float, default=0.1, help="the issue's search-cost target")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     ns = parser.parse_args()
     torch.manual_seed(0)
@@ -132,8 +133,8 @@ def main() -> None:
 
     s_all = shifted(train, ns.corruption, ns.severity)
     s_test = shifted(test, ns.corruption, ns.severity)
-    s_val = s_all.select(range(128))  # the engine's labelled probe, held out of every run's training data
-    s_train = s_all.select(range(128, len(s_all)))
+    s_val = s_all.select(range(ns.probe))  # the engine's labelled probe, held out of every run's training data
+    s_train = s_all.select(range(ns.probe, len(s_all)))
     shifted_acc = accuracy(model, s_test)
 
     n_blocks = find_blocks(model).n_blocks
@@ -188,7 +189,9 @@ def main() -> None:
         ran = [MemoryConfig.from_dict(d.config) for d in engine.decisions]
         runs["mpopt"].append({
             "config": "online", "steps": trainer.state.global_step, "wall_s": wall, "accuracy": accuracy(model, s_test),
-            "search_share": engine.search_seconds / wall, "decisions": len(ran), "final": engine.current.short(),
+            "search_share": (engine.search_seconds + engine.discarded_seconds) / wall,
+            "eval_share": engine.search_seconds / wall, "discarded_share": engine.discarded_seconds / wall,
+            "decisions": len(ran), "final": engine.current.short(),
             "max_predicted_peak_mib": max(cost.predict(c)[0] for c in ran) / MIB,
             "sequence": [f"{d.step}:{MemoryConfig.from_dict(d.config).short()}:{d.reason}" for d in engine.decisions],
         })
@@ -223,7 +226,9 @@ def main() -> None:
         "",
         f"budget {budget_mib:.2f} MiB (default mb{BATCH}/f0/ckpt0 needs {summary['default_peak_mib']:.2f} MiB, predicted on "
         f"fake tensors); {ns.seconds:.0f} s wall-clock per run, {ns.seeds} seed(s) per row (mean ± std); shift "
-        f"{ns.corruption}/{ns.severity}; accuracy before retraining: clean {clean_acc:.3f}, shifted {shifted_acc:.3f}",
+        f"{ns.corruption}/{ns.severity}; source model pre-trained {ns.pretrain_steps} steps; the engine's probe: "
+        f"{ns.probe} shifted images held out of training; accuracy before retraining: clean {clean_acc:.3f}, "
+        f"shifted {shifted_acc:.3f}",
         "",
         "| run | configuration | steps (mean) | shifted test accuracy | predicted peak MiB |",
         "| --- | --- | ---: | ---: | ---: |",
@@ -238,7 +243,9 @@ def main() -> None:
         "",
         f"mpopt - best fixed = {100 * gap_best:+.1f} points (target >= -1); mpopt - auto_find_batch = "
         f"{100 * gap_auto:+.1f} points (target >= +3).",
-        f"mpopt search cost: gain-metric evaluations {share:.1%} of its wall-clock (target <= 10%); predicting the "
+        f"mpopt search cost: {share:.1%} of its wall-clock (target <= 10%): gain-metric evaluations "
+        f"{statistics.fmean(r['eval_share'] for r in m):.1%}, race trials whose weights were discarded "
+        f"{statistics.fmean(r['discarded_share'] for r in m):.1%}; predicting the "
         f"{len(space)} configurations' peaks took {cost.seconds:.1f} s before the runs "
         f"({cost.seconds / ns.seconds:.1%} of one run). Final configurations: "
         f"{', '.join(r['final'] for r in m)}; decisions per run: {', '.join(str(r['decisions']) for r in m)}.",

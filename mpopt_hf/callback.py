@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import time
 import warnings
@@ -34,6 +35,7 @@ from .engine import (
     default_micro_batch_sizes,
     enumerate_configs,
 )
+from . import snapshot
 from .knobs import apply_memory_config
 from .microbatch import batch_size_of, split_batch
 from .oom import free_memory, is_out_of_memory
@@ -42,13 +44,14 @@ logger = logging.getLogger(__name__)
 
 STATE_FILE = "mpopt_engine.json"
 DECISIONS_FILE = "decisions.json"
+SNAPSHOT_FILE = "mpopt_race_snapshots.pt"
 
 
 # ---------------------------------------------------------------------------- metrics (plain functions)
 
 
-def metric_from_logits(logits: torch.Tensor, labels: torch.Tensor | None, metric: str) -> tuple[float, int]:
-    """(sum of the per-item score, item count); higher is better. Causal-LM logits are shifted by one."""
+def item_scores(logits: torch.Tensor, labels: torch.Tensor | None, metric: str) -> torch.Tensor:
+    """The gain metric of every item (higher is better). Causal-LM logits are shifted by one."""
     logits = logits.detach().float()
     if logits.dim() == 3:  # [batch, tokens, vocab]: next-token prediction
         logits = logits[:, :-1]
@@ -59,14 +62,19 @@ def metric_from_logits(logits: torch.Tensor, labels: torch.Tensor | None, metric
             raise ValueError("gain_metric='val_accuracy' needs labels in the evaluation data; use 'entropy' or 'confidence'.")
         target = labels.reshape(-1)
         keep = target != -100
-        return float((flat.argmax(-1)[keep] == target[keep]).sum()), int(keep.sum())
+        return (flat.argmax(-1)[keep] == target[keep]).double()
     probs = flat.softmax(-1)
-    if metric == "entropy":  # lower entropy is better: return its negative
-        entropy = -(probs * probs.clamp_min(1e-12).log()).sum(-1)
-        return float(-entropy.sum()), flat.shape[0]
+    if metric == "entropy":  # lower entropy is better: its negative
+        return (probs * probs.clamp_min(1e-12).log()).sum(-1).double()
     if metric == "confidence":
-        return float(probs.max(-1).values.sum()), flat.shape[0]
+        return probs.max(-1).values.double()
     raise ValueError(f"Unknown gain metric {metric!r}; allowed: 'val_accuracy', 'entropy', 'confidence'.")
+
+
+def metric_from_logits(logits: torch.Tensor, labels: torch.Tensor | None, metric: str) -> tuple[float, int]:
+    """(sum of the per-item score, item count); higher is better."""
+    scores = item_scores(logits, labels, metric)
+    return float(scores.sum()), int(scores.numel())
 
 
 def resolve_metric(metric: str, example: dict[str, Any] | None) -> str:
@@ -110,12 +118,14 @@ class MPOptCallback(TrainerCallback):
         self.engine: RuleEngine | None = None
         self.metric = mpopt_args.gain_metric
         self.eval_chunk: int | None = None
+        self.metric_se: float | None = None
         self._resume_dir: str | None = None
         self._needs_baseline = False
         self._step_start: float | None = None
         self._logged = 0
         self._warned = False
         self._applied: MemoryConfig | None = None
+        self._copies: dict[str, Any] = {}  # race snapshots: "start" and "best", on the CPU
 
     # -------------------------------------------------------------- wiring
 
@@ -151,11 +161,13 @@ class MPOptCallback(TrainerCallback):
 
     def on_step_begin(self, args, state, control, model=None, **kwargs):
         self._model_ref = model
+        self._optimizer_ref, self._scheduler_ref = kwargs.get("optimizer"), kwargs.get("lr_scheduler")
         if self.engine is None:
             self._setup(args, state, model, kwargs.get("train_dataloader"), kwargs.get("optimizer"))
         elif self._needs_baseline:
-            self.engine.set_baseline(self._measure_metric(model))
+            self.engine.set_baseline(self._measure_metric(model), se=self.metric_se)
             self._needs_baseline = False
+        self._run_state_ops(self.engine.take_ops())
         self._step_start = self.clock()
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
@@ -168,7 +180,7 @@ class MPOptCallback(TrainerCallback):
         if self.engine.observe_step(state.global_step, step_s, peak):
             metric = self._measure_metric(model)
             proxy = self.metric != "val_accuracy"
-            self._apply(self.engine.observe_metric(state.global_step, metric, proxy=proxy))
+            self._apply(self.engine.observe_metric(state.global_step, metric, proxy=proxy, se=self.metric_se))
         elif self.engine.current != self._applied:
             self._apply(self.engine.current)  # over budget: the engine already chose another
         self._flush_decisions()
@@ -185,9 +197,20 @@ class MPOptCallback(TrainerCallback):
                 payload = {"engine": self.engine.state_dict(), "metric": self.metric, "eval_chunk": self.eval_chunk,
                            "needs_baseline": self._needs_baseline}
                 json.dump(payload, f)
+            if self._copies:  # a race is under way: its start and best trial's end are part of the state
+                torch.save(self._copies, os.path.join(folder, SNAPSHOT_FILE))
         return control
 
     def on_train_end(self, args, state, control, **kwargs):
+        if self.engine is not None:
+            # stopped during a race: the weights of the best trial that ended are the run's result
+            ops = self.engine.take_ops()
+            if "save_best" in ops:
+                self._run_state_ops(["save_best"])
+            if self.engine.racing or "restore_best" in ops:
+                self._run_state_ops(["restore_best"] if "best" in self._copies else [])
+            self.engine.ops = ["drop"] if self.engine.racing else []
+            self._copies.clear()
         if self.engine is not None and state.is_world_process_zero:
             os.makedirs(args.output_dir, exist_ok=True)
             with open(os.path.join(args.output_dir, DECISIONS_FILE), "w") as f:
@@ -217,10 +240,14 @@ class MPOptCallback(TrainerCallback):
             self.metric, self.eval_chunk = saved["metric"], saved["eval_chunk"]
             self._needs_baseline = saved.get("needs_baseline", False)
             self._logged = len(self.engine.decisions)  # those were logged by the first run
+            copies = os.path.join(resume, SNAPSHOT_FILE)
+            if os.path.isfile(copies):
+                self._copies = torch.load(copies, map_location="cpu", weights_only=True)
             self._apply(self.engine.current)
             return
         self.metric = resolve_metric(self.mpopt_args.gain_metric, self._first_eval_row())
-        self._apply(self.engine.start(state.global_step, self._measure_metric(model)))
+        metric = self._measure_metric(model)
+        self._apply(self.engine.start(state.global_step, metric, se=self.metric_se))
         self._flush_decisions()
 
     def _default_cost_model(self, model: nn.Module, batch: dict[str, Any], optimizer: Any,
@@ -285,6 +312,7 @@ class MPOptCallback(TrainerCallback):
             trial_steps=a.trial_steps,
             trial_max_s=a.trial_max_s,
             search_share=a.search_share,
+            strategy=a.strategy,
             exploration=a.exploration,
             discount=a.discount,
             drift_threshold=a.drift_threshold,
@@ -350,8 +378,31 @@ class MPOptCallback(TrainerCallback):
             return config.replace(micro_batch_size=config.micro_batch_size // 2)
         following = self.engine.on_oom(step, config)
         self._applied = following  # the trainer switches to it itself, before re-running the step
+        self._run_state_ops(self.engine.take_ops())  # e.g. a race trial's partial steps are undone
         self._flush_decisions()
         return following
+
+    def _run_state_ops(self, ops: list[str]) -> None:
+        """Carry out the engine's snapshot/restore requests on the weights, optimizer and scheduler (see
+        `RuleEngine.take_ops`); copies live on the CPU."""
+        model = self._plain_model
+        if not ops or model is None:
+            return
+        optimizer, scheduler = getattr(self, "_optimizer_ref", None), getattr(self, "_scheduler_ref", None)
+        for op in ops:
+            if op == "snapshot":
+                self._copies["start"] = snapshot.capture(model, optimizer, scheduler)
+            elif op == "save_best":
+                self._copies["best"] = snapshot.capture(model, optimizer, scheduler)
+            elif op in ("restore_start", "restore_best"):
+                key = op.split("_")[1]
+                if key not in self._copies:
+                    raise RuntimeError(f"The engine asked to {op} but no {key!r} copy was taken; ops so far: {ops}.")
+                snapshot.restore(self._copies[key], model, optimizer, scheduler)
+            elif op == "drop":
+                self._copies.clear()
+            else:
+                raise ValueError(f"Unknown engine state operation {op!r}.")
 
     def _flush_decisions(self) -> None:
         """Log the decisions not yet logged through the Trainer's `log`, so trackers see them."""
@@ -405,34 +456,36 @@ class MPOptCallback(TrainerCallback):
         device = next(model.parameters()).device
         was_training = model.training
         model.eval()
-        total, count = 0.0, 0
+        sums = torch.zeros(3, dtype=torch.float64)  # score, squared score, items
         try:
             with torch.no_grad():
                 for batch in loader:
                     batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-                    s, n = self._score_batch(model, batch)
-                    total, count = total + s, count + n
+                    sums += self._score_batch(model, batch)
         finally:
             model.train(was_training)
-        sums = self._reduce_pair(total, count)
+        total, squares, count = self._reduce_sums(sums)
         seconds = self._reduce(self.clock() - start, "max")
         if self.engine is not None:
             self.engine.add_search_time(seconds)
-        return sums[0] / max(sums[1], 1)
+        mean = total / max(count, 1)
+        # its standard error: the engine counts gains smaller than this as ties
+        self.metric_se = math.sqrt(max(squares / max(count, 1) - mean * mean, 0.0) / max(count, 1))
+        return mean
 
-    def _score_batch(self, model: nn.Module, batch: dict[str, Any]) -> tuple[float, int]:
+    def _score_batch(self, model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
+        """(sum of scores, sum of squared scores, items) of one evaluation batch."""
         size = batch_size_of(batch)
         chunk = min(self.eval_chunk or size, size)
         while True:
             try:
-                total, count = 0.0, 0
+                sums = torch.zeros(3, dtype=torch.float64)
                 for part in split_batch(batch, chunk):
                     labels = part.get("labels", part.get("label"))
                     inputs = {k: v for k, v in part.items() if k not in ("labels", "label")}
-                    logits = model(**inputs).logits
-                    s, n = metric_from_logits(logits, labels, self.metric)
-                    total, count = total + s, count + n
-                return total, count
+                    scores = item_scores(model(**inputs).logits, labels, self.metric).cpu()
+                    sums += torch.stack([scores.sum(), (scores * scores).sum(), torch.tensor(float(scores.numel()))])
+                return sums
             except Exception as exc:  # noqa: BLE001
                 if not is_out_of_memory(exc) or chunk <= 1:
                     raise
@@ -454,12 +507,11 @@ class MPOptCallback(TrainerCallback):
         dist.all_reduce(tensor, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
         return float(tensor.item())
 
-    def _reduce_pair(self, a: float, b: float) -> tuple[float, float]:
-        if not self._distributed():
-            return a, b
-        tensor = torch.tensor([a, b], dtype=torch.float64, device=self._device())
-        dist.all_reduce(tensor)
-        return float(tensor[0]), float(tensor[1])
+    def _reduce_sums(self, sums: torch.Tensor) -> list[float]:
+        if self._distributed():
+            sums = sums.to(self._device())
+            dist.all_reduce(sums)
+        return [float(v) for v in sums.cpu()]
 
     def _device(self) -> torch.device:
         return self.trainer.args.device if self.trainer is not None else torch.device("cpu")
@@ -469,4 +521,4 @@ def _default_collate(rows: list[dict[str, Any]]) -> dict[str, Any]:
     return {k: torch.stack([torch.as_tensor(r[k]) for r in rows]) for k in rows[0]}
 
 
-__all__ = ["MPOptCallback", "metric_from_logits", "resolve_metric", "STATE_FILE", "DECISIONS_FILE"]
+__all__ = ["MPOptCallback", "item_scores", "metric_from_logits", "resolve_metric", "STATE_FILE", "DECISIONS_FILE"]

@@ -120,6 +120,7 @@ class MemoryConfig:
 
 GAIN_METRICS = ("auto", "val_accuracy", "entropy", "confidence")
 COST_PREDICTORS = ("profile", "fake")
+STRATEGIES = ("race", "ucb")
 
 
 @dataclass
@@ -197,6 +198,13 @@ class MPOptArguments:
             "probability) need none. 'auto': val_accuracy when the evaluation data have labels, else entropy."
         },
     )
+    strategy: str = field(
+        default="race",
+        metadata={"help": f"How candidates are compared, one of {list(STRATEGIES)}. 'race': each trains for the same "
+                  "seconds from the same weights (host copies of weights, optimizer and scheduler state), the "
+                  "winner's end state is kept, and the race is re-run once its cost is search_share of the time "
+                  "since. 'ucb': trials follow each other on the running weights, picked by a discounted UCB bandit."},
+    )
     exploration: float = field(
         default=0.5,
         metadata={"help": "UCB exploration weight: how often a challenger is re-measured against the incumbent (>= 0)."},
@@ -240,6 +248,8 @@ class MPOptArguments:
             raise ValueError(
                 f"MPOptArguments.cost_predictor must be one of {list(COST_PREDICTORS)}, got {self.cost_predictor!r}."
             )
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"MPOptArguments.strategy must be one of {list(STRATEGIES)}, got {self.strategy!r}.")
         if self.trial_steps < 1:
             raise ValueError(f"MPOptArguments.trial_steps must be an int >= 1, got {self.trial_steps}.")
         if self.trial_max_s is not None and not self.trial_max_s > 0:

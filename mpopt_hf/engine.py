@@ -3,9 +3,15 @@
 Rules, in order: a configuration must fit the budget (*feasibility*); among those with the same trainable
 set and precision only the fastest is worth a trial (*dominance*); BatchNorm models never train on
 tiny micro-batches; the survivors are compared by *accuracy gain per second* of training, measured in
-short trials and chosen by a discounted UCB bandit (so a stale estimate of the incumbent or a challenger
-is corrected); drift re-opens the search with older estimates discounted; an out-of-memory error removes
-the configuration and everything predicted larger. Nothing here imports torch or touches a model: the
+short trials; drift re-opens the search with older estimates discounted; an out-of-memory error removes
+the configuration and everything predicted larger.
+
+Two strategies compare the survivors. ``race`` (the default): every survivor trains for the same seconds
+*from the same weights* (the caller snapshots and restores them when the engine asks, see `RuleEngine.ops`),
+the winner's end state is kept and exploited, and the race is re-run from the current weights once its
+cost has been paid back ``1/search_share`` times over, so the choice follows the training as it saturates.
+``ucb``: trials follow each other on the running weights and a discounted UCB bandit picks the next; it needs
+no snapshot, but a trial's gain then depends on what the trial before it did. Nothing here imports torch or touches a model: the
 callback feeds numbers in and applies the configurations that come out.
 """
 
@@ -17,7 +23,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
-from .config import MemoryConfig
+from .config import STRATEGIES, MemoryConfig
 
 MIB = 2**20
 
@@ -263,6 +269,7 @@ class RuleEngine:
         trial_steps: int = 4,
         trial_max_s: float | None = None,
         search_share: float | None = None,
+        strategy: str = "race",
         exploration: float = 0.5,
         discount: float = 0.25,
         drift_threshold: float | None = None,
@@ -276,6 +283,9 @@ class RuleEngine:
     ) -> None:
         if not candidates:
             raise ValueError("RuleEngine needs at least one candidate configuration; the search space is empty.")
+        if strategy not in STRATEGIES:
+            raise ValueError(f"RuleEngine strategy must be one of {list(STRATEGIES)}, got {strategy!r}.")
+        self.strategy = strategy
         self.candidates = list(candidates)
         self.budget_bytes, self.margin = budget_bytes, margin
         self.trial_steps, self.trial_max_s, self.search_share = trial_steps, trial_max_s, search_share
@@ -298,6 +308,23 @@ class RuleEngine:
         self.last_peak: float | None = None
         self.search_seconds = 0.0  # spent measuring the gain metric (training time is in elapsed_s)
         self.last_eval_s: float | None = None
+        # race state: what is left to trial, each trial's gain, the metric and weights it started from
+        self.ops: list[str] = []  # for the caller, in order, before the next step: see `take_ops`
+        self.race: list[MemoryConfig] = []
+        self.racing = False
+        self.race_gains: dict[MemoryConfig, float] = {}
+        self.race_metrics: dict[MemoryConfig, float] = {}
+        self.race_seconds: dict[MemoryConfig, float] = {}
+        self.race_start_metric: float | None = None
+        self.race_start_search_s = 0.0
+        self.race_trial_s: float | None = None
+        self.exploit_until_s: float | None = None
+        self.discarded_seconds = 0.0  # training time of race trials whose weights were thrown away
+        self.race_incumbent: MemoryConfig | None = None
+        self.race_streak = 0
+        self.race_ses: dict[MemoryConfig, float | None] = {}
+        self.race_saved: MemoryConfig | None = None  # whose end state the "best" copy holds
+        self.last_se: float | None = None
         self.decisions: list[Decision] = []
 
     # -------------------------------------------------------------- queries
@@ -327,9 +354,13 @@ class RuleEngine:
 
     # -------------------------------------------------------------- inputs
 
-    def start(self, step: int, metric: float | None) -> MemoryConfig:
-        """The first configuration to run; ``metric`` is the gain metric before any training."""
+    def start(self, step: int, metric: float | None, se: float | None = None) -> MemoryConfig:
+        """The first configuration to run; ``metric`` is the gain metric before any training (``se``: its
+        standard error over the evaluation items, when known)."""
         self.baseline = self.last_metric = metric
+        self.last_se = se
+        if self.strategy == "race":
+            return self._begin_race(step, "start")
         return self._choose(step, "start")
 
     def observe_step(self, step: int, step_s: float, peak_bytes: float | None = None) -> bool:
@@ -342,11 +373,21 @@ class RuleEngine:
         if peak_bytes is not None and limit is not None and peak_bytes > limit and self.current is not None:
             self._mark(self.current, f"measured peak {peak_bytes / MIB:.1f} MiB > usable budget {limit / MIB:.1f} MiB")
             self._restart_trial()
-            self._choose(step, "over budget", prefer_group_of=self.current)
+            if self.strategy == "race":
+                self._race_after_infeasible(step, self.current, "over budget")
+            else:
+                self._choose(step, "over budget", prefer_group_of=self.current)
             return False
         if self.retune_every_steps and step - self.last_retune_step >= self.retune_every_steps:
             self.last_retune_step = step
             self._reopen()
+            if self.strategy == "race" and not self.racing:
+                return True  # the metric that starts the re-opened race
+        if self.strategy == "race" and not self.racing:
+            return self.exploit_until_s is not None and self.elapsed_s >= self.exploit_until_s
+        if self.racing and self.race_trial_s is not None:  # every trial of a race lasts as long as its first
+            return self.trial_seconds >= self.race_trial_s or (
+                self.trial_max_s is not None and self.trial_seconds >= self.trial_max_s)
         if self.trial_max_s is not None and self.trial_seconds >= self.trial_max_s:
             return True
         return self.trial_steps_done >= self.trial_steps and self.trial_seconds >= self.min_trial_seconds
@@ -368,17 +409,23 @@ class RuleEngine:
         self.search_seconds += seconds
         self.last_eval_s = seconds
 
-    def observe_metric(self, step: int, metric: float, proxy: bool = False) -> MemoryConfig:
-        """The metric (higher is better) at the end of a trial; returns the configuration for the next one."""
+    def observe_metric(self, step: int, metric: float, proxy: bool = False, se: float | None = None) -> MemoryConfig:
+        """The metric (higher is better) at the end of a trial, and its standard error over the evaluation items
+        when known; returns the configuration for the next one."""
         previous = self.last_metric
-        self.last_metric = metric
+        self.last_metric, self.last_se = metric, se
         if proxy and self.drift_threshold is not None and previous is not None:
             jump = abs(metric - previous) / max(abs(previous), 1e-12)
             if jump > self.drift_threshold:
                 self._reopen()
                 self.baseline = metric
                 self._restart_trial()
+                if self.strategy == "race":
+                    self._abandon_race()
+                    return self._begin_race(step, f"drift: proxy jumped by {jump:.0%}")
                 return self._choose(step, f"drift: proxy jumped by {jump:.0%}")
+        if self.strategy == "race":
+            return self._race_metric(step, metric)
         if self.baseline is not None and self.current is not None and self.trial_seconds > 0:
             self.arms[self.current].add((metric - self.baseline) / self.trial_seconds)
         self.baseline = metric
@@ -390,10 +437,29 @@ class RuleEngine:
         self._reopen()
         self.baseline = None  # the caller's next `observe_metric` sets it on the new data
         self._restart_trial()
+        if self.strategy == "race":
+            self._abandon_race()
+            self.race_streak = 0
+            return self._begin_race(step, "task boundary")
         return self._choose(step, "task boundary")
 
-    def set_baseline(self, metric: float) -> None:
+    def set_baseline(self, metric: float, se: float | None = None) -> None:
         self.baseline = self.last_metric = metric
+        self.last_se = se
+        if self.racing and self.race_start_metric is None:
+            self.race_start_metric = metric  # a race opened at a task boundary starts from the new data's metric
+
+    def take_ops(self) -> list[str]:
+        """What the caller must do to the weights (with optimizer and scheduler state) before the next step:
+
+        * ``snapshot``: copy them as the race's start;
+        * ``save_best``: copy them as the best race trial's end state so far;
+        * ``restore_start``: load the race's start (the next trial starts where the others did);
+        * ``restore_best``: load the best trial's end state (the winner, when it was not the last trial);
+        * ``drop``: forget both copies (the race is over).
+        """
+        ops, self.ops = self.ops, []
+        return ops
 
     def on_oom(self, step: int, config: MemoryConfig) -> MemoryConfig:
         """``config`` ran out of memory: it and every configuration predicted at least as large are infeasible."""
@@ -412,6 +478,8 @@ class RuleEngine:
             if larger:
                 self._mark(c.config, f"predicted larger than {config.short()}, which ran out of memory")
         self._restart_trial()
+        if self.strategy == "race":
+            return self._race_after_infeasible(step, config, f"out of memory with {config.short()}")
         return self._choose(step, f"out of memory with {config.short()}", prefer_group_of=config)
 
     # -------------------------------------------------------------- internals
@@ -433,30 +501,144 @@ class RuleEngine:
         self.queue = [c.config for c in self.survivors]
 
     def _choose(self, step: int, reason: str, prefer_group_of: MemoryConfig | None = None) -> MemoryConfig:
+        """The UCB strategy's next trial; after a configuration was marked infeasible, its group's next fastest."""
         if prefer_group_of is not None:  # survivors changed: re-prune and keep the arms that remain
-            try:
-                self.survivors = self._prune()
-            except ValueError as exc:
-                raise RuntimeError(
-                    f"No feasible configuration is left after {reason} ({len(self.infeasible)} marked infeasible): {exc}"
-                ) from exc
-            arms = {}
-            for c in self.survivors:
-                arms[c.config] = self.arms.get(c.config) or ArmStats()
-            fresh = [c for c in arms if c not in self.arms]
-            self.arms = arms
-            self.queue = [c for c in self.queue if c in arms] + fresh
+            known = set(self.arms)
+            self.survivors = self._survivors_after_marks(reason)
+            self.queue = [c for c in self.queue if c in self.arms] + [c for c in self.arms if c not in known]
             group = (prefer_group_of.freeze_rate, prefer_group_of.precision)
             same = [c.config for c in self.survivors if (c.config.freeze_rate, c.config.precision) == group]
             choice = same[0] if same else (self.best or self.survivors[0].config)
             if choice in self.queue:
                 self.queue.remove(choice)
-            why = reason
-        elif self.queue:
-            choice, why = self.queue.pop(0), f"{reason}: measure each candidate"
-        else:
-            choice, is_best = ucb_choice(list(self.arms.items()), self.exploration)
-            why = f"{reason}: {'exploit best' if is_best else 're-measure challenger'}"
+            return self._decide(step, choice, reason)
+        if self.queue:
+            return self._decide(step, self.queue.pop(0), f"{reason}: measure each candidate")
+        choice, is_best = ucb_choice(list(self.arms.items()), self.exploration)
+        return self._decide(step, choice, f"{reason}: {'exploit best' if is_best else 're-measure challenger'}")
+
+    # -------------------------------------------------------------- the race
+
+    def _race_order(self) -> list[MemoryConfig]:
+        """Slowest first, so that the first trial (which sets every trial's length) covers trial_steps of each."""
+        def slow_key(c: Candidate) -> tuple[float, float, int, int]:
+            known = c.step_s if c.step_s is not None else 0.0
+            return (-known, c.config.freeze_rate, c.config.micro_batch_size, -c.config.checkpoint_segments)
+
+        return [c.config for c in sorted(self.survivors, key=slow_key)]
+
+    def _begin_race(self, step: int, reason: str) -> MemoryConfig:
+        order = self._race_order()
+        if len(order) == 1:  # nothing to compare: run it until something changes
+            self.racing, self.exploit_until_s = False, None
+            return self._decide(step, order[0], f"{reason}: the only feasible candidate")
+        self.racing, self.race = True, order[1:]
+        self.race_gains, self.race_metrics, self.race_seconds, self.race_ses = {}, {}, {}, {}
+        self.race_saved = None
+        self.race_start_metric, self.race_trial_s = self.baseline, None
+        self.race_start_search_s = self.search_seconds
+        self.ops.append("snapshot")
+        return self._decide(step, order[0], f"{reason}: race 1/{len(order)} from the same weights")
+
+    def _abandon_race(self) -> None:
+        if self.racing:
+            self.ops.append("drop")
+        self.racing, self.race = False, []
+
+    def _race_metric(self, step: int, metric: float) -> MemoryConfig:
+        if not self.racing:  # the exploitation is over: its gain is one more estimate, then race again
+            if self.baseline is not None and self.current is not None and self.trial_seconds > 0:
+                self.arms[self.current].add((metric - self.baseline) / self.trial_seconds)
+            self.baseline = self.last_metric = metric
+            self._restart_trial()
+            self._reopen()
+            return self._begin_race(step, "exploitation over")
+        start = self.race_start_metric if self.race_start_metric is not None else metric
+        gain = (metric - start) / max(self.trial_seconds, 1e-12)
+        self._record_trial(self.current, gain, metric)
+        if self.race:
+            self.ops.append("restore_start")
+            following = self.race.pop(0)
+            n = len(self.race_gains) + len(self.race) + 1
+            self._restart_trial()
+            return self._decide(step, following, f"trial: race {len(self.race_gains) + 1}/{n} from the same weights")
+        return self._finish_race(step)
+
+    def _record_trial(self, config: MemoryConfig, gain: float, metric: float) -> None:
+        self.race_gains[config], self.race_metrics[config] = gain, metric
+        self.race_seconds[config], self.race_ses[config] = self.trial_seconds, self.last_se
+        if self.race_trial_s is None:
+            self.race_trial_s = self.trial_seconds
+        self.arms[config].add(gain)
+        if self.race_winner()[0] == config:  # the winner so far: keep its end state
+            self.ops.append("save_best")
+            self.race_saved = config
+
+    def race_winner(self) -> tuple[MemoryConfig, bool]:
+        """The best gain per second; (winner, whether it won a tie).
+
+        Gains are compared over the race's trial length: a difference smaller than the metric's standard
+        error is a tie, and a tie goes to the least frozen candidate (then the earliest in the race). Short
+        trials favour configurations that gain fast but stop early (a frozen body reaches a lower ceiling),
+        so where the race cannot tell them apart, the one that can learn more is kept.
+        """
+        length = self.race_trial_s or 1.0
+        change = {c: g * length for c, g in self.race_gains.items()}
+        leader = max(change, key=lambda c: change[c])
+        tolerance = self.race_ses.get(leader) or 0.0
+        tied = [c for c in change if change[c] >= change[leader] - tolerance]  # in race order
+        winner = min(tied, key=lambda c: c.freeze_rate)
+        return winner, winner != leader
+
+    def _finish_race(self, step: int) -> MemoryConfig:
+        winner, by_tie = self.race_winner()
+        if winner not in (self.current, self.race_saved):  # its end state is gone (ties judged on another error)
+            winner, by_tie = self.race_saved, False
+        if winner != self.current:
+            self.ops.append("restore_best")
+        self.ops.append("drop")
+        discarded = sum(t for c, t in self.race_seconds.items() if c != winner)
+        self.discarded_seconds += discarded
+        cost = discarded + self.search_seconds - self.race_start_search_s
+        # exploit until the race's cost is at most search_share of the time since the race began; each
+        # race that confirms the incumbent doubles that (up to 8x): a settled choice is re-checked less often
+        share = self.search_share or 0.05
+        self.race_streak = self.race_streak + 1 if winner == self.race_incumbent else 0
+        self.race_incumbent = winner
+        kept = self.race_seconds[winner]
+        self.exploit_until_s = self.elapsed_s + max(cost * (1 - share) / share * 2 ** min(self.race_streak, 3) - kept, 0.0)
+        self.racing = False
+        self.baseline = self.last_metric = self.race_metrics[winner]
+        self._restart_trial()
+        tie = ", the least frozen within the metric's standard error of the best" if by_tie else ""
+        return self._decide(step, winner, f"race won ({self.race_gains[winner]:.4g}/s over {len(self.race_gains)}{tie}): "
+                                          f"exploit for {self.exploit_until_s - self.elapsed_s:.1f} s")
+
+    def _race_after_infeasible(self, step: int, config: MemoryConfig, reason: str) -> MemoryConfig:
+        """``config`` (the current trial's) cannot run: the race goes on without it, from its start again."""
+        self.survivors = self._survivors_after_marks(reason)
+        alive = {c.config for c in self.survivors}
+        self.race = [c for c in self.race if c in alive]
+        if not self.racing:
+            return self._begin_race(step, reason)
+        self.ops.append("restore_start")  # the failed trial's partial steps are undone
+        if self.race:
+            return self._decide(step, self.race.pop(0), f"{reason}: next in the race")
+        if self.race_gains:
+            return self._finish_race(step)
+        return self._begin_race(step, reason)
+
+    def _survivors_after_marks(self, reason: str) -> list[Candidate]:
+        try:
+            survivors = self._prune()
+        except ValueError as exc:
+            raise RuntimeError(
+                f"No feasible configuration is left after {reason} ({len(self.infeasible)} marked infeasible): {exc}"
+            ) from exc
+        self.arms = {c.config: self.arms.get(c.config) or ArmStats() for c in survivors}
+        return survivors
+
+    def _decide(self, step: int, choice: MemoryConfig, why: str) -> MemoryConfig:
         self.current = choice
         cand = self.candidate(choice)
         self.decisions.append(
@@ -490,6 +672,18 @@ class RuleEngine:
             "last_peak": self.last_peak,
             "search_seconds": self.search_seconds,
             "last_eval_s": self.last_eval_s,
+            "race": {
+                "ops": list(self.ops), "queue": [c.to_dict() for c in self.race], "racing": self.racing,
+                "trials": [[c.to_dict(), self.race_gains[c], self.race_metrics[c], self.race_seconds[c],
+                            self.race_ses.get(c)] for c in self.race_gains],
+                "last_se": self.last_se,
+                "saved": None if self.race_saved is None else self.race_saved.to_dict(),
+                "start_metric": self.race_start_metric, "start_search_s": self.race_start_search_s,
+                "trial_s": self.race_trial_s, "exploit_until_s": self.exploit_until_s,
+                "discarded_seconds": self.discarded_seconds,
+                "incumbent": None if self.race_incumbent is None else self.race_incumbent.to_dict(),
+                "streak": self.race_streak,
+            },
             "decisions": [d.to_dict() for d in self.decisions],
         }
 
@@ -503,4 +697,20 @@ class RuleEngine:
         for name in ("baseline", "last_metric", "trial_seconds", "trial_steps_done", "elapsed_s", "last_retune_step", "last_peak"):
             setattr(self, name, state[name])
         self.search_seconds, self.last_eval_s = state.get("search_seconds", 0.0), state.get("last_eval_s")
+        race = state.get("race")
+        if race is not None:
+            self.ops, self.racing = list(race["ops"]), race["racing"]
+            self.race = [MemoryConfig.from_dict(c) for c in race["queue"]]
+            trials = [(MemoryConfig.from_dict(c), g, m, t, e) for c, g, m, t, e in race["trials"]]
+            self.race_gains = {c: g for c, g, _, _, _ in trials}
+            self.race_metrics = {c: m for c, _, m, _, _ in trials}
+            self.race_seconds = {c: t for c, _, _, t, _ in trials}
+            self.race_ses = {c: e for c, _, _, _, e in trials}
+            self.last_se = race["last_se"]
+            self.race_saved = None if race["saved"] is None else MemoryConfig.from_dict(race["saved"])
+            self.race_start_metric, self.race_start_search_s = race["start_metric"], race["start_search_s"]
+            self.race_trial_s, self.exploit_until_s = race["trial_s"], race["exploit_until_s"]
+            self.discarded_seconds = race["discarded_seconds"]
+            self.race_incumbent = None if race["incumbent"] is None else MemoryConfig.from_dict(race["incumbent"])
+            self.race_streak = race["streak"]
         self.decisions = [Decision(**d) for d in state["decisions"]]

@@ -33,7 +33,8 @@ def make_trainer(output_dir: str) -> MPOptTrainer:
     data = ListDataset(example_batch(model, 40))  # 5 steps per epoch: the resume lands mid-epoch
     evals = ListDataset(example_batch(model, 8, seed=1))
     args = training_args(output_dir, 8, steps=STEPS, save_strategy="steps", save_steps=SAVE_EVERY, learning_rate=5e-2)
-    mpopt = MPOptArguments(micro_batch_sizes=[8, 4], freeze_rates=[0.0, 0.5], checkpoint_segments=[0], trial_steps=1,
+    # trials of 3 steps: the race runs over steps 1-6, so the checkpoint at step 4 falls inside its second trial
+    mpopt = MPOptArguments(micro_batch_sizes=[8, 4], freeze_rates=[0.0, 0.5], checkpoint_segments=[0], trial_steps=3,
                            search_share=None)
     return MPOptTrainer(
         model=model, args=args, train_dataset=data, eval_dataset=evals, mpopt_args=mpopt, cost_model=FakeCost(), clock=StepClock()

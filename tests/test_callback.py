@@ -52,10 +52,11 @@ def test_plain_trainer_gets_freezing_only_and_a_warning(tmp_path):
     assert {MemoryConfig.from_dict(d["config"]) for d in decisions} == {MemoryConfig(8, freeze_rate=0.5, checkpoint_segments=1)}
 
 
-def test_unlabelled_data_use_entropy_and_a_task_boundary_reopens_the_search(tmp_path):
+@pytest.mark.parametrize("strategy", ["race", "ucb"])
+def test_unlabelled_data_use_entropy_and_a_task_boundary_reopens_the_search(tmp_path, strategy):
     model = build_tiny("vit", dropout=0.0)
     mpopt = MPOptArguments(micro_batch_sizes=[8], freeze_rates=[0.0, 0.5], checkpoint_segments=[0], trial_steps=1,
-                           search_share=None)
+                           search_share=None, strategy=strategy)
     trainer = MPOptTrainer(
         model=model, args=training_args(tmp_path, 8, steps=6), train_dataset=_data(model),
         eval_dataset=_data(model, 8, labels=False), mpopt_args=mpopt, cost_model=FakeCost(), clock=StepClock(),
@@ -71,9 +72,48 @@ def test_unlabelled_data_use_entropy_and_a_task_boundary_reopens_the_search(tmp_
     callback = trainer.mpopt_callback
     assert callback.metric == "entropy"
     reasons = [(d.step, d.reason) for d in callback.engine.decisions]
-    assert (4, "task boundary: measure each candidate") in reasons
+    first, second = {"race": ("task boundary: race 1/2 from the same weights", "trial: race 2/2 from the same weights"),
+                     "ucb": ("task boundary: measure each candidate", "trial: measure each candidate")}[strategy]
+    assert (4, first) in reasons
     after = [r for s, r in reasons if s > 4]
-    assert after and after[0] == "trial: measure each candidate"  # the second survivor is re-trialled too
+    assert after and after[0] == second  # the second survivor is re-trialled too
+
+
+def test_race_trials_start_from_the_same_weights_and_the_winner_is_kept(tmp_path):
+    model = build_tiny("vit", dropout=0.0)
+    mpopt = MPOptArguments(micro_batch_sizes=[8], freeze_rates=[0.0, 0.5], checkpoint_segments=[0], trial_steps=1,
+                           search_share=None, strategy="race")
+    trainer = MPOptTrainer(
+        model=model, args=training_args(tmp_path, 8, steps=4), train_dataset=_data(model),
+        eval_dataset=_data(model, 8), mpopt_args=mpopt, cost_model=FakeCost(), clock=StepClock(),
+    )
+    begins, ends = {}, {}
+
+    def weights():
+        return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    class Record(TrainerCallback):  # runs after MPOptCallback, so it sees the weights the step will use
+        def on_step_begin(self, args, state, control, **kwargs):
+            begins[state.global_step] = weights()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            ends[state.global_step] = weights()
+
+    trainer.add_callback(Record())
+    trainer.train()
+    engine = trainer.mpopt_callback.engine
+    reasons = [(d.step, d.reason.split(" (")[0]) for d in engine.decisions]
+    assert reasons[:3] == [(0, "start: race 1/2 from the same weights"), (1, "trial: race 2/2 from the same weights"),
+                           (2, "race won")]
+
+    def same(a, b):
+        return all(torch.equal(a[k], b[k]) for k in a)
+
+    assert same(begins[1], begins[0])  # trial 2 was restored to where trial 1 began
+    assert not same(ends[1], begins[0])  # ... although trial 1 had moved the weights
+    winner_end = ends[1] if engine.decisions[2].config == engine.decisions[0].config else ends[2]
+    assert same(begins[2], winner_end)  # training goes on from the winner's end state
+    assert trainer.mpopt_callback._copies == {}  # the copies are dropped once the race is over
 
 
 def test_time_budget_stops_training(tmp_path):

@@ -117,7 +117,7 @@ def test_settles_on_the_best_gain_per_second_within_12_trials():
     # per step: a gains most per step, but b gains most per *second*
     true_gain = {a: 0.010, b: 0.014, c: 0.006}
     step_s = {a: 1.0, b: 0.6, c: 0.4}
-    engine = RuleEngine(cands, trial_steps=3, exploration=0.3)
+    engine = RuleEngine(cands, strategy="ucb", trial_steps=3, exploration=0.3)
     chosen = _simulate(engine, true_gain, step_s, trials=24, rng=random.Random(0))
     assert chosen[:3] == [b, a, c] or set(chosen[:3]) == {a, b, c}  # each candidate is measured once first
     assert engine.best == b
@@ -128,7 +128,7 @@ def test_settles_on_the_best_gain_per_second_within_12_trials():
 
 def test_trials_lengthen_so_that_evaluation_stays_within_search_share():
     a, b, c, cands = _arms()
-    engine = RuleEngine(cands, trial_steps=2, search_share=0.2)
+    engine = RuleEngine(cands, strategy="ucb", trial_steps=2, search_share=0.2)
     engine.start(0, 0.0)
     engine.add_search_time(1.0)  # one evaluation takes 1 s: a trial must train 1 x 0.8 / 0.2 = 4 s
     steps = 0
@@ -136,11 +136,11 @@ def test_trials_lengthen_so_that_evaluation_stays_within_search_share():
         steps += 1
     assert steps + 1 == 8  # 2 steps would be 1 s of training for 1 s of evaluation; 8 steps are 4 s
     assert engine.min_trial_seconds == pytest.approx(4.0) and engine.search_seconds == pytest.approx(1.0)
-    capped = RuleEngine(cands, trial_steps=2, search_share=0.2, trial_max_s=1.5)
+    capped = RuleEngine(cands, strategy="ucb", trial_steps=2, search_share=0.2, trial_max_s=1.5)
     capped.start(0, 0.0)
     capped.add_search_time(1.0)
     assert [capped.observe_step(i, 0.5) for i in (1, 2, 3)] == [False, False, True]  # trial_max_s still ends it
-    restored = RuleEngine(cands, trial_steps=2, search_share=0.2)
+    restored = RuleEngine(cands, strategy="ucb", trial_steps=2, search_share=0.2)
     restored.load_state_dict(engine.state_dict())
     assert restored.search_seconds == 1.0 and restored.min_trial_seconds == pytest.approx(4.0)
 
@@ -150,7 +150,7 @@ def test_redecides_after_a_drift_event():
     step_s = {a: 1.0, b: 0.6, c: 0.4}
     before = {a: 0.010, b: 0.014, c: 0.006}
     after = {a: 0.004, b: 0.002, c: 0.012}  # the new domain needs the head-heavy, fast configuration
-    engine = RuleEngine(cands, trial_steps=3, exploration=0.3, discount=0.1)
+    engine = RuleEngine(cands, strategy="ucb", trial_steps=3, exploration=0.3, discount=0.1)
     chosen = _simulate(engine, before, step_s, 40, random.Random(1), drift_at=16, drift_gain=after)
     assert "task boundary" in [d.reason.split(":")[0] for d in engine.decisions]
     assert engine.best == c
@@ -159,7 +159,7 @@ def test_redecides_after_a_drift_event():
 
 def test_proxy_jump_reopens_the_search():
     a, b, c, cands = _arms()
-    engine = RuleEngine(cands, trial_steps=1, drift_threshold=0.5)
+    engine = RuleEngine(cands, strategy="ucb", trial_steps=1, drift_threshold=0.5)
     engine.start(0, -2.0)
     for step in range(1, 4):
         engine.observe_step(step, 1.0)
@@ -174,7 +174,7 @@ def test_proxy_jump_reopens_the_search():
 def test_oom_marks_larger_configs_and_prefers_the_same_trainable_set():
     configs = enumerate_configs([8, 4, 2], [0.0, 0.5], [0], ["fp32"], 4)
     marked = []
-    engine = RuleEngine(_cands(configs), on_infeasible=lambda c, r: marked.append(c.short()))
+    engine = RuleEngine(_cands(configs), strategy="ucb", on_infeasible=lambda c, r: marked.append(c.short()))
     first = engine.start(0, 0.0)
     assert first.short() == "mb8/f0.50/ckpt0/fp32"  # fastest survivor first
     nxt = engine.on_oom(0, first)
@@ -185,7 +185,7 @@ def test_oom_marks_larger_configs_and_prefers_the_same_trainable_set():
 
 
 def test_oom_with_nothing_left_raises():
-    engine = RuleEngine([Candidate(MemoryConfig(2), None, None)])
+    engine = RuleEngine([Candidate(MemoryConfig(2), None, None)], strategy="ucb")
     engine.start(0, 0.0)
     with pytest.raises(RuntimeError, match="No feasible configuration is left after out of memory"):
         engine.on_oom(0, MemoryConfig(2))
@@ -193,11 +193,11 @@ def test_oom_with_nothing_left_raises():
 
 def test_state_round_trips_through_json():
     a, b, c, cands = _arms()
-    engine = RuleEngine(cands, trial_steps=2)
+    engine = RuleEngine(cands, strategy="ucb", trial_steps=2)
     _simulate(engine, {a: 0.01, b: 0.02, c: 0.0}, {a: 1.0, b: 0.5, c: 0.5}, 5, random.Random(2))
     engine.on_oom(11, b)
     state = json.loads(json.dumps(engine.state_dict()))
-    restored = RuleEngine(cands, trial_steps=2)
+    restored = RuleEngine(cands, strategy="ucb", trial_steps=2)
     restored.load_state_dict(state)
     assert restored.state_dict() == engine.state_dict()
     assert restored.current == engine.current and restored.best == engine.best
@@ -205,7 +205,7 @@ def test_state_round_trips_through_json():
 
 def test_a_measured_peak_over_budget_switches_at_the_next_step():
     configs = enumerate_configs([8, 4], [0.0], [0], ["fp32"], 4)
-    engine = RuleEngine(_cands(configs), budget_bytes=100 * MIB, margin=0.1)
+    engine = RuleEngine(_cands(configs), strategy="ucb", budget_bytes=100 * MIB, margin=0.1)
     first = engine.start(0, 0.0)
     assert first == MemoryConfig(8)
     assert engine.observe_step(1, 1.0, peak_bytes=95 * MIB) is False  # 95 > 90 usable: the prediction was wrong
@@ -215,7 +215,7 @@ def test_a_measured_peak_over_budget_switches_at_the_next_step():
 
 def test_periodic_retune_requeues_every_survivor():
     a, b, c, cands = _arms()
-    engine = RuleEngine(cands, trial_steps=1, retune_every_steps=5)
+    engine = RuleEngine(cands, strategy="ucb", trial_steps=1, retune_every_steps=5)
     engine.start(0, 0.0)
     for step in range(1, 5):
         engine.observe_step(step, 1.0)
@@ -228,6 +228,6 @@ def test_periodic_retune_requeues_every_survivor():
 
 def test_a_slow_candidates_trial_is_capped_in_seconds():
     a, b, c, cands = _arms()
-    engine = RuleEngine(cands, trial_steps=10, trial_max_s=2.5)
+    engine = RuleEngine(cands, strategy="ucb", trial_steps=10, trial_max_s=2.5)
     engine.start(0, 0.0)
     assert [engine.observe_step(s, 1.0) for s in (1, 2, 3)] == [False, False, True]  # 3 s >= 2.5 s before 10 steps

@@ -32,6 +32,8 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path):
     killed = _run(cut_dir, "--kill-at-step", str(SAVE_EVERY + 2))
     assert killed.returncode == -9, killed.stderr[-2000:]
     assert os.path.isfile(os.path.join(cut_dir, f"checkpoint-{SAVE_EVERY}", "mpopt_engine.json"))
+    # saved mid-race: the race's start and best-trial copies are part of the checkpoint
+    assert os.path.isfile(os.path.join(cut_dir, f"checkpoint-{SAVE_EVERY}", "mpopt_race_snapshots.pt"))
     assert not os.path.exists(os.path.join(cut_dir, "decisions.json"))
 
     resumed = _run(cut_dir, "--resume")

@@ -87,9 +87,9 @@ def test_engine_backs_off_and_records_the_decisions(tmp_path):
     assert all(s == "train2" for s in train_sizes[2:]) and len(train_sizes) == 2 + 4 * 4  # 8 samples every step
     decisions = json.load(open(os.path.join(tmp_path, "decisions.json")))
     assert [(d["step"], d["config"]["micro_batch_size"], d["reason"]) for d in decisions[:3]] == [
-        (0, 8, "start: measure each candidate"),
-        (0, 4, "out of memory with mb8/f0.00/ckpt0/fp32"),
-        (0, 2, "out of memory with mb4/f0.00/ckpt0/fp32"),
+        (0, 8, "start: the only feasible candidate"),
+        (0, 4, "out of memory with mb8/f0.00/ckpt0/fp32: the only feasible candidate"),
+        (0, 2, "out of memory with mb4/f0.00/ckpt0/fp32: the only feasible candidate"),
     ]
     assert decisions[1]["predicted_peak_bytes"] == FakeCost().peak(MemoryConfig(4))
     infeasible = trainer.mpopt_callback.engine.infeasible

@@ -1,0 +1,46 @@
+"""Host copies of the training state, so that the engine's race trials all start from the same weights.
+
+A race trains each candidate configuration for the same seconds from one starting point and keeps the
+winner's end state. The copies hold the model's state dict (parameters and buffers, e.g. BatchNorm
+statistics), the optimizer's state (AdamW moments, step counts) and the scheduler's, all on the CPU:
+the device whose memory is scarce never holds a second copy.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+
+def _to_host(value: Any) -> Any:
+    if torch.is_tensor(value):
+        return value.detach().to("cpu", copy=True)
+    if isinstance(value, dict):
+        return {k: _to_host(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to_host(v) for v in value)
+    return value
+
+
+def capture(model: nn.Module, optimizer: Any = None, scheduler: Any = None) -> dict[str, Any]:
+    """A CPU copy of the model's, optimizer's and scheduler's state (what `restore` puts back)."""
+    return {
+        "model": _to_host(model.state_dict()),
+        "optimizer": None if optimizer is None else _to_host(optimizer.state_dict()),
+        "scheduler": None if scheduler is None else _to_host(scheduler.state_dict()),
+    }
+
+
+def restore(copy: dict[str, Any], model: nn.Module, optimizer: Any = None, scheduler: Any = None) -> None:
+    """Load a `capture` back in place: parameters keep their identity (the optimizer still holds them)."""
+    with torch.no_grad():
+        model.load_state_dict(copy["model"])
+    if optimizer is not None and copy["optimizer"] is not None:
+        optimizer.load_state_dict(copy["optimizer"])  # moves the state to each parameter's device and dtype
+    if scheduler is not None and copy["scheduler"] is not None:
+        scheduler.load_state_dict(copy["scheduler"])
+
+
+__all__ = ["capture", "restore"]

@@ -1,0 +1,127 @@
+"""The race strategy on simulated training: trials start from the same weights, the winner's end state is
+kept, and re-races follow the training as the fast configuration saturates."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from mpopt_hf.config import MemoryConfig
+from mpopt_hf.engine import Candidate, RuleEngine
+
+FULL, HALF, HEAD = MemoryConfig(8), MemoryConfig(8, freeze_rate=0.5), MemoryConfig(8, freeze_rate=1.0)
+# accuracy moves towards a ceiling at a rate: freezing trains faster per second but caps lower
+CEILING = {FULL: 0.9, HALF: 0.7, HEAD: 0.3}
+RATE = {FULL: 0.5, HALF: 1.5, HEAD: 4.0}
+STEP_S = {FULL: 0.1, HALF: 0.04, HEAD: 0.02}
+
+
+class SimulatedTraining:
+    """The 'weights' are one number, the accuracy; the engine's state operations act on it."""
+
+    def __init__(self, engine: RuleEngine, accuracy: float = 0.1, eval_s: float = 0.02):
+        self.engine, self.accuracy, self.eval_s = engine, accuracy, eval_s
+        self.copies: dict[str, float] = {}
+        self.trial_starts: list[tuple[str, float]] = []  # (reason, accuracy when the trial began)
+        self.seconds = 0.0
+
+    def run_ops(self) -> None:
+        for op in self.engine.take_ops():
+            if op in ("snapshot", "save_best"):
+                self.copies["start" if op == "snapshot" else "best"] = self.accuracy
+            elif op.startswith("restore_"):
+                self.accuracy = self.copies[op.split("_")[1]]
+            elif op == "drop":
+                self.copies.clear()
+
+    def evaluate(self) -> float:
+        self.engine.add_search_time(self.eval_s)
+        self.seconds += self.eval_s
+        return self.accuracy
+
+    def run(self, seconds: float) -> None:
+        config = self.engine.start(0, self.evaluate())
+        step = 0
+        while self.seconds < seconds:
+            self.run_ops()
+            if len(self.trial_starts) < len(self.engine.decisions):
+                self.trial_starts.append((self.engine.decisions[-1].reason, self.accuracy))
+            step += 1
+            dt = STEP_S[config]
+            self.accuracy += RATE[config] * (CEILING[config] - self.accuracy) * dt
+            self.seconds += dt
+            if self.engine.observe_step(step, dt):
+                config = self.engine.observe_metric(step, self.evaluate())
+
+
+def _engine(**kwargs) -> RuleEngine:
+    cands = [Candidate(c, None, STEP_S[c]) for c in (FULL, HALF, HEAD)]
+    return RuleEngine(cands, trial_steps=2, search_share=0.1, **kwargs)
+
+
+def test_every_race_trial_starts_from_the_same_weights():
+    sim = SimulatedTraining(_engine())
+    sim.run(30.0)
+    races: list[list[float]] = []
+    for reason, accuracy in sim.trial_starts:
+        if "race 1/" in reason:
+            races.append([accuracy])
+        elif "race " in reason and "from the same weights" in reason:
+            races[-1].append(accuracy)
+    assert len(races) >= 3 and all(len(r) == 3 for r in races)
+    for starts in races:
+        assert starts == [starts[0]] * 3  # trials 2 and 3 were restored to where trial 1 began
+
+
+def test_the_race_follows_the_training_from_the_fast_config_to_the_one_with_the_higher_ceiling():
+    engine = _engine()
+    sim = SimulatedTraining(engine)
+    sim.run(40.0)
+    winners = [MemoryConfig.from_dict(d.config) for d in engine.decisions if d.reason.startswith("race won")]
+    assert winners[0] == HALF  # at 0.1 accuracy, half-frozen gains fastest per second
+    assert winners[-1] == FULL and engine.current == FULL  # once it nears its 0.7 ceiling, full training wins
+    # the best fixed configuration in hindsight (FULL for 40 s) ends at 0.9 - 0.8 e^-20 ~ 0.9
+    assert sim.accuracy > 0.88
+    # the search's own cost: evaluations and discarded trials stay near search_share of the time
+    cost = engine.search_seconds + engine.discarded_seconds
+    assert cost / sim.seconds < 0.15
+
+
+def test_out_of_memory_in_a_race_trial_restores_its_start_and_goes_on():
+    engine = _engine()
+    first = engine.start(0, 0.1)
+    assert first == FULL and engine.take_ops() == ["snapshot"]  # slowest first
+    engine.observe_step(1, 0.1)
+    engine.observe_step(2, 0.1)
+    second = engine.observe_metric(2, 0.2)
+    assert engine.take_ops() == ["save_best", "restore_start"]
+    third = engine.on_oom(3, second)
+    assert third != second and second in engine.infeasible
+    assert engine.take_ops() == ["restore_start"] and engine.racing
+
+
+def test_race_state_round_trips_through_json():
+    engine = _engine()
+    sim = SimulatedTraining(engine)
+    sim.run(3.0)
+    state = json.loads(json.dumps(engine.state_dict()))
+    restored = _engine()
+    restored.load_state_dict(state)
+    assert restored.state_dict() == engine.state_dict()
+
+
+@pytest.mark.parametrize("head_lead, winner", [(0.01, FULL), (0.08, HEAD)])
+def test_a_lead_within_the_metric_standard_error_goes_to_the_least_frozen(head_lead, winner):
+    cands = [Candidate(FULL, None, 0.1), Candidate(HEAD, None, 0.02)]
+    engine = RuleEngine(cands, trial_steps=1)
+    assert engine.start(0, 0.5, se=0.04) == FULL
+    engine.observe_step(1, 1.0)
+    assert engine.observe_metric(1, 0.6, se=0.04) == HEAD
+    engine.observe_step(2, 1.0)
+    assert engine.observe_metric(2, 0.6 + head_lead, se=0.04) == winner
+    reason = engine.decisions[-1].reason
+    assert reason.startswith("race won") and ("least frozen" in reason) == (winner == FULL)
+    # FULL's end state was kept when its trial ended; HEAD's replaces it only when HEAD wins
+    assert engine.take_ops() == ["snapshot", "save_best", "restore_start"] + (
+        ["restore_best", "drop"] if winner == FULL else ["save_best", "drop"])
