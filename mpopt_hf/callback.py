@@ -313,6 +313,7 @@ class MPOptCallback(TrainerCallback):
             trial_max_s=a.trial_max_s,
             search_share=a.search_share,
             strategy=a.strategy,
+            significance=a.significance,
             exploration=a.exploration,
             discount=a.discount,
             drift_threshold=a.drift_threshold,

@@ -205,6 +205,11 @@ class MPOptArguments:
                   "winner's end state is kept, and the race is re-run once its cost is search_share of the time "
                   "since. 'ucb': trials follow each other on the running weights, picked by a discounted UCB bandit."},
     )
+    significance: float = field(
+        default=2.0,
+        metadata={"help": "race: how many standard errors of the gain metric a more frozen candidate's lead must exceed "
+                  "to be chosen over a less frozen one (>= 0); smaller leads count as ties, won by the least frozen."},
+    )
     exploration: float = field(
         default=0.5,
         metadata={"help": "UCB exploration weight: how often a challenger is re-measured against the incumbent (>= 0)."},
@@ -258,6 +263,8 @@ class MPOptArguments:
             raise ValueError(f"MPOptArguments.search_share must be in (0, 1) or None, got {self.search_share}.")
         if self.time_budget_s is not None and not self.time_budget_s > 0:
             raise ValueError(f"MPOptArguments.time_budget_s must be > 0 seconds or None, got {self.time_budget_s}.")
+        if self.significance < 0:
+            raise ValueError(f"MPOptArguments.significance must be >= 0, got {self.significance}.")
         if self.exploration < 0:
             raise ValueError(f"MPOptArguments.exploration must be >= 0, got {self.exploration}.")
         if not 0.0 <= self.discount <= 1.0:

@@ -270,6 +270,7 @@ class RuleEngine:
         trial_max_s: float | None = None,
         search_share: float | None = None,
         strategy: str = "race",
+        significance: float = 2.0,
         exploration: float = 0.5,
         discount: float = 0.25,
         drift_threshold: float | None = None,
@@ -285,7 +286,7 @@ class RuleEngine:
             raise ValueError("RuleEngine needs at least one candidate configuration; the search space is empty.")
         if strategy not in STRATEGIES:
             raise ValueError(f"RuleEngine strategy must be one of {list(STRATEGIES)}, got {strategy!r}.")
-        self.strategy = strategy
+        self.strategy, self.significance = strategy, significance
         self.candidates = list(candidates)
         self.budget_bytes, self.margin = budget_bytes, margin
         self.trial_steps, self.trial_max_s, self.search_share = trial_steps, trial_max_s, search_share
@@ -577,15 +578,16 @@ class RuleEngine:
     def race_winner(self) -> tuple[MemoryConfig, bool]:
         """The best gain per second; (winner, whether it won a tie).
 
-        Gains are compared over the race's trial length: a difference smaller than the metric's standard
-        error is a tie, and a tie goes to the least frozen candidate (then the earliest in the race). Short
-        trials favour configurations that gain fast but stop early (a frozen body reaches a lower ceiling),
-        so where the race cannot tell them apart, the one that can learn more is kept.
+        Gains are compared over the race's trial length: a lead smaller than ``significance`` standard errors
+        of the metric is a tie, and a tie goes to the least frozen candidate (then the earliest in the race).
+        Short trials favour configurations that gain fast but stop early (a frozen body reaches a lower
+        ceiling, and a trial that unfreezes parameters pays for their fresh optimizer state at once), so
+        training fewer parameters has to win clearly.
         """
         length = self.race_trial_s or 1.0
         change = {c: g * length for c, g in self.race_gains.items()}
         leader = max(change, key=lambda c: change[c])
-        tolerance = self.race_ses.get(leader) or 0.0
+        tolerance = self.significance * (self.race_ses.get(leader) or 0.0)
         tied = [c for c in change if change[c] >= change[leader] - tolerance]  # in race order
         winner = min(tied, key=lambda c: c.freeze_rate)
         return winner, winner != leader
@@ -610,7 +612,7 @@ class RuleEngine:
         self.racing = False
         self.baseline = self.last_metric = self.race_metrics[winner]
         self._restart_trial()
-        tie = ", the least frozen within the metric's standard error of the best" if by_tie else ""
+        tie = f", the least frozen within {self.significance:g} standard errors of the best" if by_tie else ""
         return self._decide(step, winner, f"race won ({self.race_gains[winner]:.4g}/s over {len(self.race_gains)}{tie}): "
                                           f"exploit for {self.exploit_until_s - self.elapsed_s:.1f} s")
 

@@ -111,10 +111,10 @@ def test_race_state_round_trips_through_json():
     assert restored.state_dict() == engine.state_dict()
 
 
-@pytest.mark.parametrize("head_lead, winner", [(0.01, FULL), (0.08, HEAD)])
-def test_a_lead_within_the_metric_standard_error_goes_to_the_least_frozen(head_lead, winner):
+@pytest.mark.parametrize("head_lead, significance, winner", [(0.05, 2.0, FULL), (0.09, 2.0, HEAD), (0.05, 1.0, HEAD)])
+def test_a_lead_within_the_significance_goes_to_the_least_frozen(head_lead, significance, winner):
     cands = [Candidate(FULL, None, 0.1), Candidate(HEAD, None, 0.02)]
-    engine = RuleEngine(cands, trial_steps=1)
+    engine = RuleEngine(cands, trial_steps=1, significance=significance)  # standard error 0.04 below
     assert engine.start(0, 0.5, se=0.04) == FULL
     engine.observe_step(1, 1.0)
     assert engine.observe_metric(1, 0.6, se=0.04) == HEAD
