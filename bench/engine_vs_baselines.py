@@ -18,7 +18,6 @@ search included. Peaks are predicted by the profiler on fake tensors (CPU has no
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -26,8 +25,10 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
+from report import write_report  # noqa: E402
 from transformers import Trainer, TrainerCallback, TrainingArguments  # noqa: E402
 
 import small_cnn  # noqa: E402
@@ -249,12 +250,8 @@ def main() -> None:
         f"{len(space)} configurations' peaks took {cost.seconds:.1f} s before the runs "
         f"({cost.seconds / ns.seconds:.1%} of one run). Final configurations: "
         f"{', '.join(r['final'] for r in m)}; decisions per run: {', '.join(str(r['decisions']) for r in m)}.",
-        "", "Raw figures:", "", "```json", json.dumps(summary, indent=1), "```",
     ]
-    print("\n".join(lines))
-    os.makedirs(ns.out, exist_ok=True)
-    with open(os.path.join(ns.out, "engine_vs_baselines.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
+    write_report(lines, summary, ns.out, "engine_vs_baselines.md")
 
 
 if __name__ == "__main__":

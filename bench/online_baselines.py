@@ -12,15 +12,16 @@ of them is the best fixed configuration in hindsight.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
 import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
+from report import write_report  # noqa: E402
 
 from clip_online.run import default_budget_mib, load_stream, main as run_recipe, parse, source_model  # noqa: E402
 from mpopt_hf.blocks import find_blocks  # noqa: E402
@@ -102,12 +103,8 @@ def main() -> None:
         "",
         f"Before retraining: {runs['none'][0]['mean_accuracy_before']:.3f}. mpopt - best baseline ({best}) = "
         f"{100 * gap:+.1f} points (target >= -1).",
-        "", "Raw figures:", "", "```json", json.dumps(runs, indent=1), "```",
     ]
-    print("\n".join(lines))
-    os.makedirs(ns.out, exist_ok=True)
-    with open(os.path.join(ns.out, "online_baselines.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
+    write_report(lines, runs, ns.out, "online_baselines.md")
 
 
 if __name__ == "__main__":
