@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 
-from mpopt_hf import profiler
+from mpopt_hf.profiler import fitting
 from mpopt_hf.config import MemoryConfig
 from mpopt_hf.knobs import apply_memory_config, knob_state
 from mpopt_hf.memory_model import config_space
@@ -107,8 +107,8 @@ def test_second_run_reuses_the_stored_fit(setup, tmp_path, monkeypatch):
     def no_measuring(*args, **kwargs):
         raise AssertionError("the stored fit should have been reused")
 
-    monkeypatch.setattr(profiler, "measure", no_measuring)
-    monkeypatch.setattr(profiler, "build_memory_model", no_measuring)
+    monkeypatch.setattr(fitting, "measure", no_measuring)  # what fit_profile calls
+    monkeypatch.setattr(fitting, "build_memory_model", no_measuring)
     with open_store(tmp_path / "p.sqlite") as store:
         second = fit_profile(model, batch, optimizer, space, store, n_measure=1, steps=1)
     assert second.reused and second.measurements == first.measurements

@@ -1,0 +1,116 @@
+"""Fit a configuration space's memory model once, from traces and at most 3 measured steps, and
+remember it in the profile store, so the next run on the same model and device measures nothing.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..config import PRECISIONS, MemoryConfig
+from ..memory_model import MemoryModel
+from ..microbatch import batch_size_of
+from ..store import ProfileKey, ProfileStore, make_key
+from .measure import Measurement, measure
+from .tracing import build_memory_model, model_structure
+
+# ---------------------------------------------------------------------------- profile: fit once, remember
+
+
+@dataclass
+class Profile:
+    """A fitted memory model and the measurements behind it; ``reused`` when it came from the store."""
+
+    key: ProfileKey
+    model: MemoryModel
+    measurements: list[Measurement]
+    reused: bool
+
+
+def input_signature(batch: Mapping[str, Any]) -> tuple[tuple[int, ...], str]:
+    """The main input's per-sample shape, and every batched input as ``name:shape`` for the store key."""
+    total = batch_size_of(batch)
+    shapes = {k: tuple(v.shape[1:]) for k, v in sorted(batch.items())
+              if torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == total}
+    main = next((shapes[k] for k in ("pixel_values", "input_ids", "input_values") if k in shapes),
+                next(iter(shapes.values()), ()))
+    text = ";".join(f"{k}:{'x'.join(map(str, s)) or 'scalar'}:{batch[k].dtype}".replace("torch.", "")
+                    for k, s in shapes.items())
+    return main, text
+
+
+def profile_key(model: nn.Module, batch: Mapping[str, Any], optimizer: torch.optim.Optimizer) -> ProfileKey:
+    main, inputs = input_signature(batch)
+    key = make_key(model, main, next(model.parameters()).device, optimizer=optimizer)
+    return ProfileKey(**{**key.to_dict(), "input_shape": main, "inputs": inputs})
+
+
+def choose_fit_configs(model: MemoryModel, space: list[MemoryConfig], batch_size: int, k: int = 3) -> list[MemoryConfig]:
+    """At most ``k`` configurations to measure, spread to pin down what the traces cannot see:
+    the largest activations (workspace per sample), another precision, a small micro-batch (time per op)."""
+    if k <= 0 or not space:
+        return []
+    ranked = sorted(space, key=lambda c: model.predict(c, batch_size).peak_bytes)
+    main = "fp32" if any(c.precision == "fp32" for c in space) else ranked[-1].precision
+    chosen = [max((c for c in ranked if c.precision == main), key=lambda c: model.predict(c, batch_size).peak_bytes)]
+    others = [c for c in ranked if c.precision != main]
+    if others and len(chosen) < k:  # its workspace per sample is best seen at the largest micro-batch
+        plain = [c for c in others if c.freeze_rate == 0 and c.checkpoint_segments == 0] or others
+        chosen.append(max(plain, key=lambda c: (c.micro_batch_size, -c.freeze_rate, -c.checkpoint_segments)))
+    small = [c for c in ranked if c.precision == main and c not in chosen
+             and c.micro_batch_size == min(max(2, batch_size // 4), batch_size) and c.checkpoint_segments > 0]
+    rest = small or [c for c in ranked if c not in chosen]
+    if rest and len(chosen) < k:
+        chosen.append(rest[len(rest) // 2])
+    return chosen[:k]
+
+
+def fit_profile(
+    model: nn.Module,
+    batch: Mapping[str, Any],
+    optimizer: torch.optim.Optimizer,
+    space: list[MemoryConfig],
+    store: ProfileStore | None = None,
+    n_measure: int = 3,
+    steps: int = 3,
+    warmup: int = 1,
+) -> Profile:
+    """The memory model of ``model`` for ``space``: from the store when it holds one, else traced,
+    calibrated on at most ``n_measure`` (<= 3) measured configurations, and stored."""
+    if not 0 <= n_measure <= 3:
+        raise ValueError(f"n_measure must be in 0..3 (the fit uses at most 3 measurements), got {n_measure}.")
+    key = profile_key(model, batch, optimizer)
+    precisions = sorted({c.precision for c in space}, key=PRECISIONS.index)
+    if store is not None:
+        stored = store.load_fit(key)
+        if stored is not None:
+            try:
+                memory_model = MemoryModel.from_dict(stored)
+            except (KeyError, TypeError, ValueError) as err:
+                warnings.warn(f"Ignoring the stored fit in {store.location} ({err}); fitting afresh.", stacklevel=2)
+            else:
+                if set(precisions) <= set(memory_model.precisions):
+                    # the structure is cheap and exact: take it from the live model (optimizer state may have grown)
+                    memory_model.structure = model_structure(model, batch, optimizer)
+                    measured = [Measurement.from_dict(m.data) for m in store.measurements(key)]
+                    return Profile(key, memory_model, measured, reused=True)
+    memory_model = build_memory_model(model, batch, optimizer, precisions)
+    batch_size = batch_size_of(batch)
+    measured = []
+    for config in choose_fit_configs(memory_model, space, batch_size, n_measure):
+        try:
+            measured.append(measure(model, batch, config, optimizer, steps=steps, warmup=warmup))
+        except torch.OutOfMemoryError as err:  # the device said no: remember it, fit on the others
+            if store is not None:
+                store.mark_infeasible(key, config, f"out of memory while profiling: {err}"[:500])
+    memory_model.calibrate([(m.config, m.batch_size, m.peak_bytes, m.step_s) for m in measured])
+    if store is not None:
+        for m in measured:
+            store.add_measurement(key, m.config, m.to_dict())
+        store.save_fit(key, memory_model.to_dict())
+    return Profile(key, memory_model, measured, reused=False)
