@@ -314,6 +314,7 @@ class MPOptCallback(TrainerCallback):
             search_share=a.search_share,
             strategy=a.strategy,
             significance=a.significance,
+            late_gain=a.late_gain,
             exploration=a.exploration,
             discount=a.discount,
             drift_threshold=a.drift_threshold,

@@ -210,6 +210,12 @@ class MPOptArguments:
         metadata={"help": "race: how many standard errors of the gain metric a more frozen candidate's lead must exceed "
                   "to be chosen over a less frozen one (>= 0); smaller leads count as ties, won by the least frozen."},
     )
+    late_gain: bool = field(
+        default=True,
+        metadata={"help": "race: measure the metric half-way through each trial too and judge the trial on its second "
+                  "half, so that a fast start that flattens out, or the dip of newly unfrozen parameters, does not "
+                  "decide the race."},
+    )
     exploration: float = field(
         default=0.5,
         metadata={"help": "UCB exploration weight: how often a challenger is re-measured against the incumbent (>= 0)."},

@@ -271,6 +271,7 @@ class RuleEngine:
         search_share: float | None = None,
         strategy: str = "race",
         significance: float = 2.0,
+        late_gain: bool = True,
         exploration: float = 0.5,
         discount: float = 0.25,
         drift_threshold: float | None = None,
@@ -286,7 +287,7 @@ class RuleEngine:
             raise ValueError("RuleEngine needs at least one candidate configuration; the search space is empty.")
         if strategy not in STRATEGIES:
             raise ValueError(f"RuleEngine strategy must be one of {list(STRATEGIES)}, got {strategy!r}.")
-        self.strategy, self.significance = strategy, significance
+        self.strategy, self.significance, self.late_gain = strategy, significance, late_gain
         self.candidates = list(candidates)
         self.budget_bytes, self.margin = budget_bytes, margin
         self.trial_steps, self.trial_max_s, self.search_share = trial_steps, trial_max_s, search_share
@@ -325,6 +326,8 @@ class RuleEngine:
         self.race_streak = 0
         self.race_ses: dict[MemoryConfig, float | None] = {}
         self.race_saved: MemoryConfig | None = None  # whose end state the "best" copy holds
+        self.race_mid: tuple[float, float] | None = None  # (metric, trial seconds) half-way through this trial
+        self.want_mid = False
         self.last_se: float | None = None
         self.decisions: list[Decision] = []
 
@@ -386,12 +389,22 @@ class RuleEngine:
                 return True  # the metric that starts the re-opened race
         if self.strategy == "race" and not self.racing:
             return self.exploit_until_s is not None and self.elapsed_s >= self.exploit_until_s
-        if self.racing and self.race_trial_s is not None:  # every trial of a race lasts as long as its first
-            return self.trial_seconds >= self.race_trial_s or (
-                self.trial_max_s is not None and self.trial_seconds >= self.trial_max_s)
-        if self.trial_max_s is not None and self.trial_seconds >= self.trial_max_s:
+        if self._trial_over(1.0):
             return True
-        return self.trial_steps_done >= self.trial_steps and self.trial_seconds >= self.min_trial_seconds
+        if self.racing and self.late_gain and self.race_mid is None and self._trial_over(0.5):
+            self.want_mid = True  # half-way: the metric here starts the second half the trial is judged on
+            return True
+        return False
+
+    def _trial_over(self, part: float) -> bool:
+        """Whether ``part`` of the trial has run: every trial of a race lasts as long as its first; the first
+        lasts trial_steps steps and min_trial_seconds, or trial_max_s."""
+        if self.trial_max_s is not None and self.trial_seconds >= part * self.trial_max_s:
+            return True
+        if self.racing and self.race_trial_s is not None:
+            return self.trial_seconds >= part * self.race_trial_s
+        return (self.trial_steps_done >= math.ceil(part * self.trial_steps)
+                and self.trial_seconds >= part * self.min_trial_seconds)
 
     @property
     def min_trial_seconds(self) -> float:
@@ -495,6 +508,7 @@ class RuleEngine:
     def _restart_trial(self) -> None:
         self.trial_seconds = 0.0
         self.trial_steps_done = 0
+        self.race_mid, self.want_mid = None, False
 
     def _reopen(self) -> None:
         for stats in self.arms.values():
@@ -554,8 +568,16 @@ class RuleEngine:
             self._restart_trial()
             self._reopen()
             return self._begin_race(step, "exploitation over")
-        start = self.race_start_metric if self.race_start_metric is not None else metric
-        gain = (metric - start) / max(self.trial_seconds, 1e-12)
+        if self.want_mid:
+            self.want_mid, self.race_mid = False, (metric, self.trial_seconds)
+            return self.current  # the trial goes on
+        if self.race_mid is not None and self.trial_seconds > self.race_mid[1]:
+            # the second half's rate: a fast start that flattens out, or the dip of parameters unfrozen with
+            # fresh optimizer state, is not what the next minutes of training will see
+            gain = (metric - self.race_mid[0]) / (self.trial_seconds - self.race_mid[1])
+        else:
+            start = self.race_start_metric if self.race_start_metric is not None else metric
+            gain = (metric - start) / max(self.trial_seconds, 1e-12)
         self._record_trial(self.current, gain, metric)
         if self.race:
             self.ops.append("restore_start")
@@ -680,6 +702,7 @@ class RuleEngine:
                             self.race_ses.get(c)] for c in self.race_gains],
                 "last_se": self.last_se,
                 "saved": None if self.race_saved is None else self.race_saved.to_dict(),
+                "mid": None if self.race_mid is None else list(self.race_mid), "want_mid": self.want_mid,
                 "start_metric": self.race_start_metric, "start_search_s": self.race_start_search_s,
                 "trial_s": self.race_trial_s, "exploit_until_s": self.exploit_until_s,
                 "discarded_seconds": self.discarded_seconds,
@@ -710,6 +733,8 @@ class RuleEngine:
             self.race_ses = {c: e for c, _, _, _, e in trials}
             self.last_se = race["last_se"]
             self.race_saved = None if race["saved"] is None else MemoryConfig.from_dict(race["saved"])
+            self.race_mid = None if race["mid"] is None else (race["mid"][0], race["mid"][1])
+            self.want_mid = race["want_mid"]
             self.race_start_metric, self.race_start_search_s = race["start_metric"], race["start_search_s"]
             self.race_trial_s, self.exploit_until_s = race["trial_s"], race["exploit_until_s"]
             self.discarded_seconds = race["discarded_seconds"]

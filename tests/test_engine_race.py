@@ -55,6 +55,25 @@ class SimulatedTraining:
                 config = self.engine.observe_metric(step, self.evaluate())
 
 
+def test_a_trial_is_judged_on_its_second_half():
+    cands = [Candidate(FULL, None, 0.1), Candidate(HEAD, None, 0.02)]
+    engine = RuleEngine(cands, trial_steps=4)
+    engine.start(0, 0.5)
+    wants = [engine.observe_step(i, 1.0) for i in (1, 2)]
+    assert wants == [False, True]  # half-way through the 4-step trial: a metric is wanted
+    assert engine.observe_metric(2, 0.40) == FULL and len(engine.decisions) == 1  # a dip; the trial goes on
+    assert [engine.observe_step(i, 1.0) for i in (3, 4)] == [False, True]
+    assert engine.observe_metric(4, 0.50) == HEAD  # FULL: 0.40 -> 0.50 over its second half (2 s): 0.05/s
+    assert engine.race_gains[FULL] == pytest.approx(0.05)
+    assert [engine.observe_step(i, 1.0) for i in (5, 6)] == [False, True]  # HEAD's trial lasts as long: 4 s
+    engine.observe_metric(6, 0.56)
+    engine.observe_step(7, 1.0)
+    engine.observe_step(8, 1.0)
+    # HEAD: 0.56 -> 0.58 is 0.01/s; judged from the race's start it would be 0.08 / 4 s = 0.02/s, still less than
+    # FULL's 0.05/s, which from the start would have been 0.0/s
+    assert engine.observe_metric(8, 0.58) == FULL and engine.race_gains[HEAD] == pytest.approx(0.01)
+
+
 def _engine(**kwargs) -> RuleEngine:
     cands = [Candidate(c, None, STEP_S[c]) for c in (FULL, HALF, HEAD)]
     return RuleEngine(cands, trial_steps=2, search_share=0.1, **kwargs)
@@ -89,7 +108,7 @@ def test_the_race_follows_the_training_from_the_fast_config_to_the_one_with_the_
 
 
 def test_out_of_memory_in_a_race_trial_restores_its_start_and_goes_on():
-    engine = _engine()
+    engine = _engine(late_gain=False)  # one metric per trial, at its end
     first = engine.start(0, 0.1)
     assert first == FULL and engine.take_ops() == ["snapshot"]  # slowest first
     engine.observe_step(1, 0.1)
