@@ -118,7 +118,6 @@ class MPOptCallback(TrainerCallback):
         self.engine: RuleEngine | None = None
         self.metric = mpopt_args.gain_metric
         self.eval_chunk: int | None = None
-        self.metric_se: float | None = None
         self._resume_dir: str | None = None
         self._needs_baseline = False
         self._step_start: float | None = None
@@ -165,7 +164,7 @@ class MPOptCallback(TrainerCallback):
         if self.engine is None:
             self._setup(args, state, model, kwargs.get("train_dataloader"), kwargs.get("optimizer"))
         elif self._needs_baseline:
-            self.engine.set_baseline(self._measure_metric(model), se=self.metric_se)
+            self.engine.set_baseline(*self._measure_metric(model))
             self._needs_baseline = False
         self._run_state_ops(self.engine.take_ops())
         self._step_start = self.clock()
@@ -178,9 +177,9 @@ class MPOptCallback(TrainerCallback):
         if peak is not None:
             peak = self._reduce(float(peak), "max")
         if self.engine.observe_step(state.global_step, step_s, peak):
-            metric = self._measure_metric(model)
+            metric, se = self._measure_metric(model)
             proxy = self.metric != "val_accuracy"
-            self._apply(self.engine.observe_metric(state.global_step, metric, proxy=proxy, se=self.metric_se))
+            self._apply(self.engine.observe_metric(state.global_step, metric, proxy=proxy, se=se))
         elif self.engine.current != self._applied:
             self._apply(self.engine.current)  # over budget: the engine already chose another
         self._flush_decisions()
@@ -203,14 +202,12 @@ class MPOptCallback(TrainerCallback):
 
     def on_train_end(self, args, state, control, **kwargs):
         if self.engine is not None:
-            # stopped during a race: the weights of the best trial that ended are the run's result
-            ops = self.engine.take_ops()
-            if "save_best" in ops:
-                self._run_state_ops(["save_best"])
-            if self.engine.racing or "restore_best" in ops:
-                self._run_state_ops(["restore_best"] if "best" in self._copies else [])
-            self.engine.ops = ["drop"] if self.engine.racing else []
-            self._copies.clear()
+            # stopped during a race: the weights of the best trial that ended are the run's result, and a
+            # later train() goes on from them with a new race
+            if self.engine.racing:
+                self._apply(self.engine.stop_race(state.global_step))
+            self._run_state_ops(self.engine.take_ops())
+            self._flush_decisions()
         if self.engine is not None and state.is_world_process_zero:
             os.makedirs(args.output_dir, exist_ok=True)
             with open(os.path.join(args.output_dir, DECISIONS_FILE), "w") as f:
@@ -246,8 +243,7 @@ class MPOptCallback(TrainerCallback):
             self._apply(self.engine.current)
             return
         self.metric = resolve_metric(self.mpopt_args.gain_metric, self._first_eval_row())
-        metric = self._measure_metric(model)
-        self._apply(self.engine.start(state.global_step, metric, se=self.metric_se))
+        self._apply(self.engine.start(state.global_step, *self._measure_metric(model)))
         self._flush_decisions()
 
     def _default_cost_model(self, model: nn.Module, batch: dict[str, Any], optimizer: Any,
@@ -446,10 +442,9 @@ class MPOptCallback(TrainerCallback):
         data = self._eval_data()
         return data[0] if len(data) else None
 
-    def _measure_metric(self, model: nn.Module) -> float:
-        """Mean score over the evaluation data, averaged over ranks; halves its own batch on out-of-memory.
-
-        Its time (the slowest rank's, so that every rank's engine sizes its trials alike) is search cost."""
+    def _measure_metric(self, model: nn.Module) -> tuple[float, float]:
+        """(mean score, its standard error) over the evaluation data and all ranks; halves its own batch on
+        out-of-memory. Its time (the slowest rank's, so that every rank's engine sizes its trials alike) is search cost."""
         start = self.clock()
         if self.trainer is not None:
             loader = self.trainer.get_eval_dataloader(self._eval_data())
@@ -471,9 +466,8 @@ class MPOptCallback(TrainerCallback):
         if self.engine is not None:
             self.engine.add_search_time(seconds)
         mean = total / max(count, 1)
-        # its standard error: the engine counts gains smaller than this as ties
-        self.metric_se = math.sqrt(max(squares / max(count, 1) - mean * mean, 0.0) / max(count, 1))
-        return mean
+        # and its standard error: the engine counts smaller leads as ties
+        return mean, math.sqrt(max(squares / max(count, 1) - mean * mean, 0.0) / max(count, 1))
 
     def _score_batch(self, model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
         """(sum of scores, sum of squared scores, items) of one evaluation batch."""

@@ -121,6 +121,7 @@ class MemoryConfig:
 GAIN_METRICS = ("auto", "val_accuracy", "entropy", "confidence")
 COST_PREDICTORS = ("profile", "fake")
 STRATEGIES = ("race", "ucb")
+DEFAULT_SEARCH_SHARE = 0.05
 
 
 @dataclass
@@ -181,7 +182,7 @@ class MPOptArguments:
                   "cannot eat the time budget. None: trials last trial_steps steps."},
     )
     search_share: float | None = field(
-        default=0.05,
+        default=DEFAULT_SEARCH_SHARE,
         metadata={"help": "Largest share of the time spent measuring the gain metric: a trial lasts at least "
                   "(evaluation seconds) x (1 - share) / share of training, besides trial_steps. In (0, 1); None: "
                   "trials last trial_steps steps however long an evaluation takes."},

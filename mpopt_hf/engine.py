@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
-from .config import STRATEGIES, MemoryConfig
+from .config import DEFAULT_SEARCH_SHARE, STRATEGIES, MemoryConfig
 
 MIB = 2**20
 
@@ -75,6 +75,17 @@ class Decision:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+@dataclass
+class RaceTrial:
+    """One race trial's outcome: gain per second, the metric at its end (and that metric's standard error),
+    and the training seconds it ran."""
+
+    gain: float
+    metric: float
+    seconds: float
+    se: float | None = None
 
 
 # ---------------------------------------------------------------------------- the search space
@@ -314,9 +325,7 @@ class RuleEngine:
         self.ops: list[str] = []  # for the caller, in order, before the next step: see `take_ops`
         self.race: list[MemoryConfig] = []
         self.racing = False
-        self.race_gains: dict[MemoryConfig, float] = {}
-        self.race_metrics: dict[MemoryConfig, float] = {}
-        self.race_seconds: dict[MemoryConfig, float] = {}
+        self.race_trials: dict[MemoryConfig, RaceTrial] = {}  # in race order
         self.race_start_metric: float | None = None
         self.race_start_search_s = 0.0
         self.race_trial_s: float | None = None
@@ -324,7 +333,6 @@ class RuleEngine:
         self.discarded_seconds = 0.0  # training time of race trials whose weights were thrown away
         self.race_incumbent: MemoryConfig | None = None
         self.race_streak = 0
-        self.race_ses: dict[MemoryConfig, float | None] = {}
         self.race_saved: MemoryConfig | None = None  # whose end state the "best" copy holds
         self.race_mid: tuple[float, float] | None = None  # (metric, trial seconds) half-way through this trial
         self.want_mid = False
@@ -548,12 +556,28 @@ class RuleEngine:
             self.racing, self.exploit_until_s = False, None
             return self._decide(step, order[0], f"{reason}: the only feasible candidate")
         self.racing, self.race = True, order[1:]
-        self.race_gains, self.race_metrics, self.race_seconds, self.race_ses = {}, {}, {}, {}
+        self.race_trials = {}
         self.race_saved = None
         self.race_start_metric, self.race_trial_s = self.baseline, None
         self.race_start_search_s = self.search_seconds
         self.ops.append("snapshot")
         return self._decide(step, order[0], f"{reason}: race 1/{len(order)} from the same weights")
+
+    def stop_race(self, step: int) -> MemoryConfig:
+        """Training stopped in the middle of a race: keep the best trial that ended (``restore_best`` in
+        `take_ops`; with none ended, the weights stay as they are), drop the race, and exploit that
+        configuration; the next step end asks for the metric that begins a new race."""
+        if not self.racing:
+            return self.current
+        keep = self.race_saved
+        self.ops = [op for op in self.ops if op == "save_best"] + (["restore_best"] if keep is not None else []) + ["drop"]
+        self.racing, self.race = False, []
+        self.exploit_until_s = self.elapsed_s
+        choice = keep if keep is not None else self.current
+        if keep is not None:
+            self.baseline = self.last_metric = self.race_trials[keep].metric
+        self._restart_trial()
+        return self._decide(step, choice, "training stopped mid-race: keep the best trial that ended")
 
     def _abandon_race(self) -> None:
         if self.racing:
@@ -582,14 +606,13 @@ class RuleEngine:
         if self.race:
             self.ops.append("restore_start")
             following = self.race.pop(0)
-            n = len(self.race_gains) + len(self.race) + 1
+            n = len(self.race_trials) + len(self.race) + 1
             self._restart_trial()
-            return self._decide(step, following, f"trial: race {len(self.race_gains) + 1}/{n} from the same weights")
+            return self._decide(step, following, f"trial: race {len(self.race_trials) + 1}/{n} from the same weights")
         return self._finish_race(step)
 
     def _record_trial(self, config: MemoryConfig, gain: float, metric: float) -> None:
-        self.race_gains[config], self.race_metrics[config] = gain, metric
-        self.race_seconds[config], self.race_ses[config] = self.trial_seconds, self.last_se
+        self.race_trials[config] = RaceTrial(gain, metric, self.trial_seconds, self.last_se)
         if self.race_trial_s is None:
             self.race_trial_s = self.trial_seconds
         self.arms[config].add(gain)
@@ -607,9 +630,9 @@ class RuleEngine:
         training fewer parameters has to win clearly.
         """
         length = self.race_trial_s or 1.0
-        change = {c: g * length for c, g in self.race_gains.items()}
+        change = {c: t.gain * length for c, t in self.race_trials.items()}
         leader = max(change, key=lambda c: change[c])
-        tolerance = self.significance * (self.race_ses.get(leader) or 0.0)
+        tolerance = self.significance * (self.race_trials[leader].se or 0.0)
         tied = [c for c in change if change[c] >= change[leader] - tolerance]  # in race order
         winner = min(tied, key=lambda c: c.freeze_rate)
         return winner, winner != leader
@@ -621,21 +644,21 @@ class RuleEngine:
         if winner != self.current:
             self.ops.append("restore_best")
         self.ops.append("drop")
-        discarded = sum(t for c, t in self.race_seconds.items() if c != winner)
+        discarded = sum(t.seconds for c, t in self.race_trials.items() if c != winner)
         self.discarded_seconds += discarded
         cost = discarded + self.search_seconds - self.race_start_search_s
         # exploit until the race's cost is at most search_share of the time since the race began; each
         # race that confirms the incumbent doubles that (up to 8x): a settled choice is re-checked less often
-        share = self.search_share or 0.05
+        share = self.search_share or DEFAULT_SEARCH_SHARE
         self.race_streak = self.race_streak + 1 if winner == self.race_incumbent else 0
         self.race_incumbent = winner
-        kept = self.race_seconds[winner]
+        kept = self.race_trials[winner].seconds
         self.exploit_until_s = self.elapsed_s + max(cost * (1 - share) / share * 2 ** min(self.race_streak, 3) - kept, 0.0)
         self.racing = False
-        self.baseline = self.last_metric = self.race_metrics[winner]
+        self.baseline = self.last_metric = self.race_trials[winner].metric
         self._restart_trial()
         tie = f", the least frozen within {self.significance:g} standard errors of the best" if by_tie else ""
-        return self._decide(step, winner, f"race won ({self.race_gains[winner]:.4g}/s over {len(self.race_gains)}{tie}): "
+        return self._decide(step, winner, f"race won ({self.race_trials[winner].gain:.4g}/s over {len(self.race_trials)}{tie}): "
                                           f"exploit for {self.exploit_until_s - self.elapsed_s:.1f} s")
 
     def _race_after_infeasible(self, step: int, config: MemoryConfig, reason: str) -> MemoryConfig:
@@ -648,7 +671,7 @@ class RuleEngine:
         self.ops.append("restore_start")  # the failed trial's partial steps are undone
         if self.race:
             return self._decide(step, self.race.pop(0), f"{reason}: next in the race")
-        if self.race_gains:
+        if self.race_trials:
             return self._finish_race(step)
         return self._begin_race(step, reason)
 
@@ -698,8 +721,7 @@ class RuleEngine:
             "last_eval_s": self.last_eval_s,
             "race": {
                 "ops": list(self.ops), "queue": [c.to_dict() for c in self.race], "racing": self.racing,
-                "trials": [[c.to_dict(), self.race_gains[c], self.race_metrics[c], self.race_seconds[c],
-                            self.race_ses.get(c)] for c in self.race_gains],
+                "trials": [[c.to_dict(), asdict(t)] for c, t in self.race_trials.items()],
                 "last_se": self.last_se,
                 "saved": None if self.race_saved is None else self.race_saved.to_dict(),
                 "mid": None if self.race_mid is None else list(self.race_mid), "want_mid": self.want_mid,
@@ -726,11 +748,7 @@ class RuleEngine:
         if race is not None:
             self.ops, self.racing = list(race["ops"]), race["racing"]
             self.race = [MemoryConfig.from_dict(c) for c in race["queue"]]
-            trials = [(MemoryConfig.from_dict(c), g, m, t, e) for c, g, m, t, e in race["trials"]]
-            self.race_gains = {c: g for c, g, _, _, _ in trials}
-            self.race_metrics = {c: m for c, _, m, _, _ in trials}
-            self.race_seconds = {c: t for c, _, _, t, _ in trials}
-            self.race_ses = {c: e for c, _, _, _, e in trials}
+            self.race_trials = {MemoryConfig.from_dict(c): RaceTrial(**t) for c, t in race["trials"]}
             self.last_se = race["last_se"]
             self.race_saved = None if race["saved"] is None else MemoryConfig.from_dict(race["saved"])
             self.race_mid = None if race["mid"] is None else (race["mid"][0], race["mid"][1])

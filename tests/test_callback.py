@@ -180,3 +180,29 @@ def test_the_profile_store_makes_a_second_run_reuse_the_fit(tmp_path):
         store.close()
     assert runs[0][0] is False and runs[0][1] >= 1  # fitted: measured configurations went to the store
     assert runs[1] == (True, runs[0][1])  # reused: nothing measured again
+
+
+def test_training_that_stops_mid_race_keeps_the_best_ended_trial_and_can_go_on(tmp_path):
+    model = build_tiny("vit", dropout=0.0)
+    mpopt = MPOptArguments(micro_batch_sizes=[8], freeze_rates=[0.0, 0.5], checkpoint_segments=[0], trial_steps=2,
+                           search_share=None, late_gain=False)
+    trainer = MPOptTrainer(
+        model=model, args=training_args(tmp_path, 8, steps=3), train_dataset=_data(model),
+        eval_dataset=_data(model, 8), mpopt_args=mpopt, cost_model=FakeCost(), clock=StepClock(),
+    )
+    ends = {}
+
+    class Record(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            ends[state.global_step] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    trainer.add_callback(Record())
+    trainer.train()  # trial 1 ends at step 2, trial 2 is cut after one step
+    engine = trainer.mpopt_callback.engine
+    assert engine.decisions[-1].reason == "training stopped mid-race: keep the best trial that ended"
+    assert not engine.racing and engine.current == MemoryConfig.from_dict(engine.decisions[0].config)
+    assert all(torch.equal(v, ends[2][k]) for k, v in model.state_dict().items())  # trial 1's end state
+    trainer.args.max_steps = 8
+    trainer.train()  # a later run on the same callback races again from there, its copies taken afresh
+    reasons = [d.reason for d in engine.decisions]
+    assert "exploitation over: race 1/2 from the same weights" in reasons and reasons[-1].startswith("race won")

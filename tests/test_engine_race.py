@@ -64,14 +64,14 @@ def test_a_trial_is_judged_on_its_second_half():
     assert engine.observe_metric(2, 0.40) == FULL and len(engine.decisions) == 1  # a dip; the trial goes on
     assert [engine.observe_step(i, 1.0) for i in (3, 4)] == [False, True]
     assert engine.observe_metric(4, 0.50) == HEAD  # FULL: 0.40 -> 0.50 over its second half (2 s): 0.05/s
-    assert engine.race_gains[FULL] == pytest.approx(0.05)
+    assert engine.race_trials[FULL].gain == pytest.approx(0.05)
     assert [engine.observe_step(i, 1.0) for i in (5, 6)] == [False, True]  # HEAD's trial lasts as long: 4 s
     engine.observe_metric(6, 0.56)
     engine.observe_step(7, 1.0)
     engine.observe_step(8, 1.0)
     # HEAD: 0.56 -> 0.58 is 0.01/s; judged from the race's start it would be 0.08 / 4 s = 0.02/s, still less than
     # FULL's 0.05/s, which from the start would have been 0.0/s
-    assert engine.observe_metric(8, 0.58) == FULL and engine.race_gains[HEAD] == pytest.approx(0.01)
+    assert engine.observe_metric(8, 0.58) == FULL and engine.race_trials[HEAD].gain == pytest.approx(0.01)
 
 
 def _engine(**kwargs) -> RuleEngine:
