@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import multiprocessing as mp
 import sqlite3
 
 import pytest
 import torch
 
+from concurrency import run_concurrently
 from mpopt_hf.config import MemoryConfig
 from mpopt_hf.store import (
     ProfileKey,
@@ -62,13 +62,7 @@ def _writer(path: str, worker: int, n: int) -> None:
 
 def test_two_writer_processes_lose_nothing(tmp_path):
     path = str(tmp_path / "shared.sqlite")
-    ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=_writer, args=(path, w, 40)) for w in range(2)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(60)
-    assert [p.exitcode for p in procs] == [0, 0]
+    assert run_concurrently(_writer, [(path, w, 40) for w in range(2)]) == [0, 0]
     rows = SQLiteStore(path).measurements(KEY)
     assert sorted((m.data["worker"], m.data["i"]) for m in rows) == [(w, i) for w in range(2) for i in range(40)]
     assert SQLiteStore(path).load_fit(KEY)["i"] == 39

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import multiprocessing as mp
 import shutil
 import socket
 import subprocess
@@ -10,6 +9,7 @@ import time
 
 import pytest
 
+from concurrency import run_concurrently
 from mpopt_hf.config import MemoryConfig
 from mpopt_hf.store import ProfileKey, RedisStore, StoreCorruptError, open_store
 
@@ -74,13 +74,7 @@ def _writer(url: str, worker: int, n: int) -> None:
 
 
 def test_two_writer_processes_lose_nothing(redis_url):
-    ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=_writer, args=(redis_url, w, 50)) for w in range(2)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(60)
-    assert [p.exitcode for p in procs] == [0, 0]
+    assert run_concurrently(_writer, [(redis_url, w, 50) for w in range(2)]) == [0, 0]
     rows = RedisStore(redis_url, prefix="concurrent").measurements(KEY)
     assert sorted((m.data["worker"], m.data["i"]) for m in rows) == [(w, i) for w in range(2) for i in range(50)]
 
