@@ -9,8 +9,13 @@ search included. Peaks are predicted by the profiler on fake tensors (CPU has no
 * fixed/<config>:   every configuration the engine's pruning keeps, fixed for the whole run; the best of
                     them is the best fixed configuration in hindsight;
 * auto_find_batch:  HF ``auto_find_batch_size``: halve the batch until it fits (here: predicted peak <= budget);
+                    as in transformers, the halved batch *is* the batch: no accumulation, more optimizer steps;
 * full_ckpt:        every trainable block checkpointed, the largest micro-batch that fits;
-* head_only:        freeze_rate=1.0 (only the classifier trains), the whole batch.
+* head_only:        freeze_rate=1.0 (only the classifier trains), the largest micro-batch that fits.
+
+A row whose configuration another row already runs is not run twice: it names that row. Every run stops
+at the first step end after ``--seconds`` (`mpopt_hf.WallClockLimit`); the engine plans its search for
+that slot (a race that would cost more than its search share of the time left is not run).
 
     python bench/engine_vs_baselines.py [--seconds 20] [--corruption fog] [--severity 5] [--out bench/results]
 """
@@ -29,31 +34,16 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
 from report import write_report  # noqa: E402
-from transformers import Trainer, TrainerCallback, TrainingArguments  # noqa: E402
+from transformers import Trainer, TrainingArguments  # noqa: E402
 
 import small_cnn  # noqa: E402
 import vision  # noqa: E402
-from mpopt_hf import MemoryConfig, MPOptArguments, MPOptTrainer  # noqa: E402
+from mpopt_hf import MemoryConfig, MPOptArguments, MPOptTrainer, WallClockLimit  # noqa: E402
 from mpopt_hf.blocks import find_blocks  # noqa: E402
 from mpopt_hf.engine import MIB, Candidate, enumerate_configs, prune  # noqa: E402
 from mpopt_hf.profiler import predict_step  # noqa: E402
 
 BATCH = 64
-
-
-class WallClockBudget(TrainerCallback):
-    """Stops training once ``seconds`` of wall-clock time (steps, evaluation, search) have passed."""
-
-    def __init__(self, seconds: float):
-        self.seconds, self.start = seconds, None
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        self.start = time.perf_counter()
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if time.perf_counter() - self.start >= self.seconds:
-            control.should_training_stop = True
-        return control
 
 
 class FakePeakCostModel:
@@ -70,9 +60,9 @@ class FakePeakCostModel:
         return float(self.cache[config]), None
 
 
-def _args(out, steps, seed=0, **kw):
+def _args(out, steps, seed=0, batch=BATCH, **kw):
     return TrainingArguments(
-        output_dir=out, per_device_train_batch_size=BATCH, per_device_eval_batch_size=256, max_steps=steps,
+        output_dir=out, per_device_train_batch_size=batch, per_device_eval_batch_size=256, max_steps=steps,
         learning_rate=3e-3, weight_decay=0.0, report_to=[], use_cpu=True, save_strategy="no", logging_strategy="no",
         seed=seed, dataloader_num_workers=0, disable_tqdm=True, **kw,
     )
@@ -161,17 +151,23 @@ def main() -> None:
     full = next(MemoryConfig(m, checkpoint_segments=n_blocks) for m in micro if fits(MemoryConfig(m, checkpoint_segments=n_blocks)))
     head = next(MemoryConfig(m, freeze_rate=1.0) for m in micro if fits(MemoryConfig(m, freeze_rate=1.0)))
 
-    plan = {f"fixed/{c.config.short()}": c.config for c in survivors}
-    plan.update({"auto_find_batch": auto, "full_ckpt": full, "head_only": head})
+    # (configuration, batch): auto_find_batch trains at its halved batch; every other row keeps BATCH
+    plan = {f"fixed/{c.config.short()}": (c.config, BATCH) for c in survivors}
+    plan.update({"auto_find_batch": (auto, auto.micro_batch_size), "full_ckpt": (full, BATCH), "head_only": (head, BATCH)})
+    same_as = {}  # a row whose configuration and batch an earlier row runs: reported, not run twice
+    for name, setting in plan.items():
+        first = next(n for n, s in plan.items() if s == setting)
+        if first != name:
+            same_as[name] = first
     runs: dict[str, list[dict]] = {name: [] for name in ["mpopt", *plan]}
 
-    def run_fixed(name, config, seed):
+    def run_fixed(name, config, batch, seed):
         model.load_state_dict(pretrained)
-        trainer = MPOptTrainer(model=model, args=_args(tmp, 10**6, seed=seed), train_dataset=s_train,
-                               memory_config=config, callbacks=[WallClockBudget(ns.seconds)])
+        trainer = MPOptTrainer(model=model, args=_args(tmp, 10**6, seed=seed, batch=batch), train_dataset=s_train,
+                               memory_config=config, callbacks=[WallClockLimit(ns.seconds)])
         t0 = time.perf_counter()
         trainer.train()
-        runs[name].append({"config": config.short(), "steps": trainer.state.global_step,
+        runs[name].append({"config": config.short(), "batch": batch, "steps": trainer.state.global_step,
                            "wall_s": time.perf_counter() - t0, "accuracy": accuracy(model, s_test),
                            "predicted_peak_mib": cost.predict(config)[0] / MIB})
 
@@ -182,14 +178,14 @@ def main() -> None:
                                trial_max_s=ns.seconds / 15, search_share=ns.search_share, gain_metric="val_accuracy")
         trainer = MPOptTrainer(model=model, args=_args(tmp, 10**6, seed=seed), train_dataset=s_train,
                                eval_dataset=s_val, mpopt_args=mpopt, cost_model=cost,
-                               callbacks=[WallClockBudget(ns.seconds)])
+                               callbacks=[WallClockLimit(ns.seconds)])
         t0 = time.perf_counter()
         trainer.train()
         wall = time.perf_counter() - t0
         engine = trainer.mpopt_callback.engine
         ran = [MemoryConfig.from_dict(d.config) for d in engine.decisions]
         runs["mpopt"].append({
-            "config": "online", "steps": trainer.state.global_step, "wall_s": wall, "accuracy": accuracy(model, s_test),
+            "config": "online", "batch": BATCH, "steps": trainer.state.global_step, "wall_s": wall, "accuracy": accuracy(model, s_test),
             "search_share": (engine.search_seconds + engine.discarded_seconds) / wall,
             "eval_share": engine.search_seconds / wall, "discarded_share": engine.discarded_seconds / wall,
             "decisions": len(ran), "final": engine.current.short(),
@@ -200,8 +196,11 @@ def main() -> None:
     # rows interleaved per seed, so that a change of machine load hits every row alike
     for seed in range(ns.seeds):
         run_mpopt(seed)
-        for name, config in plan.items():
-            run_fixed(name, config, seed)
+        for name, (config, batch) in plan.items():
+            if name not in same_as:
+                run_fixed(name, config, batch, seed)
+    for name, first in same_as.items():
+        runs[name] = runs[first]
 
     def mean(name, field):
         return statistics.fmean(r[field] for r in runs[name])
@@ -215,7 +214,7 @@ def main() -> None:
         "seconds": ns.seconds, "seeds": ns.seeds, "corruption": f"{ns.corruption}/{ns.severity}", "budget_mib": budget_mib,
         "default_peak_mib": cost.predict(default)[0] / MIB, "clean_acc_before": clean_acc,
         "shifted_acc_before": shifted_acc, "best_fixed": best_fixed, "prediction_s": cost.seconds,
-        "n_configs_predicted": len(space), "runs": runs, "torch": torch.__version__, "threads": torch.get_num_threads(),
+        "n_configs_predicted": len(space), "same_as": same_as, "runs": runs, "torch": torch.__version__, "threads": torch.get_num_threads(),
     }
     m = runs["mpopt"]
     share = statistics.fmean(r["search_share"] for r in m)
@@ -231,12 +230,13 @@ def main() -> None:
         f"{ns.probe} shifted images held out of training; accuracy before retraining: clean {clean_acc:.3f}, "
         f"shifted {shifted_acc:.3f}",
         "",
-        "| run | configuration | steps (mean) | shifted test accuracy | predicted peak MiB |",
-        "| --- | --- | ---: | ---: | ---: |",
+        "| run | configuration | batch | optimizer steps (mean) | shifted test accuracy | predicted peak MiB |",
+        "| --- | --- | ---: | ---: | ---: | ---: |",
     ]
     for name, rows in runs.items():
         peak = max(r.get("predicted_peak_mib", r.get("max_predicted_peak_mib")) for r in rows)
-        lines.append(f"| {name}{' (best fixed)' if name == best_fixed else ''} | {rows[0]['config']} | "
+        label = name + (" (best fixed)" if name == best_fixed else "") + (f" (= {same_as[name]})" if name in same_as else "")
+        lines.append(f"| {label} | {rows[0]['config']} | {rows[0]['batch']} | "
                      f"{mean(name, 'steps'):.0f} | {spread(name)} | {peak:.2f} |")
     gap_best = mean("mpopt", "accuracy") - mean(best_fixed, "accuracy")
     gap_auto = mean("mpopt", "accuracy") - mean("auto_find_batch", "accuracy")

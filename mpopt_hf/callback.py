@@ -39,6 +39,7 @@ from . import snapshot
 from .knobs import apply_memory_config
 from .microbatch import batch_size_of, split_batch
 from .oom import free_memory, is_out_of_memory
+from .wall_clock import WallClockLimit
 
 logger = logging.getLogger(__name__)
 
@@ -142,7 +143,7 @@ class MPOptCallback(TrainerCallback):
         if self.engine is None:
             return
         step = self._step()
-        self._apply(self.engine.task_boundary(step))
+        self._apply(self.engine.task_boundary(step, horizon_s=self._wall_clock_left()))
         self._needs_baseline = True
         self._flush_decisions()
 
@@ -243,8 +244,17 @@ class MPOptCallback(TrainerCallback):
             self._apply(self.engine.current)
             return
         self.metric = resolve_metric(self.mpopt_args.gain_metric, self._first_eval_row())
+        self.engine.set_horizon(self._wall_clock_left())
         self._apply(self.engine.start(state.global_step, *self._measure_metric(model)))
         self._flush_decisions()
+
+    def _wall_clock_left(self) -> float | None:
+        """Seconds left to the trainer's `WallClockLimit` (the shortest, if several), the engine's horizon; the
+        smallest over ranks, so that every rank's engine decides alike whether a race pays."""
+        handler = getattr(self.trainer, "callback_handler", None)
+        limits = [cb for cb in getattr(handler, "callbacks", []) if isinstance(cb, WallClockLimit)]
+        left = min((cb.seconds - cb.elapsed for cb in limits), default=None)
+        return None if left is None else -self._reduce(-max(left, 1e-9), "max")
 
     def _default_cost_model(self, model: nn.Module, batch: dict[str, Any], optimizer: Any,
                             space: list[MemoryConfig], args) -> CostModel:

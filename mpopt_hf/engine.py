@@ -10,6 +10,9 @@ Two strategies compare the survivors. ``race`` (the default): every survivor tra
 *from the same weights* (the caller snapshots and restores them when the engine asks, see `RuleEngine.ops`),
 the winner's end state is kept and exploited, and the race is re-run from the current weights once its
 cost has been paid back ``1/search_share`` times over, so the choice follows the training as it saturates.
+When the time left is known (``time_budget_s``, or a horizon such as a wall-clock slot, see `set_horizon`),
+a race is only run if its estimated cost is at most ``search_share`` of that time; otherwise the incumbent
+goes on, or, with none yet, the least frozen of the fastest candidates, whose accuracy freezing does not cap.
 ``ucb``: trials follow each other on the running weights and a discounted UCB bandit picks the next; it needs
 no snapshot, but a trial's gain then depends on what the trial before it did. Nothing here imports torch or touches a model: the
 callback feeds numbers in and applies the configurations that come out.
@@ -337,6 +340,8 @@ class RuleEngine:
         self.race_mid: tuple[float, float] | None = None  # (metric, trial seconds) half-way through this trial
         self.want_mid = False
         self.last_se: float | None = None
+        self.horizon_s: float | None = None  # seconds (training and search) this stretch has, from horizon_from
+        self.horizon_from = 0.0
         self.decisions: list[Decision] = []
 
     # -------------------------------------------------------------- queries
@@ -363,6 +368,59 @@ class RuleEngine:
     @property
     def out_of_time(self) -> bool:
         return self.time_budget_s is not None and self.elapsed_s >= self.time_budget_s
+
+    @property
+    def spent_s(self) -> float:
+        """Training seconds (race trials included) plus the seconds spent measuring the gain metric."""
+        return self.elapsed_s + self.search_seconds
+
+    @property
+    def time_left_s(self) -> float | None:
+        """Seconds left to this stretch of training: the horizon's and ``time_budget_s``'s, whichever is shorter."""
+        left = []
+        if self.horizon_s is not None:
+            left.append(self.horizon_s - (self.spent_s - self.horizon_from))
+        if self.time_budget_s is not None:
+            left.append(self.time_budget_s - self.elapsed_s)
+        return min(left) if left else None
+
+    def set_horizon(self, seconds: float | None) -> None:
+        """From now on, ``seconds`` (training and search) are left (None: unknown). A race that would cost
+        more than ``search_share`` of the time left is not run: it could not pay for itself."""
+        if seconds is not None and not seconds > 0:
+            raise ValueError(f"RuleEngine.set_horizon needs seconds > 0 or None, got {seconds}.")
+        self.horizon_s, self.horizon_from = seconds, self.spent_s
+
+    def race_cost_s(self, order: Sequence[MemoryConfig]) -> float:
+        """Estimated seconds a race among ``order`` costs beyond training its winner: the trials whose weights
+        are thrown away, and the gain-metric evaluations (one at the end of each trial, one more half-way with
+        ``late_gain``). A trial lasts as long as the last race's did; before any race, ``trial_steps`` steps of
+        the slowest candidate (when its step time is predicted) and at least `min_trial_seconds`."""
+        trial = self.race_trial_s
+        if trial is None:
+            slowest = max((self.candidate(c).step_s or 0.0 for c in order), default=0.0)
+            trial = max(self.trial_steps * slowest, self.min_trial_seconds)
+            if self.trial_max_s is not None:
+                trial = min(trial, self.trial_max_s)
+        evals = len(order) * (2 if self.late_gain else 1) * (self.last_eval_s or 0.0)
+        return (len(order) - 1) * trial + evals
+
+    def _race_pays(self, order: Sequence[MemoryConfig]) -> tuple[bool, str]:
+        """Whether a race fits in ``search_share`` of the time left (always, when that time is unknown)."""
+        left = self.time_left_s
+        if left is None or len(order) < 2:
+            return True, ""
+        share = self.search_share or DEFAULT_SEARCH_SHARE
+        cost = self.race_cost_s(order)
+        return cost <= share * left, f"a race would cost ~{cost:.2f} s, over {share:g} of the {max(left, 0.0):.1f} s left"
+
+    def _no_race_choice(self) -> MemoryConfig:
+        """Without a race: the last race's winner while it is still feasible, else the least frozen candidate
+        (the fastest of those), because freezing caps what training can reach."""
+        alive = [c.config for c in self.survivors]
+        if self.race_incumbent in alive:
+            return self.race_incumbent
+        return min(alive, key=lambda c: c.freeze_rate)  # survivors are fastest first: ties keep the fastest
 
     # -------------------------------------------------------------- inputs
 
@@ -396,7 +454,14 @@ class RuleEngine:
             if self.strategy == "race" and not self.racing:
                 return True  # the metric that starts the re-opened race
         if self.strategy == "race" and not self.racing:
-            return self.exploit_until_s is not None and self.elapsed_s >= self.exploit_until_s
+            if self.exploit_until_s is None or self.elapsed_s < self.exploit_until_s:
+                return False
+            pays, why = self._race_pays(self._race_order())
+            if not pays:  # exploit to the end of the horizon; no evaluation is spent on a race not run
+                self.exploit_until_s = None
+                self._decide(step, self.current, f"exploitation over: no new race ({why})")
+                return False
+            return True
         if self._trial_over(1.0):
             return True
         if self.racing and self.late_gain and self.race_mid is None and self._trial_over(0.5):
@@ -454,8 +519,10 @@ class RuleEngine:
         self._restart_trial()
         return self._choose(step, "trial")
 
-    def task_boundary(self, step: int) -> MemoryConfig:
-        """The data changed: discount what was learned, trial every survivor again, re-measure the baseline."""
+    def task_boundary(self, step: int, horizon_s: float | None = None) -> MemoryConfig:
+        """The data changed: discount what was learned, trial every survivor again (when the new task's
+        ``horizon_s`` seconds, if known, pay for a race), re-measure the baseline."""
+        self.set_horizon(horizon_s)
         self._reopen()
         self.baseline = None  # the caller's next `observe_metric` sets it on the new data
         self._restart_trial()
@@ -555,6 +622,12 @@ class RuleEngine:
         if len(order) == 1:  # nothing to compare: run it until something changes
             self.racing, self.exploit_until_s = False, None
             return self._decide(step, order[0], f"{reason}: the only feasible candidate")
+        pays, why = self._race_pays(order)
+        if not pays:  # run until something changes (a task boundary, an out-of-memory error, drift)
+            self.racing, self.exploit_until_s = False, None
+            choice = self._no_race_choice()
+            kind = "the last race's winner" if choice == self.race_incumbent else "the least frozen, fastest candidate"
+            return self._decide(step, choice, f"{reason}: no race ({why}): {kind}")
         self.racing, self.race = True, order[1:]
         self.race_trials = {}
         self.race_saved = None
@@ -731,6 +804,7 @@ class RuleEngine:
                 "incumbent": None if self.race_incumbent is None else self.race_incumbent.to_dict(),
                 "streak": self.race_streak,
             },
+            "horizon": {"seconds": self.horizon_s, "from": self.horizon_from},
             "decisions": [d.to_dict() for d in self.decisions],
         }
 
@@ -758,4 +832,6 @@ class RuleEngine:
             self.discarded_seconds = race["discarded_seconds"]
             self.race_incumbent = None if race["incumbent"] is None else MemoryConfig.from_dict(race["incumbent"])
             self.race_streak = race["streak"]
+        horizon = state.get("horizon") or {}
+        self.horizon_s, self.horizon_from = horizon.get("seconds"), horizon.get("from", 0.0)
         self.decisions = [Decision(**d) for d in state["decisions"]]

@@ -259,6 +259,8 @@ class OnlineRetrainer:
             kwargs["memory_config"] = self._config_for(train, args)
             search += time.perf_counter() - start
         trainer = MPOptTrainer(**kwargs)
+        if self.seconds_per_task is not None:  # before the task boundary: the engine plans its search for the slot
+            trainer.add_callback(WallClockLimit(self.seconds_per_task))
         if self.uses_engine:
             if self._callback is None:
                 self._callback = trainer.mpopt_callback
@@ -270,8 +272,6 @@ class OnlineRetrainer:
             trainer.remove_callback(PrinterCallback)  # the per-task table says it; keep the progress bar readable
         configs = _ConfigLog()
         trainer.add_callback(configs.callback(trainer))
-        if self.seconds_per_task is not None:
-            trainer.add_callback(WallClockLimit(self.seconds_per_task))
         on_cuda = args.device.type == "cuda"
         if on_cuda:
             torch.cuda.synchronize(args.device)

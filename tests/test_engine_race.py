@@ -144,3 +144,63 @@ def test_a_lead_within_the_significance_goes_to_the_least_frozen(head_lead, sign
     # FULL's end state was kept when its trial ended; HEAD's replaces it only when HEAD wins
     assert engine.take_ops() == ["snapshot", "save_best", "restore_start"] + (
         ["restore_best", "drop"] if winner == FULL else ["save_best", "drop"])
+
+
+def _evaluations(sim: SimulatedTraining) -> int:
+    return round(sim.engine.search_seconds / sim.eval_s)
+
+
+def test_a_race_that_cannot_pay_for_itself_in_the_time_left_is_not_run():
+    engine = _engine()
+    engine.set_horizon(2.0)  # a race costs ~0.5 s here, over search_share=0.1 of 2 s
+    sim = SimulatedTraining(engine)
+    sim.run(2.0)
+    assert engine.decisions[0].reason.startswith("start: no race (a race would cost ~0.52 s, over 0.1 of the 2.0 s left)")
+    assert [MemoryConfig.from_dict(d.config) for d in engine.decisions] == [FULL]  # the least frozen, all along
+    assert engine.discarded_seconds == 0 and _evaluations(sim) == 1  # only the start's evaluation was spent
+
+
+def test_the_estimated_race_cost_matches_what_the_race_cost():
+    engine = _engine()
+    engine.set_horizon(100.0)
+    sim = SimulatedTraining(engine)
+    sim.evaluate()  # the start's evaluation: its time sizes the trials
+    predicted = engine.race_cost_s([FULL, HALF, HEAD])
+    engine.search_seconds, sim.seconds = 0.0, 0.0
+    sim.run(3.0)
+    assert any(d.reason.startswith("race won") for d in engine.decisions)
+    spent = engine.discarded_seconds + engine.search_seconds - sim.eval_s  # less the start's evaluation
+    assert predicted == pytest.approx(0.52) and spent == pytest.approx(predicted, rel=0.2)
+
+
+def test_near_the_end_of_the_horizon_the_winner_is_exploited_without_a_new_race():
+    engine = _engine()
+    engine.set_horizon(8.0)
+    sim = SimulatedTraining(engine)
+    sim.run(8.0)
+    races = [d for d in engine.decisions if d.reason.startswith("race won")]
+    assert len(races) == 1  # unbounded, the same run races again once its first exploitation ends
+    last = engine.decisions[-1]
+    assert last.reason.startswith("exploitation over: no new race") and MemoryConfig.from_dict(last.config) == engine.current
+    assert _evaluations(sim) == 1 + 3 * 2  # start, then a half-way and an end evaluation per trial; none after
+    unbounded = _engine()
+    SimulatedTraining(unbounded).run(8.0)
+    assert sum(d.reason.startswith("race won") for d in unbounded.decisions) > 1
+
+
+def test_a_short_task_keeps_the_last_race_winner_and_a_long_one_races_again():
+    engine = _engine()
+    sim = SimulatedTraining(engine)
+    sim.run(3.0)
+    winner = engine.race_incumbent
+    assert winner is not None and not engine.racing
+    assert engine.task_boundary(100, horizon_s=1.0) == winner and engine.take_ops() == []
+    assert "no race" in engine.decisions[-1].reason and "last race's winner" in engine.decisions[-1].reason
+    assert engine.task_boundary(200, horizon_s=60.0) == FULL and engine.take_ops() == ["snapshot"]
+    assert engine.decisions[-1].reason == "task boundary: race 1/3 from the same weights"
+    state = json.loads(json.dumps(engine.state_dict()))
+    restored = _engine()
+    restored.load_state_dict(state)
+    assert restored.time_left_s == pytest.approx(engine.time_left_s) == pytest.approx(60.0)
+    with pytest.raises(ValueError, match="seconds > 0 or None"):
+        engine.set_horizon(0)

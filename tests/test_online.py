@@ -132,6 +132,23 @@ def test_seconds_per_task_stops_each_task_on_time(tmp_path, stream):
         OnlineRetrainer(model, _training_args(tmp_path), baseline="fixed", seconds_per_task=0)
 
 
+def test_a_task_too_short_to_pay_for_a_race_runs_the_least_frozen_candidate(tmp_path, stream):
+    from mpopt_hf import MPOptArguments
+
+    torch.manual_seed(0)
+    model = clip_online.build_classifier(clip_online.TINY, list(DIGIT_NAMES))
+    mpopt = MPOptArguments(memory_budget_mib=64.0, micro_batch_sizes=[16, 8], freeze_rates=[0.5, 0.0],
+                           checkpoint_segments=[0], precisions=["fp32"], cost_predictor="fake")
+    retrainer = OnlineRetrainer(model, _training_args(tmp_path, steps=3), baseline="mpopt", mpopt_args=mpopt,
+                                show_progress=False, measure_peak=False, predict_peak=False, seconds_per_task=0.05)
+    retrainer.run(stream[1:])
+    decisions = retrainer._callback.engine.decisions
+    assert [d.reason.split(":")[0] for d in decisions] == ["start", "task boundary"]  # one decision per task
+    assert all("no race (a race would cost" in d.reason for d in decisions), [d.reason for d in decisions]
+    assert [MemoryConfig.from_dict(d.config) for d in decisions] == [MemoryConfig(16)] * 2
+    assert retrainer._callback.engine.discarded_seconds == 0
+
+
 def test_online_retrainer_rejects_bad_input(tmp_path):
     model = torch.nn.Linear(2, 2)
     with pytest.raises(ValueError, match="baseline must be one of"):
