@@ -67,9 +67,17 @@ class ModelArguments:
         default=None, metadata={"help": f"Supervised steps on the clean source domain. None: 200 for '{TINY}', 0 else."}
     )
     pretrain_lr: float = field(default=3e-3, metadata={"help": "Learning rate of the source pre-training."})
+    pretrain_batch_size: int = field(
+        default=64, metadata={"help": "Batch of the source pre-training: the deployed model's past, whatever the "
+                              "retraining batch (--per_device_train_batch_size) is."}
+    )
     cache_dir: str | None = field(
         default=None, metadata={"help": "Where pre-trained source checkpoints are cached. None: ~/.cache/mpopt_hf/clip_online."}
     )
+
+    def __post_init__(self) -> None:
+        if self.pretrain_batch_size < 1:
+            raise ValueError(f"ModelArguments.pretrain_batch_size must be >= 1, got {self.pretrain_batch_size}.")
 
 
 @dataclass
@@ -216,7 +224,8 @@ def source_model(model_args: ModelArguments, class_names: list[str], source, tra
         return build_classifier(model_args.model, class_names, model_args.templates, model_args.local_files_only,
                                 seed=training_args.seed, **kwargs)
     key = {"model": model_args.model, "classes": class_names, "templates": model_args.templates, "steps": steps,
-           "lr": model_args.pretrain_lr, "seed": training_args.seed, "source_size": len(source.train), "v": 1}
+           "lr": model_args.pretrain_lr, "batch": model_args.pretrain_batch_size, "seed": training_args.seed,
+           "source_size": len(source.train), "v": 2}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     cache_root = Path(model_args.cache_dir or Path.home() / ".cache" / "mpopt_hf" / "clip_online")
     path = cache_root / f"source-{digest}"
@@ -225,7 +234,7 @@ def source_model(model_args: ModelArguments, class_names: list[str], source, tra
     else:
         model = build_classifier(model_args.model, class_names, model_args.templates, model_args.local_files_only,
                                  seed=training_args.seed)
-        pretrain(model, source.train, steps, model_args.pretrain_lr, training_args)
+        pretrain(model, source.train, steps, model_args.pretrain_lr, model_args.pretrain_batch_size, training_args)
         tmp = cache_root / f".tmp-{digest}-{os.getpid()}"
         model.save_pretrained(tmp)  # then renamed: a crash never leaves a half-written checkpoint under the key
         if path.exists():  # another run cached the same source meanwhile
@@ -237,7 +246,7 @@ def source_model(model_args: ModelArguments, class_names: list[str], source, tra
     return model
 
 
-def pretrain(model: CLIPClassifier, train, steps: int, lr: float, training_args) -> None:
+def pretrain(model: CLIPClassifier, train, steps: int, lr: float, batch: int, training_args) -> None:
     """Supervised training on the source domain with a plain loop (seconds for the tiny CLIP)."""
     model.set_adaptation("supervised")
     device = training_args.device
@@ -246,7 +255,6 @@ def pretrain(model: CLIPClassifier, train, steps: int, lr: float, training_args)
     generator = torch.Generator().manual_seed(training_args.seed)
     rows = train.with_format("torch")[:]
     images, labels = rows["pixel_values"].to(device), rows["labels"].to(device)
-    batch = training_args.per_device_train_batch_size
     for _ in range(steps):
         pick = torch.randint(len(labels), (batch,), generator=generator).to(device)
         loss = model(pixel_values=images[pick], labels=labels[pick]).loss

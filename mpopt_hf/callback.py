@@ -72,6 +72,10 @@ def item_scores(logits: torch.Tensor, labels: torch.Tensor | None, metric: str) 
     raise ValueError(f"Unknown gain metric {metric!r}; allowed: 'val_accuracy', 'entropy', 'confidence'.")
 
 
+# the best value of each gain metric's item score: the engine caps its projections there
+METRIC_CEILING = {"val_accuracy": 1.0, "confidence": 1.0, "entropy": 0.0}
+
+
 def metric_from_logits(logits: torch.Tensor, labels: torch.Tensor | None, metric: str) -> tuple[float, int]:
     """(sum of the per-item score, item count); higher is better."""
     scores = item_scores(logits, labels, metric)
@@ -236,6 +240,7 @@ class MPOptCallback(TrainerCallback):
                 saved = json.load(f)
             self.engine.load_state_dict(saved["engine"])
             self.metric, self.eval_chunk = saved["metric"], saved["eval_chunk"]
+            self.engine.metric_ceiling = METRIC_CEILING.get(self.metric)
             self._needs_baseline = saved.get("needs_baseline", False)
             self._logged = len(self.engine.decisions)  # those were logged by the first run
             copies = os.path.join(resume, SNAPSHOT_FILE)
@@ -244,6 +249,7 @@ class MPOptCallback(TrainerCallback):
             self._apply(self.engine.current)
             return
         self.metric = resolve_metric(self.mpopt_args.gain_metric, self._first_eval_row())
+        self.engine.metric_ceiling = METRIC_CEILING.get(self.metric)
         self.engine.set_horizon(self._wall_clock_left())
         self._apply(self.engine.start(state.global_step, *self._measure_metric(model)))
         self._flush_decisions()

@@ -183,13 +183,16 @@ class MPOptArguments:
     )
     search_share: float | None = field(
         default=DEFAULT_SEARCH_SHARE,
-        metadata={"help": "Largest share of the time spent measuring the gain metric: a trial lasts at least "
-                  "(evaluation seconds) x (1 - share) / share of training, besides trial_steps. In (0, 1); None: "
-                  "trials last trial_steps steps however long an evaluation takes."},
+        metadata={"help": "Largest share of the time spent searching: a trial lasts at least (evaluation seconds) x "
+                  "(1 - share) / share of training, besides trial_steps; a race is re-run once its cost is this share "
+                  "of the time since; and when the time left is known (time_budget_s, or a WallClockLimit callback "
+                  "such as the online loop's slot per task), a race whose estimated cost exceeds this share of it "
+                  "is not run. In (0, 1); None: trials last trial_steps steps however long an evaluation takes."},
     )
     time_budget_s: float | None = field(
         default=None,
-        metadata={"help": "Seconds of training (step time, evaluation excluded) after which training stops. None: no limit."},
+        metadata={"help": "Seconds of training (step time, evaluation excluded) after which training stops; the "
+                  "engine also plans its search for them. None: no limit."},
     )
     gain_metric: str = field(
         default="auto",
@@ -213,9 +216,10 @@ class MPOptArguments:
     )
     late_gain: bool = field(
         default=True,
-        metadata={"help": "race: measure the metric half-way through each trial too and judge the trial on its second "
-                  "half, so that a fast start that flattens out, or the dip of newly unfrozen parameters, does not "
-                  "decide the race."},
+        metadata={"help": "race: measure the metric half-way through each trial too, and judge each candidate by the "
+                  "metric it would reach by the race's horizon (a climb that flattens out towards a ceiling is "
+                  "projected to stop; the dip of newly unfrozen parameters is not held against them). False: one "
+                  "metric per trial, and the gain per second over the whole trial decides."},
     )
     exploration: float = field(
         default=0.5,

@@ -8,8 +8,9 @@ the configuration and everything predicted larger.
 
 Two strategies compare the survivors. ``race`` (the default): every survivor trains for the same seconds
 *from the same weights* (the caller snapshots and restores them when the engine asks, see `RuleEngine.ops`),
-the winner's end state is kept and exploited, and the race is re-run from the current weights once its
-cost has been paid back ``1/search_share`` times over, so the choice follows the training as it saturates.
+each is judged by the metric it would reach by the race's horizon (its two halves tell a climb that goes on
+from one that flattens out, `project_metric`), the winner's end state is kept and exploited, and the race is
+re-run from the current weights once its cost has been paid back ``1/search_share`` times over.
 When the time left is known (``time_budget_s``, or a horizon such as a wall-clock slot, see `set_horizon`),
 a race is only run if its estimated cost is at most ``search_share`` of that time; otherwise the incumbent
 goes on, or, with none yet, the least frozen of the fastest candidates, whose accuracy freezing does not cap.
@@ -83,12 +84,44 @@ class Decision:
 @dataclass
 class RaceTrial:
     """One race trial's outcome: gain per second, the metric at its end (and that metric's standard error),
-    and the training seconds it ran."""
+    the training seconds it ran, and the metric projected to the race's horizon (see `project_metric`)."""
 
     gain: float
     metric: float
     seconds: float
     se: float | None = None
+    projected: float | None = None
+
+
+def project_metric(
+    start: float, mid: float, mid_s: float, end: float, end_s: float, horizon_s: float, ceiling: float | None = None,
+    noise: float = 0.0,
+) -> float:
+    """The metric ``horizon_s`` seconds after a trial's end, if training went on the way the trial went.
+
+    The trial's two halves give two rates. A second half slower than the first is read as an exponential
+    approach to a ceiling, m(t) = A - (A - m0) e^(-kt), whose k follows from the ratio of the rates; the
+    gain still to come is then bounded. Otherwise (a steady or accelerating gain, or a first half that dipped
+    as parameters unfrozen with fresh optimizer state settle) the second half's rate is extended. A falling
+    second half projects no further gain. ``ceiling`` (1 for an accuracy) caps the projection, so candidates
+    that both still climb tie there, and the tie rule decides. ``noise`` is the metric's standard error: a
+    slowdown is read as a ceiling only when it exceeds the noise of the two changes (one standard error of a
+    difference each way), because a short trial's curvature is mostly noise and a wrong ceiling is costly.
+    """
+    first, second = mid_s, end_s - mid_s
+    if first <= 0 or second <= 0:
+        return end if ceiling is None else min(end, ceiling)
+    r1, r2 = (mid - start) / first, (end - mid) / second
+    slack = noise * math.sqrt(2.0)  # the standard error of a change between two evaluations
+    if r2 <= 0:
+        gain = 0.0
+    elif (mid - start - slack) / first > (end - mid + slack) / second:
+        k = math.log(r1 / r2) / ((first + second) / 2)  # the halves' mid-points are this far apart
+        rate_at_end = r2 * k * second / math.expm1(k * second)  # the second half's mean rate, moved to its end
+        gain = rate_at_end * -math.expm1(-k * horizon_s) / k
+    else:
+        gain = r2 * horizon_s
+    return end + gain if ceiling is None else min(end + gain, ceiling)
 
 
 # ---------------------------------------------------------------------------- the search space
@@ -286,6 +319,7 @@ class RuleEngine:
         strategy: str = "race",
         significance: float = 2.0,
         late_gain: bool = True,
+        metric_ceiling: float | None = None,
         exploration: float = 0.5,
         discount: float = 0.25,
         drift_threshold: float | None = None,
@@ -302,6 +336,7 @@ class RuleEngine:
         if strategy not in STRATEGIES:
             raise ValueError(f"RuleEngine strategy must be one of {list(STRATEGIES)}, got {strategy!r}.")
         self.strategy, self.significance, self.late_gain = strategy, significance, late_gain
+        self.metric_ceiling = metric_ceiling  # the gain metric's best value (1 for accuracy), None: unbounded
         self.candidates = list(candidates)
         self.budget_bytes, self.margin = budget_bytes, margin
         self.trial_steps, self.trial_max_s, self.search_share = trial_steps, trial_max_s, search_share
@@ -341,6 +376,7 @@ class RuleEngine:
         self.want_mid = False
         self.last_se: float | None = None
         self.horizon_s: float | None = None  # seconds (training and search) this stretch has, from horizon_from
+        self.race_horizon_s: float | None = None  # how far ahead this race's trials are projected
         self.horizon_from = 0.0
         self.decisions: list[Decision] = []
 
@@ -396,14 +432,16 @@ class RuleEngine:
         are thrown away, and the gain-metric evaluations (one at the end of each trial, one more half-way with
         ``late_gain``). A trial lasts as long as the last race's did; before any race, ``trial_steps`` steps of
         the slowest candidate (when its step time is predicted) and at least `min_trial_seconds`."""
-        trial = self.race_trial_s
-        if trial is None:
-            slowest = max((self.candidate(c).step_s or 0.0 for c in order), default=0.0)
-            trial = max(self.trial_steps * slowest, self.min_trial_seconds)
-            if self.trial_max_s is not None:
-                trial = min(trial, self.trial_max_s)
         evals = len(order) * (2 if self.late_gain else 1) * (self.last_eval_s or 0.0)
-        return (len(order) - 1) * trial + evals
+        return (len(order) - 1) * self.race_trial_s_estimate(order) + evals
+
+    def race_trial_s_estimate(self, order: Sequence[MemoryConfig]) -> float:
+        """Training seconds one trial of a race among ``order`` is expected to last."""
+        if self.race_trial_s is not None:
+            return self.race_trial_s
+        slowest = max((self.candidate(c).step_s or 0.0 for c in order), default=0.0)
+        trial = max(self.trial_steps * slowest, self.min_trial_seconds)
+        return trial if self.trial_max_s is None else min(trial, self.trial_max_s)
 
     def _race_pays(self, order: Sequence[MemoryConfig]) -> tuple[bool, str]:
         """Whether a race fits in ``search_share`` of the time left (always, when that time is unknown)."""
@@ -413,6 +451,18 @@ class RuleEngine:
         share = self.search_share or DEFAULT_SEARCH_SHARE
         cost = self.race_cost_s(order)
         return cost <= share * left, f"a race would cost ~{cost:.2f} s, over {share:g} of the {max(left, 0.0):.1f} s left"
+
+    def _projection_horizon(self, order: Sequence[MemoryConfig]) -> float | None:
+        """How long the race's winner will train before anything is decided again: the time left after the
+        race when it is known, else the exploitation the race's cost buys. None when trials are not projected
+        (``late_gain`` off, so no half-way metric)."""
+        if not self.late_gain:
+            return None
+        cost, left = self.race_cost_s(order), self.time_left_s
+        if left is not None:
+            return max(left - cost - self.race_trial_s_estimate(order), 0.0)
+        share = self.search_share or DEFAULT_SEARCH_SHARE
+        return cost * (1 - share) / share * 2 ** min(self.race_streak, 3)
 
     def _no_race_choice(self) -> MemoryConfig:
         """Without a race: the last race's winner while it is still feasible, else the least frozen candidate
@@ -630,6 +680,7 @@ class RuleEngine:
             return self._decide(step, choice, f"{reason}: no race ({why}): {kind}")
         self.racing, self.race = True, order[1:]
         self.race_trials = {}
+        self.race_horizon_s = self._projection_horizon(order)
         self.race_saved = None
         self.race_start_metric, self.race_trial_s = self.baseline, None
         self.race_start_search_s = self.search_seconds
@@ -668,14 +719,18 @@ class RuleEngine:
         if self.want_mid:
             self.want_mid, self.race_mid = False, (metric, self.trial_seconds)
             return self.current  # the trial goes on
+        start = self.race_start_metric if self.race_start_metric is not None else metric
+        projected = None
         if self.race_mid is not None and self.trial_seconds > self.race_mid[1]:
             # the second half's rate: a fast start that flattens out, or the dip of parameters unfrozen with
             # fresh optimizer state, is not what the next minutes of training will see
             gain = (metric - self.race_mid[0]) / (self.trial_seconds - self.race_mid[1])
+            if self.race_horizon_s is not None:
+                projected = project_metric(start, self.race_mid[0], self.race_mid[1], metric, self.trial_seconds,
+                                           self.race_horizon_s, self.metric_ceiling, self.last_se or 0.0)
         else:
-            start = self.race_start_metric if self.race_start_metric is not None else metric
             gain = (metric - start) / max(self.trial_seconds, 1e-12)
-        self._record_trial(self.current, gain, metric)
+        self._record_trial(self.current, gain, metric, projected)
         if self.race:
             self.ops.append("restore_start")
             following = self.race.pop(0)
@@ -684,8 +739,8 @@ class RuleEngine:
             return self._decide(step, following, f"trial: race {len(self.race_trials) + 1}/{n} from the same weights")
         return self._finish_race(step)
 
-    def _record_trial(self, config: MemoryConfig, gain: float, metric: float) -> None:
-        self.race_trials[config] = RaceTrial(gain, metric, self.trial_seconds, self.last_se)
+    def _record_trial(self, config: MemoryConfig, gain: float, metric: float, projected: float | None = None) -> None:
+        self.race_trials[config] = RaceTrial(gain, metric, self.trial_seconds, self.last_se, projected)
         if self.race_trial_s is None:
             self.race_trial_s = self.trial_seconds
         self.arms[config].add(gain)
@@ -694,7 +749,8 @@ class RuleEngine:
             self.race_saved = config
 
     def race_winner(self) -> tuple[MemoryConfig, bool]:
-        """The best gain per second; (winner, whether it won a tie).
+        """The best metric projected to the race's horizon (`project_metric`), or without projections (no
+        half-way metric) the best gain per second; (winner, whether it won a tie).
 
         Gains are compared over the race's trial length: a lead smaller than ``significance`` standard errors
         of the metric is a tie, and a tie goes to the least frozen candidate (then the earliest in the race).
@@ -702,11 +758,15 @@ class RuleEngine:
         ceiling, and a trial that unfreezes parameters pays for their fresh optimizer state at once), so
         training fewer parameters has to win clearly.
         """
-        length = self.race_trial_s or 1.0
-        change = {c: t.gain * length for c, t in self.race_trials.items()}
-        leader = max(change, key=lambda c: change[c])
-        tolerance = self.significance * (self.race_trials[leader].se or 0.0)
-        tied = [c for c in change if change[c] >= change[leader] - tolerance]  # in race order
+        trials = self.race_trials
+        if all(t.projected is not None for t in trials.values()):  # the metric each would reach by the horizon
+            score = {c: t.projected for c, t in trials.items()}
+        else:
+            length = self.race_trial_s or 1.0
+            score = {c: t.gain * length for c, t in trials.items()}
+        leader = max(score, key=lambda c: score[c])
+        tolerance = self.significance * (trials[leader].se or 0.0)
+        tied = [c for c in score if score[c] >= score[leader] - tolerance]  # in race order
         winner = min(tied, key=lambda c: c.freeze_rate)
         return winner, winner != leader
 
@@ -731,7 +791,10 @@ class RuleEngine:
         self.baseline = self.last_metric = self.race_trials[winner].metric
         self._restart_trial()
         tie = f", the least frozen within {self.significance:g} standard errors of the best" if by_tie else ""
-        return self._decide(step, winner, f"race won ({self.race_trials[winner].gain:.4g}/s over {len(self.race_trials)}{tie}): "
+        won = self.race_trials[winner]
+        ahead = (f"{won.projected:.4g} projected {self.race_horizon_s:.1f} s ahead, " if won.projected is not None
+                 and self.race_horizon_s is not None else "")
+        return self._decide(step, winner, f"race won ({ahead}{won.gain:.4g}/s over {len(self.race_trials)}{tie}): "
                                           f"exploit for {self.exploit_until_s - self.elapsed_s:.1f} s")
 
     def _race_after_infeasible(self, step: int, config: MemoryConfig, reason: str) -> MemoryConfig:
@@ -803,6 +866,7 @@ class RuleEngine:
                 "discarded_seconds": self.discarded_seconds,
                 "incumbent": None if self.race_incumbent is None else self.race_incumbent.to_dict(),
                 "streak": self.race_streak,
+                "horizon_s": self.race_horizon_s,
             },
             "horizon": {"seconds": self.horizon_s, "from": self.horizon_from},
             "decisions": [d.to_dict() for d in self.decisions],
@@ -832,6 +896,7 @@ class RuleEngine:
             self.discarded_seconds = race["discarded_seconds"]
             self.race_incumbent = None if race["incumbent"] is None else MemoryConfig.from_dict(race["incumbent"])
             self.race_streak = race["streak"]
+            self.race_horizon_s = race.get("horizon_s")
         horizon = state.get("horizon") or {}
         self.horizon_s, self.horizon_from = horizon.get("seconds"), horizon.get("from", 0.0)
         self.decisions = [Decision(**d) for d in state["decisions"]]

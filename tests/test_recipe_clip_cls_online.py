@@ -99,3 +99,23 @@ def test_recipe_script_help_runs():
     out = subprocess.run([sys.executable, str(ROOT / "recipes" / "clip_cls_online.py"), "--help"], capture_output=True,
                          text=True, timeout=120, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert out.returncode == 0 and "--baseline" in out.stdout and "--memory_budget_mib" in out.stdout
+
+
+def test_the_cached_source_model_does_not_depend_on_the_retraining_batch(tmp_path):
+    import torch
+
+    from clip_online.run import load_stream, parse, source_model
+
+    def source(*extra):
+        model_args, data_args, _, _, training_args = parse(_small(tmp_path, *extra))
+        names, clean, _ = load_stream(data_args)
+        return source_model(model_args, names, clean, training_args).state_dict()
+
+    first = source("--per_device_train_batch_size", "16")
+    second = source("--per_device_train_batch_size", "32")  # another retraining batch: the same deployed model
+    assert len(list((tmp_path / "cache").iterdir())) == 1
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    source("--pretrain_batch_size", "8")  # another past: another cached model
+    assert len(list((tmp_path / "cache").iterdir())) == 2
+    with pytest.raises(ValueError, match="pretrain_batch_size must be >= 1"):
+        parse(_small(tmp_path, "--pretrain_batch_size", "0"))
