@@ -238,6 +238,9 @@ class OnlineRetrainer:
         from .trainer import MPOptTrainer
 
         train = self._train_set(task)
+        # the slot starts now: choosing a configuration (halving's predictions, the engine's cost-model fit and
+        # first evaluation) is part of every method's time
+        limit = WallClockLimit(self.seconds_per_task).start() if self.seconds_per_task is not None else None
         start = time.perf_counter()
         args = self._args(train)
         search = time.perf_counter() - start
@@ -259,8 +262,8 @@ class OnlineRetrainer:
             kwargs["memory_config"] = self._config_for(train, args)
             search += time.perf_counter() - start
         trainer = MPOptTrainer(**kwargs)
-        if self.seconds_per_task is not None:  # before the task boundary: the engine plans its search for the slot
-            trainer.add_callback(WallClockLimit(self.seconds_per_task))
+        if limit is not None:  # before the task boundary: the engine plans its search for the slot
+            trainer.add_callback(limit)
         if self.uses_engine:
             if self._callback is None:
                 self._callback = trainer.mpopt_callback

@@ -3,7 +3,8 @@
 A device that retrains between two deployments has a time slot, not a step count; and two methods are
 only compared fairly at equal time, because a faster configuration's advantage *is* its extra steps. The
 clock runs from the first step's start and counts everything the Trainer does in between (steps, the
-engine's evaluations and trials, logging).
+engine's evaluations and trials, logging). Call `start` to begin it earlier, e.g. when a task begins, so
+that what a method does before its first step (choosing a configuration, fitting a cost model) is counted.
 """
 
 from __future__ import annotations
@@ -23,9 +24,17 @@ class WallClockLimit(TrainerCallback):
         self.seconds, self.clock = float(seconds), clock
         self.started: float | None = None
         self.stopped_early = False
+        self._started_by_caller = False
+
+    def start(self) -> "WallClockLimit":
+        """Start the clock now, before training begins; the next ``train()`` keeps it running."""
+        self.started, self._started_by_caller = self.clock(), True
+        return self
 
     def on_train_begin(self, args, state, control, **kwargs):
-        self.started, self.stopped_early = None, False  # re-armed for each train() of a reused callback
+        if not self._started_by_caller:
+            self.started = None  # re-armed for each train() of a reused callback
+        self._started_by_caller, self.stopped_early = False, False
         return control
 
     def on_step_begin(self, args, state, control, **kwargs):
