@@ -148,7 +148,8 @@ class MPOptCallback(TrainerCallback):
             return
         step = self._step()
         self._apply(self.engine.task_boundary(step, horizon_s=self._wall_clock_left()))
-        self._needs_baseline = True
+        # the new data's metric starts the trials; a task too short for a race spends no evaluation on it
+        self._needs_baseline = self.engine.racing or self.engine.strategy != "race"
         self._flush_decisions()
 
     # -------------------------------------------------------------- Trainer events

@@ -146,7 +146,9 @@ def test_a_task_too_short_to_pay_for_a_race_runs_the_least_frozen_candidate(tmp_
     assert [d.reason.split(":")[0] for d in decisions] == ["start", "task boundary"]  # one decision per task
     assert all("no race (a race would cost" in d.reason for d in decisions), [d.reason for d in decisions]
     assert [MemoryConfig.from_dict(d.config) for d in decisions] == [MemoryConfig(16)] * 2
-    assert retrainer._callback.engine.discarded_seconds == 0
+    engine = retrainer._callback.engine
+    assert engine.discarded_seconds == 0
+    assert engine.search_seconds == engine.last_eval_s  # one evaluation (the first task's); none for a race not run
 
 
 def test_online_retrainer_rejects_bad_input(tmp_path):
