@@ -10,8 +10,9 @@ effective batch by design; so mpopt also runs at that halved batch (row ``mpopt 
 batch's share of the gap from the engine's.
 
 mpopt keeps its profile (the fitted memory model) in a profile store, as a device that retrains again and
-again does: one warm-up run per batch fills it before the measured rows, and the fit it saves is reported
-(``--cold-profile`` measures mpopt paying the fit in its first task instead).
+again does: one warm-up run fills it before the measured rows (the profile is keyed by model, per-sample
+input shape, optimizer and device, so the halved batch's row reuses it too), and the fit it saves is
+reported (``--cold-profile`` measures mpopt paying the fit in its first task instead).
 
     python bench/online_baselines.py [--seconds-per-task 8] [--seeds 2] [--out bench/results]
 """
@@ -82,25 +83,17 @@ def main() -> None:
         })
         return s, tasks
 
-    fit_seconds = []
-
-    def warm_up(flags):
-        """One untimed run that fits the profile and stores it (one task is enough: the key is model and batch)."""
-        result = run_recipe(common + flags + ["--output_dir", os.path.join(work, "warm-up"), "--corruptions", "fog"])
-        fit_seconds.append(result["tasks"][0]["search_seconds"])
-
-    if store:
-        warm_up(plan["mpopt"])
+    fit_seconds = None
+    if store:  # one untimed task fits the profile and stores it
+        warm = run_recipe(common + plan["mpopt"] + ["--output_dir", os.path.join(work, "warm-up"), "--corruptions", "fog"])
+        fit_seconds = warm["tasks"][0]["search_seconds"]
     for seed in range(ns.seeds):
         for name, flags in plan.items():
             summary, tasks = run_row(name, flags, seed)
             if name == "auto_find_batch_size":  # mpopt at the batch halving ended at, under the same budget
                 halved = MemoryConfig.from_dict(tasks[0]["configs"][0]).micro_batch_size
-                flags = ["--baseline", "mpopt", "--per_device_train_batch_size", str(halved),
-                         "--memory_budget_mib", str(summary["budget_mib"]), *store]
-                if seed == 0 and store:
-                    warm_up(flags)
-                run_row(f"mpopt @ batch {halved}", flags, seed)
+                run_row(f"mpopt @ batch {halved}", ["--baseline", "mpopt", "--per_device_train_batch_size", str(halved),
+                                                   "--memory_budget_mib", str(summary["budget_mib"]), *store], seed)
 
     def mean(name, field):
         return statistics.fmean(r[field] for r in runs[name])
@@ -134,9 +127,9 @@ def main() -> None:
         f"Before retraining: {runs['none'][0]['mean_accuracy_before']:.3f}. mpopt - best baseline ({best}) = "
         f"{100 * gap:+.1f} points (target >= -1).",
     ]
-    if fit_seconds:
-        lines.append(f"mpopt ran with a warm profile store; fitting it cost {', '.join(f'{x:.1f}' for x in fit_seconds)} s "
-                     "of search in the warm-up run's task (once per model, batch and device).")
+    if fit_seconds is not None:
+        lines.append(f"mpopt ran with a warm profile store; fitting it cost {fit_seconds:.1f} s of search in the "
+                     "warm-up run's task (once per model, input shape, optimizer and device).")
     for name in [n for n in runs if n.startswith("mpopt @ batch")]:
         same_batch = mean(name, "mean_accuracy_after") - mean("auto_find_batch_size", "mean_accuracy_after")
         lines.append(f"At auto_find_batch_size's own batch, {name} - auto_find_batch_size = {100 * same_batch:+.1f} points.")

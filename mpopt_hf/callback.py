@@ -261,7 +261,7 @@ class MPOptCallback(TrainerCallback):
         handler = getattr(self.trainer, "callback_handler", None)
         limits = [cb for cb in getattr(handler, "callbacks", []) if isinstance(cb, WallClockLimit)]
         left = min((cb.seconds - cb.elapsed for cb in limits), default=None)
-        return None if left is None else -self._reduce(-max(left, 1e-9), "max")
+        return None if left is None else self._reduce(max(left, 1e-9), "min")
 
     def _default_cost_model(self, model: nn.Module, batch: dict[str, Any], optimizer: Any,
                             space: list[MemoryConfig], args) -> CostModel:
@@ -517,7 +517,7 @@ class MPOptCallback(TrainerCallback):
         if not self._distributed():
             return value
         tensor = torch.tensor([value], dtype=torch.float64, device=self._device())
-        dist.all_reduce(tensor, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+        dist.all_reduce(tensor, op={"max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN, "sum": dist.ReduceOp.SUM}[op])
         return float(tensor.item())
 
     def _reduce_sums(self, sums: torch.Tensor) -> list[float]:
