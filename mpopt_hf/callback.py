@@ -366,6 +366,8 @@ class MPOptCallback(TrainerCallback):
     def _default_precisions(args) -> list[str]:
         if args.fp16:
             return ["fp16"]
+        if args.bf16:  # accelerate autocasts every forward then: bf16 is the run's only precision
+            return ["bf16"]
         if args.device.type == "cuda" and torch.cuda.is_bf16_supported():
             return ["fp32", "bf16"]
         return ["fp32"]

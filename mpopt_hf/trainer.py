@@ -1,15 +1,20 @@
 """`MPOptTrainer`: a `transformers.Trainer` whose training step runs under a `MemoryConfig`.
 
-The data loader yields the *effective* batch; the step splits it into
-micro-batches, accumulates their gradients (synchronising only on the last one),
-and so keeps the gradient of the whole batch while holding the activations of
-one micro-batch at a time. The knobs switch only at step boundaries.
+Without a memory configuration or engine it *is* a `Trainer`: every method defers to it. With one, the
+step is the effective batch (Trainer's ``gradient_accumulation_steps`` loader batches), split into
+micro-batches, each weighted by its share of the items the loss averages over, so the gradient equals
+the whole batch's while only one micro-batch's activations are held. The step is computed at its last
+loader batch, whole, so that an out-of-memory error anywhere in it (forward, backward, clipping, the
+optimizer step) is answered by running it again under the next configuration, and a non-finite loss or
+gradient skips it. The knobs switch only at step boundaries.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
+import math
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -18,11 +23,14 @@ import torch.distributed as dist
 from torch import nn
 from transformers import Trainer
 
-from .blocks import find_blocks, unwrap_model
+from .blocks import ModelBlocks, find_blocks, unwrap_model
+from .checkpoint_compat import reload_renamed_weights
 from .config import MemoryConfig, MPOptArguments
-from .knobs import apply_memory_config, autocast_context, knob_state, plan_knobs
-from .microbatch import batch_size_of, micro_batch_shares, split_batch
+from .knobs import apply_memory_config, autocast_context, check_precision, knob_state, plan_knobs
+from .loss_items import LossItemCounter, count_loss_items
+from .microbatch import batch_size_of, split_batch
 from .oom import free_memory, is_out_of_memory
+from .step_guard import NonFiniteSteps, OptimizerRollback, RandomState
 
 if TYPE_CHECKING:  # pragma: no cover
     from .callback import MPOptCallback
@@ -36,14 +44,17 @@ logger = logging.getLogger(__name__)
 class MPOptTrainer(Trainer):
     """A Trainer that trains under a `MemoryConfig` (micro-batching, freezing, checkpointing, precision).
 
-    ``memory_config`` is the configuration to start with; without one the whole batch runs at once with
-    no knob, i.e. exactly like `Trainer`. Switch later with `set_memory_config`. ``mpopt_args`` attaches an
-    `MPOptCallback` that lets the rule engine choose (``cost_model``, ``clock``, ``store``/``store_key`` go to it).
+    ``memory_config`` is the configuration to start with; ``mpopt_args`` attaches an `MPOptCallback` that lets
+    the rule engine choose (``cost_model``, ``clock``, ``store``/``store_key`` go to it). With neither, this is
+    `Trainer` until `set_memory_config` is called. ``loss_items`` counts the items a micro-batch's loss
+    averages over when that is neither labelled tokens nor samples (see `mpopt_hf.loss_items`).
+    ``max_nonfinite_steps`` steps in a row with a non-finite loss or gradient norm stop training (each is
+    skipped). ``log_memory_config`` adds the active knobs (and, on CUDA, the step's peak) to the loss logs.
 
     A step that runs out of memory is run again, whole, under the next configuration: the engine's answer
-    when one is attached, else half the micro-batch. Its partial gradients are dropped first, so no sample is
-    skipped and no optimizer step is doubled. In a multi-process run every rank learns of any rank's error
-    (an all-reduced flag per step) and all switch together.
+    when one is attached, else half the micro-batch. Its partial gradients are dropped and a half-done
+    optimizer step is undone first, so no sample is skipped and nothing is applied twice. In a multi-process
+    run every rank learns of any rank's error (an all-reduced flag) and all switch together.
     """
 
     def __init__(
@@ -55,11 +66,17 @@ class MPOptTrainer(Trainer):
         clock: Callable[[], float] | None = None,
         store: Any = None,
         store_key: Any = None,
+        loss_items: LossItemCounter | None = None,
+        max_nonfinite_steps: int = 3,
+        log_memory_config: bool = False,
         **kwargs: Any,
     ) -> None:
         self.oom_handler: OOMHandler | None = None
         self.oom_events: list[tuple[int, MemoryConfig]] = []
         self.mpopt_callback: MPOptCallback | None = None
+        self.nonfinite = NonFiniteSteps(max_nonfinite_steps)
+        self.loss_items = loss_items
+        self.log_memory_config = log_memory_config
         if mpopt_args is not None:
             from .callback import MPOptCallback
 
@@ -67,56 +84,69 @@ class MPOptTrainer(Trainer):
             callback = MPOptCallback(mpopt_args, cost_model=cost_model, store=store, store_key=store_key, **extra)
             kwargs["callbacks"] = [*(kwargs.get("callbacks") or []), callback]
         super().__init__(*args, **kwargs)
-        if self.args.gradient_accumulation_steps != 1:
-            raise ValueError(
-                f"TrainingArguments.gradient_accumulation_steps={self.args.gradient_accumulation_steps}: MPOptTrainer "
-                "accumulates gradients itself. Set gradient_accumulation_steps=1, make per_device_train_batch_size "
-                "the effective batch, and choose MemoryConfig.micro_batch_size for the memory it may use."
-            )
-        if self.args.bf16:
-            raise ValueError(
-                "TrainingArguments.bf16=True: MPOptTrainer switches precision itself. Leave bf16=False and use "
-                "MemoryConfig(precision='bf16')."
-            )
-        self._blocks = find_blocks(self.model)
+        self._blocks: ModelBlocks | None = None
         self._memory_config: MemoryConfig | None = None
-        self._pending_config = memory_config or MemoryConfig(
-            micro_batch_size=self.args.per_device_train_batch_size,
-            precision="fp16" if self.args.fp16 else "fp32",
-        )
-        self._validate(self._pending_config)
-        self._micro_share: float | None = None
+        self._pending_config: MemoryConfig | None = None
+        self._loader_batches: list[dict[str, Any]] = []  # the current step's loader batches so far
+        self._step_batches: list[dict[str, Any]] = []
+        self._step_model: nn.Module | None = None
+        self._step_random: RandomState | None = None
+        self._rollback: OptimizerRollback | None = None
+        self._skip_reason: str | None = None
+        self._micro_weight: float | None = None
         self._step_peak_bytes: int | None = None
+        if memory_config is not None or mpopt_args is not None:
+            self.set_memory_config(memory_config or self.default_memory_config())
         for callback in self.callback_handler.callbacks:
             if hasattr(callback, "bind_trainer"):
                 callback.bind_trainer(self)
 
     # ------------------------------------------------------------------ the public knob API
 
+    def default_memory_config(self) -> MemoryConfig:
+        """The whole loader batch at once, in the precision TrainingArguments ask for: what Trainer runs."""
+        precision = "fp16" if self.args.fp16 else ("bf16" if self.args.bf16 else "fp32")
+        return MemoryConfig(micro_batch_size=self.args.per_device_train_batch_size, precision=precision)
+
     @property
     def memory_config(self) -> MemoryConfig:
         """The configuration in effect (or, before the first step, the one that will be)."""
-        return self._memory_config or self._pending_config
+        return self._memory_config or self._pending_config or self.default_memory_config()
+
+    @property
+    def knobs_active(self) -> bool:
+        """False until a configuration or an engine is given: until then every step is Trainer's own."""
+        return self._memory_config is not None or self._pending_config is not None or self.oom_handler is not None
 
     def set_memory_config(self, config: MemoryConfig) -> None:
         """Switch to ``config`` at the next step boundary. Validated now, so a bad config fails here."""
         self._validate(config)
         self._pending_config = config
 
+    def _model_blocks(self) -> ModelBlocks:
+        """Looked for only when a knob needs blocks, so a model without repeated blocks trains as in Trainer."""
+        if self._blocks is None:
+            self._blocks = find_blocks(self.model)
+        return self._blocks
+
     def _validate(self, config: MemoryConfig) -> None:
         if not isinstance(config, MemoryConfig):
             raise ValueError(f"memory_config must be a MemoryConfig, got {type(config).__name__}.")
-        plan_knobs(config, self._blocks.n_blocks)
+        if _uses_blocks(config):
+            plan_knobs(config, self._model_blocks().n_blocks)
         device_type = self.args.device.type
+        for flag, precision in (("fp16", "fp16"), ("bf16", "bf16")):
+            if getattr(self.args, flag) and config.precision != precision:
+                raise ValueError(
+                    f"MemoryConfig.precision={config.precision!r} while TrainingArguments.{flag}=True: accelerate "
+                    f"runs the whole run in {precision} then (autocast{' and its loss scaler' if flag == 'fp16' else ''}), "
+                    f"so every configuration must use precision={precision!r}; or set {flag}=False and let the "
+                    "precision knob choose."
+                )
         if config.precision == "fp16" and not self.args.fp16:
             raise ValueError(
                 f"MemoryConfig.precision='fp16' needs TrainingArguments(fp16=True) on a CUDA device (device: "
                 f"{device_type!r}), which gives the loss scaler; use 'bf16' or 'fp32' otherwise."
-            )
-        if self.args.fp16 and config.precision != "fp16":
-            raise ValueError(
-                f"MemoryConfig.precision={config.precision!r} while TrainingArguments.fp16=True: the loss scaler "
-                "belongs to the whole run, so every configuration must use precision='fp16'."
             )
         if config.precision == "bf16" and device_type == "cuda" and not torch.cuda.is_bf16_supported():
             raise ValueError("MemoryConfig.precision='bf16' is not supported by this GPU; use 'fp16' or 'fp32'.")
@@ -127,13 +157,17 @@ class MPOptTrainer(Trainer):
             return
         self._pending_config = None
         previous = self._memory_config
-        apply_memory_config(model, config, blocks=self._blocks, device_type=self.args.device.type)
+        if _uses_blocks(config) or knob_state(model) is not None:
+            apply_memory_config(model, config, blocks=self._model_blocks(), device_type=self.args.device.type)
+        else:
+            check_precision(config.precision, self.args.device.type)
         self._memory_config = config
-        effective = self.args.per_device_train_batch_size
-        micro_steps = -(-effective // config.micro_batch_size)
+        loader_batch = self.args.per_device_train_batch_size
+        micro_steps = -(-loader_batch // config.micro_batch_size) * self.args.gradient_accumulation_steps
         message = (
-            f"memory config {config.short()}: effective batch {effective * self.args.world_size} = micro-batch "
-            f"{min(config.micro_batch_size, effective)} x {micro_steps} micro-steps x {self.args.world_size} processes"
+            f"memory config {config.short()}: effective batch {loader_batch * self.args.gradient_accumulation_steps * self.args.world_size}"
+            f" = micro-batch {min(config.micro_batch_size, loader_batch)} x {micro_steps} micro-steps x "
+            f"{self.args.world_size} processes"
         )
         logger.info(message if previous is None else f"switched {previous.short()} -> {message}")
 
@@ -144,71 +178,141 @@ class MPOptTrainer(Trainer):
             if hasattr(cb, "bind_trainer") and getattr(cb, "trainer", None) is None:
                 cb.bind_trainer(self)
 
+    def train(self, *args: Any, **kwargs: Any) -> Any:
+        self._loader_batches = []  # a run stopped inside a step leaves no loader batch behind
+        if self.knobs_active and self.args.auto_find_batch_size:
+            logger.warning(
+                "auto_find_batch_size=True with MPOptTrainer: the effective batch (%d per device) is kept and the "
+                "micro-batch shrinks on out-of-memory instead of the batch being halved.",
+                self.args.per_device_train_batch_size * self.args.gradient_accumulation_steps,
+            )
+        return super().train(*args, **kwargs)
+
     # ------------------------------------------------------------------ the step
 
     def training_step(
         self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: torch.Tensor | int | None = None
     ) -> torch.Tensor:
-        while True:
-            self._switch_if_pending(model)
-            config = self.memory_config
-            error = ""
-            try:
-                loss = self._accumulate(model, inputs, num_items_in_batch, config)
-                failed = False
-            except Exception as exc:  # noqa: BLE001 - only out-of-memory is handled, the rest re-raised
-                if not is_out_of_memory(exc):
-                    raise
-                failed, error = True, f"{type(exc).__name__}: {exc}"  # not the exception: its frames hold tensors
-            if self._distributed:
-                failed = self._any_rank(failed)
-                if not failed:
-                    self._all_reduce_gradients(model)
-            if not failed:
-                return loss
-            # The step's accumulation started from zero gradients (Trainer zeroes after each optimizer step).
-            model.zero_grad(set_to_none=True)
-            loss = None
-            free_memory()
-            step = self.state.global_step
-            self.oom_events.append((step, config))
-            try:
-                following = (self.oom_handler or _halve_micro_batch)(config, step)
-            except Exception as exc:
-                raise RuntimeError(
-                    f"Out of memory at step {step} with {config.short()} ({error or 'on another rank'}) and no "
-                    f"smaller configuration is left: {exc}"
-                ) from exc
-            logger.warning("out of memory at step %d with %s: running the step again with %s", step, config.short(), following.short())
-            self.set_memory_config(following)
+        if not self.knobs_active:
+            return super().training_step(model, inputs, num_items_in_batch)
+        self._guard_optimizer()
+        self._loader_batches.append(inputs)
+        if not self.accelerator.gradient_state.sync_gradients:
+            # One of Trainer's accumulation batches: the step is computed at its last one, whole, so that an
+            # out-of-memory retry can redo all of it and the shares count the items of all its batches.
+            return torch.zeros((), device=self.args.device)
+        self._step_batches, self._loader_batches = self._loader_batches, []
+        self._step_model, self._step_random, self._skip_reason = model, RandomState.capture(), None
+        loss = self._gradients(model)
+        if not torch.isfinite(loss):
+            self._flag_nonfinite("loss")
+        return loss
 
-    def _accumulate(
-        self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: torch.Tensor | int | None, config: MemoryConfig
-    ) -> torch.Tensor:
-        """Forward/backward every micro-batch; the gradient equals the whole batch's."""
+    def _gradients(self, model: nn.Module) -> torch.Tensor:
+        """The step's gradient, accumulated over its micro-batches; retried whole until a configuration fits."""
+        while True:
+            self._step_random.restore()  # a retry draws the same dropout masks
+            self._switch_if_pending(model)
+            ok, loss, error = self._attempt(lambda: self._accumulate(model, self.memory_config))
+            if ok:
+                if self._distributed:
+                    self._all_reduce_gradients(model)
+                return loss
+            self._recover(model, error)
+
+    def _after_gradients(self, model: nn.Module, action: Callable[[], Any], reclip: bool) -> Any:
+        """Run a part of the step that needs its gradients (clipping, the optimizer step); on out-of-memory,
+        drop the step, recompute its gradients under the next configuration (clipped again if ``reclip``) and
+        run ``action`` again."""
+        while True:
+            ok, result, error = self._attempt(action)
+            if ok:
+                return result
+            self._recover(model, error)
+            self._gradients(model)
+            if reclip:
+                self._clip_grad_norm(model)
+
+    def _attempt(self, action: Callable[[], Any]) -> tuple[bool, Any, str]:
+        """(ok, result, error) of ``action``; not ok on every rank when any rank ran out of memory."""
+        result, error = None, ""
+        try:
+            result = action()
+        except Exception as exc:  # noqa: BLE001 - only out-of-memory is handled, the rest re-raised
+            if not is_out_of_memory(exc):
+                raise
+            error = f"{type(exc).__name__}: {exc}"  # not the exception: its frames hold tensors
+        failed = bool(error)
+        if self._distributed:
+            failed = self._any_rank(failed)
+        return not failed, None if failed else result, error
+
+    def _recover(self, model: nn.Module, error: str) -> None:
+        """Undo the failed attempt (gradients, a begun optimizer step) and switch to the next configuration."""
+        model.zero_grad(set_to_none=True)
+        rollback, self._rollback = self._rollback, None
+        if rollback is not None:
+            rollback.undo()
+        free_memory()
+        step, config = self.state.global_step, self.memory_config
+        self.oom_events.append((step, config))
+        try:
+            following = (self.oom_handler or _halve_micro_batch)(config, step)
+        except Exception as exc:
+            raise RuntimeError(
+                f"Out of memory at step {step} with {config.short()} ({error or 'on another rank'}) and no "
+                f"smaller configuration is left: {exc}"
+            ) from exc
+        logger.warning("out of memory at step %d with %s: running the step again with %s", step, config.short(), following.short())
+        self.set_memory_config(following)
+
+    def _accumulate(self, model: nn.Module, config: MemoryConfig) -> torch.Tensor:
+        """Forward/backward every micro-batch of the step; the gradient equals the whole batch's."""
         on_cuda = self.args.device.type == "cuda"
         if on_cuda:
             torch.cuda.reset_peak_memory_stats(self.args.device)
-        micro_batches = split_batch(inputs, config.micro_batch_size)
-        shares = micro_batch_shares(micro_batches)
-        normalised_by_items = self._loss_normalised_by_items(num_items_in_batch)
-        total = None
+        micro_batches = [mb for batch in self._step_batches for mb in split_batch(batch, config.micro_batch_size)]
+        counts = [self._count_items(mb) for mb in micro_batches]
+        scale = (self.args.world_size if self._distributed else 1) / max(self._global_items(sum(counts)), 1)
+        last = max((i for i, count in enumerate(counts) if count), default=-1)
+        total = torch.zeros((), device=self.args.device)
+        scaled_for_ga = self.loss_is_scaled_for_ga
+        self.loss_is_scaled_for_ga = True  # the weights below make the micro-batches' sum the whole batch's mean
         try:
-            for index, (micro_batch, share) in enumerate(zip(micro_batches, shares)):
+            for index, (micro_batch, count) in enumerate(zip(micro_batches, counts)):
+                if count == 0:
+                    continue  # no labelled item: it adds nothing to a mean over items (and 0/0 would be NaN)
+                self._micro_weight = count * scale / self._trainer_loss_scale()
                 # Several processes: no rank may enter the gradient all-reduce before all know that no rank ran out
                 # of memory, so every micro-batch runs unsynchronised and `_all_reduce_gradients` follows.
-                last = index == len(micro_batches) - 1 and not self._distributed
-                # A mean loss is weighted by its share; a loss already divided by the whole batch's item count is not.
-                self._micro_share = None if normalised_by_items else share
-                sync = contextlib.nullcontext() if last else self.accelerator.no_sync(model)
+                sync = contextlib.nullcontext() if index == last and not self._distributed else self.accelerator.no_sync(model)
                 with sync:
-                    loss = super().training_step(model, micro_batch, num_items_in_batch)
-                total = loss if total is None else total + loss
+                    # the micro-batch's own item count: a model that divides by it gets its mean, as one that ignores it
+                    items = torch.tensor(count, device=self.args.device)
+                    total = total + super().training_step(model, micro_batch, items)
         finally:
-            self._micro_share = None
+            self._micro_weight = None
+            self.loss_is_scaled_for_ga = scaled_for_ga
         if on_cuda:
             self._step_peak_bytes = torch.cuda.max_memory_allocated(self.args.device)
         return total
+
+    def _count_items(self, micro_batch: dict[str, Any]) -> int:
+        if self.loss_items is not None:
+            return int(self.loss_items(micro_batch))
+        label = self.label_names[0] if self.label_names else "labels"
+        return count_loss_items(micro_batch, shifts_labels=getattr(self, "_loss_shifts_labels", False), label_name=label)
+
+    def _global_items(self, local: int) -> int:
+        if not self._distributed:
+            return local
+        return int(self.accelerator.reduce(torch.tensor(local, device=self.args.device), reduction="sum").item())
+
+    def _trainer_loss_scale(self) -> float:
+        """The factor Trainer.compute_loss multiplies a loss by when it averages tokens across devices."""
+        if self.args.average_tokens_across_devices and (self.model_accepts_loss_kwargs or self.compute_loss_func):
+            return self.accelerator.num_processes // self.get_tp_size() if self.args.n_gpu <= 1 else self.args.n_gpu
+        return 1
 
     @property
     def _distributed(self) -> bool:
@@ -235,38 +339,90 @@ class MPOptTrainer(Trainer):
         for grad, synced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
             grad.copy_(synced)
 
-    def _loss_normalised_by_items(self, num_items_in_batch: torch.Tensor | int | None) -> bool:
-        """Mirror of Trainer's rule for whether the loss is already divided by the effective batch's items."""
-        if self.loss_is_scaled_for_ga is not None:
-            return bool(self.loss_is_scaled_for_ga)
-        return bool(
-            (self.model_accepts_loss_kwargs and num_items_in_batch is not None) or self.compute_loss_func is not None
-        )
-
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # type: ignore[override]
         result = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
-        if self._micro_share is None:
+        if self._micro_weight is None:
             return result
         if return_outputs:
             loss, outputs = result
-            return loss * self._micro_share, outputs
-        return result * self._micro_share
+            return loss * self._micro_weight, outputs
+        return result * self._micro_weight
 
     def autocast_smart_context_manager(self, cache_enabled: bool | None = True) -> contextlib.AbstractContextManager:
         """Autocast for the active configuration; fp16 is left to accelerate (it owns the loss scaler)."""
         config = self.memory_config
-        if config.precision == "fp16":
-            return contextlib.nullcontext()
+        if not self.knobs_active or config.precision == "fp16":
+            return super().autocast_smart_context_manager(cache_enabled)
         return autocast_context(config, self.args.device.type)
+
+    # ------------------------------------------------------------------ clipping, the optimizer step, non-finite steps
+
+    def _clip_grad_norm(self, model: nn.Module) -> Any:
+        if not self.knobs_active or self._step_model is None:
+            return super()._clip_grad_norm(model)
+        clip = super()._clip_grad_norm
+        return self._after_gradients(model, lambda: clip(model), reclip=False)
+
+    def _get_grad_norm(self, model: nn.Module, grad_norm: Any = None) -> Any:
+        norm = super()._get_grad_norm(model, grad_norm=grad_norm)
+        # under a loss scaler an overflow is the scaler's to skip
+        if self.knobs_active and norm is not None and getattr(self.optimizer, "scaler", None) is None:
+            if not math.isfinite(float(norm)):
+                self._flag_nonfinite("gradient norm")
+        return norm
+
+    def _flag_nonfinite(self, what: str) -> None:
+        if self._skip_reason is not None:
+            return
+        self._skip_reason = what
+        step = self.state.global_step
+        logger.warning("step %d: the %s is not finite; the step is skipped (no update, scheduler not advanced)", step, what)
+        self.log({"mpopt/nonfinite_steps_skipped": float(len(self.nonfinite.skipped) + 1)})
+        self.nonfinite.note(step, what)
+
+    def _guard_optimizer(self) -> None:
+        """Route Trainer's ``optimizer.step()`` through `_optimizer_step` (once per optimizer object)."""
+        optimizer = self.optimizer
+        if optimizer is None or getattr(optimizer, "_mpopt_guarded", False):
+            return
+        original = optimizer.step
+        guarded = functools.partial(self._optimizer_step, original)
+        if hasattr(original, "_wrapped_by_lr_sched"):  # the scheduler's step tracking still sees every step
+            guarded._wrapped_by_lr_sched = True
+        optimizer.step = guarded
+        optimizer._mpopt_guarded = True
+
+    def _optimizer_step(self, original: Callable[..., Any], closure: Any = None) -> Any:
+        """Skip a non-finite step (Trainer then leaves the scheduler alone); run any other so that an
+        out-of-memory error in it undoes what it began and runs the whole step again."""
+        optimizer, model = self.optimizer, self._step_model
+        if not self.knobs_active or model is None:
+            return original(closure)
+        if self._skip_reason is not None:
+            model.zero_grad(set_to_none=True)
+            optimizer._is_overflow = True  # accelerate's "step was skipped", which Trainer reads
+            return None
+        if getattr(optimizer, "scaler", None) is None and hasattr(optimizer, "_is_overflow"):
+            optimizer._is_overflow = False
+        self.nonfinite.applied()
+
+        def step_once() -> Any:
+            self._rollback = OptimizerRollback(optimizer)
+            return original(closure)
+
+        try:
+            return self._after_gradients(model, step_once, reclip=self.args.max_grad_norm > 0)
+        finally:
+            self._rollback = None
 
     # ------------------------------------------------------------------ evaluation: its own batch handling
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):  # type: ignore[override]
-        """Evaluate; on out-of-memory split the batch in halves (recursively). Training's config is untouched."""
+        """Evaluate; with knobs active, on out-of-memory split the batch in halves (recursively)."""
         try:
             return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
         except Exception as exc:  # noqa: BLE001
-            if not is_out_of_memory(exc):
+            if not self.knobs_active or not is_out_of_memory(exc):
                 raise
             size = batch_size_of(inputs)
             if size <= 1:
@@ -281,7 +437,7 @@ class MPOptTrainer(Trainer):
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
         super()._load_from_checkpoint(resume_from_checkpoint, model)
-        _reload_renamed_weights(unwrap_model(model if model is not None else self.model), resume_from_checkpoint)
+        reload_renamed_weights(unwrap_model(model if model is not None else self.model), resume_from_checkpoint)
         if self.mpopt_callback is not None:
             self.mpopt_callback.resume_from(resume_from_checkpoint)
 
@@ -307,13 +463,17 @@ class MPOptTrainer(Trainer):
                 p.requires_grad_(flag)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        if "loss" in logs and self._memory_config is not None:
+        if self.log_memory_config and "loss" in logs and self._memory_config is not None:
             logs["micro_batch_size"] = self._memory_config.micro_batch_size
             logs["freeze_rate"] = self._memory_config.freeze_rate
             logs["checkpoint_segments"] = self._memory_config.checkpoint_segments
             if self._step_peak_bytes is not None:
                 logs["peak_memory_mib"] = round(self._step_peak_bytes / 2**20, 1)
         super().log(logs, start_time)
+
+
+def _uses_blocks(config: MemoryConfig) -> bool:
+    return config.freeze_rate > 0 or config.checkpoint_segments > 0
 
 
 def _halve_micro_batch(config: MemoryConfig, step: int) -> MemoryConfig:
@@ -330,31 +490,3 @@ def _concat(parts: list[Any]) -> Any:
     if torch.is_tensor(parts[0]):
         return torch.cat(parts, dim=0)
     return type(parts[0])(_concat(list(items)) for items in zip(*parts))
-
-
-def _reload_renamed_weights(model: nn.Module, checkpoint_dir: str) -> None:
-    """Reload weights that transformers saved under legacy key names its Trainer resume does not map back.
-
-    transformers 5.23 writes e.g. ViT and GPT-Neo checkpoints with their legacy key names, while
-    ``Trainer._load_from_checkpoint`` loads the file as-is with ``strict=False``: the renamed blocks keep their
-    current (e.g. random) weights and only a warning says so. ``from_pretrained`` applies the conversion.
-    """
-    import os
-
-    from safetensors import safe_open
-    from transformers import PreTrainedModel
-
-    path = os.path.join(checkpoint_dir, "model.safetensors")
-    if not isinstance(model, PreTrainedModel) or not os.path.isfile(path):
-        return
-    with safe_open(path, framework="pt") as f:
-        saved = set(f.keys())
-    if saved <= set(model.state_dict()):
-        return
-    reloaded = type(model).from_pretrained(checkpoint_dir, config=model.config)
-    missing, unexpected = model.load_state_dict(reloaded.state_dict(), strict=False)
-    if missing or unexpected:
-        raise RuntimeError(
-            f"Could not restore the weights of {checkpoint_dir}: missing {missing[:5]}, unexpected {unexpected[:5]}."
-        )
-    logger.info("reloaded %s through from_pretrained (its keys use legacy names)", checkpoint_dir)
