@@ -58,12 +58,15 @@ def item_scores(logits: torch.Tensor, labels: torch.Tensor | None, metric: str) 
         logits = logits[:, :-1]
         labels = None if labels is None else labels[:, 1:]
     flat = logits.reshape(-1, logits.shape[-1])
+    # a non-finite output knows nothing: it scores as a uniform prediction (and is never right), the worst value
+    broken = ~torch.isfinite(flat).all(-1)
+    flat = torch.where(broken[:, None], torch.zeros_like(flat), flat)
     if metric == "val_accuracy":
         if labels is None:
             raise ValueError("gain_metric='val_accuracy' needs labels in the evaluation data; use 'entropy' or 'confidence'.")
         target = labels.reshape(-1)
         keep = target != -100
-        return (flat.argmax(-1)[keep] == target[keep]).double()
+        return ((flat.argmax(-1) == target) & ~broken)[keep].double()
     probs = flat.softmax(-1)
     if metric == "entropy":  # lower entropy is better: its negative
         return (probs * probs.clamp_min(1e-12).log()).sum(-1).double()

@@ -26,6 +26,9 @@ from transformers import Trainer
 from .blocks import ModelBlocks, find_blocks, unwrap_model
 from .checkpoint_compat import reload_renamed_weights
 from .config import MemoryConfig, MPOptArguments
+from .coupled_loss import CoupledLossAdapter
+from .coupling_check import resolve_coupled_loss
+from .grad_cache import grad_cache_backward
 from .knobs import apply_memory_config, autocast_context, check_precision, knob_state, plan_knobs
 from .loss_items import LossItemCounter, count_loss_items
 from .microbatch import batch_size_of, split_batch
@@ -94,6 +97,7 @@ class MPOptTrainer(Trainer):
         self._rollback: OptimizerRollback | None = None
         self._skip_reason: str | None = None
         self._micro_weight: float | None = None
+        self._coupling: tuple[CoupledLossAdapter | None] | None = None  # resolved at the first split step
         self._step_peak_bytes: int | None = None
         if memory_config is not None or mpopt_args is not None:
             self.set_memory_config(memory_config or self.default_memory_config())
@@ -272,6 +276,12 @@ class MPOptTrainer(Trainer):
         if on_cuda:
             torch.cuda.reset_peak_memory_stats(self.args.device)
         micro_batches = [mb for batch in self._step_batches for mb in split_batch(batch, config.micro_batch_size)]
+        adapter = self._coupled_loss(model) if len(micro_batches) > 1 else None
+        if adapter is not None:
+            total = self._grad_cached(model, micro_batches, adapter)
+            if on_cuda:
+                self._step_peak_bytes = torch.cuda.max_memory_allocated(self.args.device)
+            return total
         counts = [self._count_items(mb) for mb in micro_batches]
         scale = (self.args.world_size if self._distributed else 1) / max(self._global_items(sum(counts)), 1)
         last = max((i for i, count in enumerate(counts) if count), default=-1)
@@ -296,6 +306,34 @@ class MPOptTrainer(Trainer):
         if on_cuda:
             self._step_peak_bytes = torch.cuda.max_memory_allocated(self.args.device)
         return total
+
+    def _coupled_loss(self, model: nn.Module) -> CoupledLossAdapter | None:
+        """The model's coupled-loss adapter, or None once a check on a few samples has shown that weighted
+        micro-batches give the whole batch's gradient; a coupled loss without adapter is refused (once)."""
+        if self._coupling is None:
+            sample = self._prepare_inputs(dict(self._step_batches[0]))
+
+            def weighted_loss(m: nn.Module, micro_batch: dict[str, Any], share: float) -> torch.Tensor:
+                items = torch.tensor(self._count_items(micro_batch), device=self.args.device)
+                return self.compute_loss(m, micro_batch, num_items_in_batch=items) * share / self._trainer_loss_scale()
+
+            # half precision rounds a whole batch and its halves differently; a coupled loss differs by tens of %
+            rtol = 3e-2 if (self.args.bf16 or self.args.fp16) else 1e-3
+            self._coupling = (resolve_coupled_loss(model, sample, loss_fn=weighted_loss, count_items=self._count_items,
+                                                   rtol=rtol),)
+        return self._coupling[0]
+
+    def _grad_cached(self, model: nn.Module, micro_batches: list[dict[str, Any]], adapter: CoupledLossAdapter) -> torch.Tensor:
+        """A loss that couples the batch: gradient caching, exact at the cost of one more forward."""
+        model.train()
+        inputs = [self._prepare_inputs(mb) for mb in micro_batches]
+        # several processes: all unsynchronised, `_all_reduce_gradients` follows (see `_accumulate`)
+        no_sync = None if self._distributed else (lambda: self.accelerator.no_sync(model))
+        outer = self.accelerator.no_sync(model) if self._distributed else contextlib.nullcontext()
+        with outer:
+            loss = grad_cache_backward(model, inputs, adapter, autocast=self.compute_loss_context_manager,
+                                       backward=self.accelerator.backward, no_sync=no_sync)
+        return loss
 
     def _count_items(self, micro_batch: dict[str, Any]) -> int:
         if self.loss_items is not None:

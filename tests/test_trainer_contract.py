@@ -263,3 +263,14 @@ def test_oom_in_the_optimizer_step_reruns_the_whole_step(tmp_path):
 def test_oom_after_the_optimizer_began_updating_is_refused(tmp_path):
     with pytest.raises(RuntimeError, match="cannot be undone"):
         _optimizer_run(tmp_path, "oom", _FailingAdamW, fail_after_update=True, fail_at=2)
+
+
+@pytest.mark.parametrize("metric, worst", [("val_accuracy", 0.0), ("confidence", 0.25), ("entropy", -1.3862944)])
+def test_the_gain_metric_scores_a_non_finite_output_as_the_worst(metric, worst):
+    from mpopt_hf.callback import item_scores
+
+    logits = torch.tensor([[9.0, 0.0, 0.0, 0.0], [float("nan"), 9.0, 0.0, 0.0], [0.0, float("inf"), 0.0, 0.0]])
+    scores = item_scores(logits, torch.tensor([0, 1, 1]), metric)
+    assert torch.isfinite(scores).all()
+    assert scores[1:].tolist() == pytest.approx([worst, worst])
+    assert scores[0] > worst
