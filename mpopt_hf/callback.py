@@ -282,6 +282,7 @@ class MPOptCallback(TrainerCallback):
             self.store = open_store(None if a.profile_store == "default" else a.profile_store)
             self.store_key = profile_key(model, batch, plain_optimizer(optimizer))
         cost = ProfileCostModel.fit(model, batch, optimizer, space, self.store)
+        cost.price_grad_caching(model, batch)
         logger.info("mpopt cost model: %s in %.1f s", "fit reused from the profile store" if cost.reused
                     else f"fitted from {len(cost.profile.measurements)} measured configuration(s)", cost.seconds)
         return cost

@@ -63,6 +63,17 @@ class ProfileCostModel:
 
     def __init__(self, profile: Any, batch_size: int, seconds: float = 0.0) -> None:
         self.profile, self.batch_size, self.seconds = profile, int(batch_size), seconds
+        # (embedding width, batch x batch tensors) of a batch-coupled loss: a split batch is gradient-cached
+        self.grad_cache: tuple[int, int] | None = None
+
+    def price_grad_caching(self, model: nn.Module, batch: Mapping[str, Any]) -> None:
+        """Price the extra forward and cached embeddings of gradient caching when ``model``'s loss on ``batch``
+        couples the batch (`mpopt_hf.coupled_loss`); the trainer gradient-caches every split batch then."""
+        from .coupled_loss import embedding_width, find_coupled_loss
+
+        adapter = find_coupled_loss(model, batch)
+        if adapter is not None and adapter.embed_dims is not None:
+            self.grad_cache = (embedding_width(adapter, model), adapter.pairwise_tensors)
 
     @classmethod
     def fit(cls, model: nn.Module, batch: Mapping[str, Any], optimizer: Any, space: list[MemoryConfig],
@@ -81,9 +92,16 @@ class ProfileCostModel:
 
     def predict(self, config: MemoryConfig) -> tuple[float | None, float | None]:
         memory_model = self.profile.model
-        peak = memory_model.predict(config, self.batch_size).peak_bytes
+        prediction = memory_model.predict(config, self.batch_size)
         timed = memory_model.calibration.n_time_points > 0
-        return float(peak), (memory_model.predict_time(config, self.batch_size) if timed else None)
+        peak, step_s = float(prediction.peak_bytes), (memory_model.predict_time(config, self.batch_size) if timed else None)
+        if self.grad_cache is not None and config.micro_batch_size < self.batch_size:
+            from .grad_cache_cost import grad_cache_overhead
+
+            overhead = grad_cache_overhead(memory_model, config, self.batch_size, *self.grad_cache)
+            peak = overhead.apply(prediction)[0]
+            step_s = None if step_s is None else step_s + overhead.extra_s
+        return peak, step_s
 
     def peak_mib(self, config: MemoryConfig) -> float:
         return self.predict(config)[0] / MiB

@@ -116,7 +116,9 @@ def check_batch_coupling(
             "change what is trained. Declare how the loss splits, and micro-batches will use gradient caching "
             "(exact): mpopt_hf.coupled_loss.register_coupled_loss(name, CoupledLossAdapter(name, matches, embed, "
             "loss)) with embed(model, micro_batch) -> per-sample embeddings and loss(model, embeddings, "
-            "micro_batches) -> the whole batch's loss; or keep micro_batch_size equal to the effective batch."
+            "micro_batches) -> the whole batch's loss; or keep micro_batch_size equal to the effective batch. If the "
+            "loss is a plain mean, the micro-batches' weights are wrong instead: pass MPOptTrainer(loss_items=fn) "
+            "counting what the loss averages over."
         )
     return result
 

@@ -144,7 +144,9 @@ def count_trainable_parameters(model: nn.Module) -> int:
 
 
 def _frozen_modules(blocks: ModelBlocks, plan: KnobPlan) -> list[nn.Module]:
-    return (list(blocks.stem) if plan.stem_frozen else []) + blocks.blocks[: plan.n_frozen]
+    return (list(blocks.stem) if plan.stem_frozen else []) + [
+        module for index in range(plan.n_frozen) for module in blocks.block_modules(index)
+    ]
 
 
 def _apply_freezing(model: nn.Module, state: KnobState, plan: KnobPlan) -> None:

@@ -16,6 +16,7 @@ from typing import Any
 
 from transformers import AutoConfig, AutoModelForImageClassification, PretrainedConfig
 
+from . import _mpopt  # noqa: F401  registers the zoo's block adapter with mpopt_hf
 from ._base import SmallCNNPreTrainedModel
 from .mobilenet_v2 import SmallMobileNetV2Config, SmallMobileNetV2ForImageClassification
 from .mobilevit import SmallMobileViTConfig, SmallMobileViTForImageClassification
