@@ -2,7 +2,7 @@ import copy
 
 import pytest
 import torch
-from transformers import Trainer, TrainerCallback
+from transformers import TrainerCallback
 
 from mpopt_hf import MemoryConfig, MPOptTrainer
 from mpopt_hf.blocks import find_blocks

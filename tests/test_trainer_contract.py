@@ -5,7 +5,6 @@ to float rounding. The contract checked is the one transformers' own tests/train
 evaluation, prediction, log history, checkpoint rotation, resume, early stopping, gradient accumulation, bf16.
 """
 
-import copy
 import logging
 import os
 
