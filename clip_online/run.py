@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import sys
 import time
@@ -22,11 +23,16 @@ from typing import Any
 import numpy as np
 import torch
 
+from mpopt_hf.config import InvalidTypeError, check_bool, check_choice, check_int, check_list, check_number, check_str
+
 from .loading import TINY, build_classifier
 from .losses import ADAPTATIONS, UNSUPERVISED_LOSSES
 from .modeling import CLIPClassifier
 
 logger = logging.getLogger(__name__)
+
+# a Hugging Face hub id: ``name`` or ``org/name`` (letters, digits, '-', '_', '.'; no leading '.' or '-', no '..')
+_HUB_ID = re.compile(r"(?!.*\.\.)(?:[A-Za-z0-9_][A-Za-z0-9_.-]*/)?[A-Za-z0-9_][A-Za-z0-9_.-]*")
 
 DATASETS = ("digits", "cifar10-c")  # vision registry names; each has a vision.streams builder of the same name
 DEFAULT_CORRUPTIONS = ("fog", "contrast", "glass_blur", "frost", "motion_blur")
@@ -76,8 +82,43 @@ class ModelArguments:
     )
 
     def __post_init__(self) -> None:
-        if self.pretrain_batch_size < 1:
-            raise ValueError(f"ModelArguments.pretrain_batch_size must be >= 1, got {self.pretrain_batch_size}.")
+        where = "ModelArguments."
+        check_str(where + "model", self.model, f"a CLIP hub id (org/name), a local folder or {TINY!r}")
+        check_bool(where + "local_files_only", self.local_files_only)
+        check_choice(where + "adaptation", self.adaptation, ADAPTATIONS)
+        check_choice(where + "unsupervised_loss", self.unsupervised_loss, UNSUPERVISED_LOSSES)
+        self.confidence_margin = check_number(where + "confidence_margin", self.confidence_margin,
+                                              lambda v: 0.0 < v <= 1.0, "in (0, 1] (1 = all samples)")
+        self.templates = check_list(where + "templates", self.templates, lambda t: isinstance(t, str) and "{}" in t,
+                                    "prompt templates (str) holding '{}' for the class name, e.g. 'a photo of a {}.'")
+        self.pretrain_steps = check_int(where + "pretrain_steps", self.pretrain_steps, lambda v: v >= 0,
+                                        "an int >= 0 (0 = no pre-training) or None", optional=True)
+        self.pretrain_lr = check_number(where + "pretrain_lr", self.pretrain_lr, lambda v: v > 0, "a finite number > 0")
+        self.pretrain_batch_size = check_int(where + "pretrain_batch_size", self.pretrain_batch_size,
+                                             lambda v: v >= 1, ">= 1 (an int)")
+        check_str(where + "cache_dir", self.cache_dir, "a folder path or None", optional=True)
+        if self.cache_dir is not None and os.path.exists(os.path.expanduser(self.cache_dir)) \
+                and not os.path.isdir(os.path.expanduser(self.cache_dir)):
+            raise ValueError(f"ModelArguments.cache_dir {self.cache_dir!r} is a file; give a folder (or None).")
+        self._check_model_path()
+
+    def _check_model_path(self) -> None:
+        """A local path must exist (a folder with config.json); only a well-formed hub id goes on to the cache/hub."""
+        if self.model == TINY:
+            return
+        path = os.path.expanduser(self.model)
+        expected = (f"a folder with config.json, model weights and tokenizer files of a CLIPModel, a hub id such "
+                    f"as openai/clip-vit-base-patch32 (a hub id needs the hub, or a copy already in the local Hugging "
+                    f"Face cache; --local_files_only false lets it download), or {TINY!r} (built offline)")
+        if os.path.isdir(path):
+            if not os.path.isfile(os.path.join(path, "config.json")):
+                raise ValueError(f"ModelArguments.model {self.model!r} is a folder without config.json; expected "
+                                 f"{expected}.")
+        elif os.path.exists(path):
+            raise ValueError(f"ModelArguments.model {self.model!r} is a file, not a folder; expected {expected}.")
+        elif not _HUB_ID.fullmatch(self.model):
+            raise ValueError(f"ModelArguments.model {self.model!r}: the local path {os.path.abspath(path)} does not "
+                             f"exist (and it is no hub id). Expected {expected}.")
 
 
 @dataclass
@@ -94,10 +135,26 @@ class DataArguments:
     stream_seed: int = field(default=0, metadata={"help": "Seed of the splits and the corruption noise."})
 
     def __post_init__(self) -> None:
+        from vision.corruptions import ALL_CORRUPTIONS
+
+        where = "DataArguments."
+        if not isinstance(self.dataset, str):
+            raise InvalidTypeError(f"DataArguments.dataset must be one of {list(DATASETS)}, got {self.dataset!r} "
+                                   f"({type(self.dataset).__name__}).")
         if self.dataset not in DATASETS:
             raise ValueError(f"DataArguments.dataset: unknown data set {self.dataset!r}; known: {list(DATASETS)}.")
-        if self.train_per_task < 1 or self.test_per_task < 1:
-            raise ValueError("DataArguments.train_per_task and test_per_task must be >= 1.")
+        check_str(where + "data_dir", self.data_dir, "a folder path or None", optional=True)
+        if self.data_dir is not None and self.dataset == "digits":
+            raise ValueError(f"DataArguments.data_dir {self.data_dir!r} is given but the data set 'digits' is built "
+                             "in and reads no folder; data_dir is for cifar10-c (or leave it out).")
+        self.corruptions = check_list(where + "corruptions", self.corruptions,
+                                      lambda c: isinstance(c, str) and c in ALL_CORRUPTIONS,
+                                      f"corruption names from {list(ALL_CORRUPTIONS)}")
+        self.severity = check_int(where + "severity", self.severity, lambda v: 1 <= v <= 5, "an int in 1..5")
+        self.train_per_task = check_int(where + "train_per_task", self.train_per_task, lambda v: v >= 1,
+                                        "an int >= 1")
+        self.test_per_task = check_int(where + "test_per_task", self.test_per_task, lambda v: v >= 1, "an int >= 1")
+        self.stream_seed = check_int(where + "stream_seed", self.stream_seed, lambda v: v >= 0, "an int >= 0")
 
 
 @dataclass
@@ -127,15 +184,24 @@ class RunArguments:
         from mpopt_hf.config import MemoryConfig
         from mpopt_hf.online import BASELINES
 
+        where = "RunArguments."
+        check_choice(where + "baseline", self.baseline, BASELINES)
+        self.budget_fraction = check_number(where + "budget_fraction", self.budget_fraction, lambda v: 0 < v <= 1,
+                                            "in (0, 1]")
+        check_bool(where + "measure_peak", self.measure_peak)
         if self.fixed_config is not None:
-            MemoryConfig.parse(self.fixed_config)  # a malformed flag fails here, naming what is expected
-        if self.seconds_per_task is not None and not self.seconds_per_task > 0:
-            raise ValueError(f"RunArguments.seconds_per_task must be > 0 or None, got {self.seconds_per_task}.")
-
-        if self.baseline not in BASELINES:
-            raise ValueError(f"RunArguments.baseline must be one of {list(BASELINES)}, got {self.baseline!r}.")
-        if not 0 < self.budget_fraction <= 1:
-            raise ValueError(f"RunArguments.budget_fraction must be in (0, 1], got {self.budget_fraction}.")
+            if not isinstance(self.fixed_config, str):
+                raise InvalidTypeError(f"RunArguments.fixed_config must be a str such as 'mb32/f0.5/ckpt0/fp32' or "
+                                       f"None, got {self.fixed_config!r} ({type(self.fixed_config).__name__}).")
+            try:
+                MemoryConfig.parse(self.fixed_config)  # a malformed flag fails here, naming what is expected
+            except ValueError as err:
+                raise type(err)(f"RunArguments.fixed_config: {err}") from None
+            if self.baseline != "fixed":
+                raise ValueError(f"RunArguments.fixed_config {self.fixed_config!r} is only used by --baseline fixed, "
+                                 f"got --baseline {self.baseline!r}; drop fixed_config or use --baseline fixed.")
+        self.seconds_per_task = check_number(where + "seconds_per_task", self.seconds_per_task, lambda v: v > 0,
+                                             "> 0 (a finite number of seconds) or None", optional=True)
 
 
 def parse(argv: list[str] | None = None):
@@ -146,6 +212,9 @@ def parse(argv: list[str] | None = None):
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if len(argv) == 1 and argv[0].endswith(".json"):
+        if not os.path.isfile(argv[0]):
+            raise ValueError(f"The arguments file {argv[0]!r} does not exist (a single *.json argument is read as "
+                             "a JSON file of the recipe's flags).")
         return HfArgumentParser(_classes()).parse_json_file(argv[0])
     flags = DEFAULT_TRAINING_FLAGS + ([] if torch.cuda.is_available() else ["--use_cpu", "true"])
     parser = HfArgumentParser((ModelArguments, DataArguments, RunArguments, MPOptArguments, TrainingArguments))

@@ -64,6 +64,24 @@ def positive_float(name: str) -> Callable[[str], float]:
     return parse
 
 
+def device_arg(text: str) -> str:
+    """``--device``: ``cpu``, ``cuda`` or ``cuda:N`` (whether that device exists is checked when the command runs)."""
+    value = str(text).strip().lower()
+    kind, colon, index = value.partition(":")
+    if value == "cpu" or (kind == "cuda" and (not colon or (index.isdigit() and index.isascii()))):
+        return value
+    raise argparse.ArgumentTypeError(f"--device must be one of cpu, cuda, cuda:N (N a CUDA device index), got {text!r}")
+
+
+def non_empty(name: str, what: str) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        if not str(text).strip():
+            raise argparse.ArgumentTypeError(f"{name} must be {what}, got {text!r} (empty)")
+        return text
+
+    return parse
+
+
 def positive_int(name: str, minimum: int = 1) -> Callable[[str], int]:
     def parse(text: str) -> int:
         try:
@@ -106,11 +124,26 @@ def load_model(name: str, num_labels: int = 10) -> Any:
     if zoo is not None and base in zoo.MODEL_NAMES:
         overrides = zoo.tiny_overrides(base) if name.startswith("tiny-") else {}
         return zoo.build(base, num_labels=num_labels, **overrides)
-    if os.path.isdir(name) or (name.count("/") == 1 and not name.startswith((".", "/"))):
-        if os.path.isdir(name) and not os.path.exists(os.path.join(name, "config.json")):
+    path = os.path.expanduser(name)
+    if os.path.isdir(path):
+        if not os.path.exists(os.path.join(path, "config.json")):
             raise UsageError(f"--model {name!r} is a directory without config.json; accepted: {accepted_models()}.")
+        return _load_pretrained(path)
+    if os.path.exists(path):
+        raise UsageError(f"--model {name!r} is a file, not a directory with config.json; "
+                         f"accepted: {accepted_models()}.")
+    if _looks_like_path(name):
+        raise UsageError(f"--model {name!r}: the local path {os.path.abspath(path)} does not exist. A local model "
+                         f"is a directory with config.json; a hub id (org/name) needs the hub or a copy already in the "
+                         f"local Hugging Face cache. Accepted: {accepted_models()}.")
+    if name.count("/") == 1:
         return _load_pretrained(name)
     raise UsageError(f"Unknown --model {name!r}; accepted: {accepted_models()}.")
+
+
+def _looks_like_path(name: str) -> bool:
+    """Not a hub id (``name`` or ``org/name``): absolute, relative (``./``, ``../``), home (``~``) or nested paths."""
+    return name.startswith((".", "/", "~")) or name.count("/") > 1 or name.endswith("/") or "\\" in name
 
 
 def _load_pretrained(name: str) -> Any:
@@ -119,7 +152,9 @@ def _load_pretrained(name: str) -> Any:
     try:
         config = tf.AutoConfig.from_pretrained(name)
     except (OSError, ValueError) as err:
-        raise UsageError(f"Cannot load --model {name!r} ({err}); accepted: {accepted_models()}.") from err
+        where = "" if os.path.isdir(name) else " (a hub id needs the hub, or a copy already in the local cache)"
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UsageError(f"Cannot load --model {name!r}{where}: {first}; accepted: {accepted_models()}.") from err
     for auto in (tf.AutoModelForImageClassification, tf.AutoModelForCausalLM, tf.AutoModel):
         try:
             return auto.from_pretrained(name)
@@ -196,28 +231,64 @@ class Row:
         return out
 
 
-def _space_from_args(args: argparse.Namespace, n_blocks: int, device_type: str) -> list[Any]:
-    from .memory_model import config_space
-
-    precisions = [p.strip() for p in args.precisions.split(",")] if args.precisions else (
-        ["fp32", "bf16", "fp16"] if device_type == "cuda" else ["fp32", "bf16"])
+def _space_flags(args: argparse.Namespace, device_type: str) -> dict[str, Any]:
+    """The knob-space flags, read and checked before the model is built (None: the flag's default)."""
     from .config import PRECISIONS
 
-    bad = [p for p in precisions if p not in PRECISIONS]
-    if bad:
-        raise UsageError(f"--precisions {bad} unknown; accepted: {list(PRECISIONS)}.")
-    if "fp16" in precisions and device_type != "cuda":
+    precisions = None
+    if args.precisions is not None:
+        precisions = [p.strip() for p in args.precisions.split(",")]
+        bad = [p for p in precisions if p not in PRECISIONS]
+        if bad:
+            raise UsageError(f"--precisions {bad} unknown (in {args.precisions!r}); accepted: {list(PRECISIONS)}.")
+    if "fp16" in (precisions or ()) and device_type != "cuda":
         raise UsageError("--precisions fp16 needs --device cuda; use fp32,bf16 on CPU.")
     micro = (parse_int_list(args.micro_batch_sizes, "--micro-batch-sizes", "1,2,4,8")
-             if args.micro_batch_sizes else None)
-    try:
-        freeze = [float(x) for x in args.freeze_rates.split(",")] if args.freeze_rates else (0.0, 0.25, 0.5, 0.75, 1.0)
-    except ValueError:
-        raise UsageError(f"--freeze-rates must be comma-separated numbers in [0, 1] such as 0,0.5,1; "
-                         f"got {args.freeze_rates!r}.") from None
+             if args.micro_batch_sizes is not None else None)
+    outside = [m for m in micro or () if not 1 <= m <= args.batch_size]
+    if outside:
+        raise UsageError(f"--micro-batch-sizes {args.micro_batch_sizes!r}: each micro-batch size must be in "
+                         f"1..{args.batch_size} (the --batch-size); got {outside}.")
+    freeze = None
+    if args.freeze_rates is not None:
+        try:
+            freeze = [float(x) for x in args.freeze_rates.split(",")]
+        except ValueError:
+            raise UsageError(f"--freeze-rates must be comma-separated numbers in [0, 1] such as 0,0.5,1; "
+                             f"got {args.freeze_rates!r}.") from None
+        bad = [x for x in freeze if not (math.isfinite(x) and 0.0 <= x <= 1.0)]
+        if bad:
+            raise UsageError(f"--freeze-rates {args.freeze_rates!r}: each freeze_rate must be in [0, 1]; got {bad}.")
     segments = (parse_int_list(args.checkpoint_segments, "--checkpoint-segments", "0,1,2,4")
-                if args.checkpoint_segments else (0, 1, 2, 4))
-    return config_space(args.batch_size, n_blocks, precisions, micro, freeze, segments)
+                if args.checkpoint_segments is not None else None)
+    return {"precisions": precisions, "micro": micro, "freeze": freeze, "segments": segments}
+
+
+def _space_from_args(args: argparse.Namespace, n_blocks: int, device_type: str, model_name: str = "the model"
+                     ) -> list[Any]:
+    """Every configuration the flags span for a model of ``n_blocks`` blocks; refuses flags out of its range."""
+    from .knobs import n_frozen_blocks
+    from .memory_model import config_space
+
+    flags = _space_flags(args, device_type)
+    precisions = flags["precisions"] or (["fp32", "bf16", "fp16"] if device_type == "cuda" else ["fp32", "bf16"])
+    freeze = flags["freeze"] if flags["freeze"] is not None else (0.0, 0.25, 0.5, 0.75, 1.0)
+    segments = flags["segments"]
+    if segments is not None:
+        bad = [s for s in segments if s > n_blocks]
+        if bad:
+            raise UsageError(f"--checkpoint-segments {bad} exceed the {n_blocks} blocks of {model_name}; allowed for "
+                             f"this model: 0..{n_blocks} (0 = off; at most the blocks left trainable by the freeze "
+                             f"rate), got {args.checkpoint_segments!r}.")
+    else:
+        segments = (0, 1, 2, 4)  # the default: counts above the trainable blocks are skipped
+    space = config_space(args.batch_size, n_blocks, precisions, flags["micro"], freeze, segments)
+    if not space:
+        trainable = sorted({n_blocks - n_frozen_blocks(r, n_blocks) for r in freeze})
+        raise UsageError(f"No configuration is valid for {model_name} ({n_blocks} blocks): --checkpoint-segments "
+                         f"{list(segments)} all exceed the trainable blocks {trainable} that --freeze-rates "
+                         f"{list(freeze)} leave; lower --checkpoint-segments or the freeze rates.")
+    return space
 
 
 def _print_table(rows: list[Row], out: Any) -> None:
@@ -256,14 +327,19 @@ def cmd_profile(args: argparse.Namespace) -> int:
     from .store import open_store
 
     shape = parse_input_shape(args.input_shape)
-    device = torch.device(args.device)
+    device = torch.device(args.device)  # device_arg let only cpu, cuda and cuda:N through
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda was given but torch sees no CUDA device; use --device cpu.")
+        raise UsageError(f"--device {args.device} was given but torch sees no CUDA device; use --device cpu.")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        n = torch.cuda.device_count()
+        raise UsageError(f"--device {args.device}: torch sees {n} CUDA device(s); allowed: cpu, cuda, "
+                         f"cuda:0..cuda:{n - 1}.")
+    _space_flags(args, device.type)  # flag errors before the model is built
     model = load_model(args.model).to(device)
     batch = {k: v.to(device) if torch.is_tensor(v) else v
              for k, v in synthetic_batch(model, args.batch_size, shape).items()}
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    space = _space_from_args(args, find_blocks(model).n_blocks, device.type)
+    space = _space_from_args(args, find_blocks(model).n_blocks, device.type, f"{args.model} ({type(model).__name__})")
     store = None if args.no_store else open_store(args.store)
     try:
         profile = fit_profile(model, batch, optimizer, space, store, n_measure=args.fit_measurements,
@@ -326,10 +402,12 @@ def add_profile_parser(subparsers: Any) -> None:
                    choices=range(4), metavar="{0..3}", help="measured configurations the fit uses (0..3)")
     p.add_argument("--steps", type=positive_int("--steps"), default=3, help="timed steps per measurement")
     p.add_argument("--json", action="store_true", help="print a JSON list of rows instead of the table")
-    p.add_argument("--store", default=None, help="profile store: a SQLite path or redis://host:port/db "
-                   "(default: $XDG_CACHE_HOME/mpopt_hf/profiles.sqlite)")
-    p.add_argument("--no-store", action="store_true", help="neither read nor write a profile store")
-    p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    stores = p.add_mutually_exclusive_group()
+    stores.add_argument("--store", default=None, type=non_empty("--store", "a SQLite path or a redis:// URL"),
+                        help="profile store: a SQLite path or redis://host:port/db "
+                        "(default: $XDG_CACHE_HOME/mpopt_hf/profiles.sqlite)")
+    stores.add_argument("--no-store", action="store_true", help="neither read nor write a profile store")
+    p.add_argument("--device", default="cpu", type=device_arg, help="cpu, cuda or cuda:N")
     p.add_argument("--precisions", default=None, help="comma list of fp32,bf16,fp16 (default: all the device has)")
     p.add_argument("--micro-batch-sizes", default=None, help="comma list (default: powers of two up to the batch)")
     p.add_argument("--freeze-rates", default=None, help="comma list in [0, 1] (default: 0,0.25,0.5,0.75,1)")

@@ -9,10 +9,110 @@ step time. That is what lets the engine switch between them online.
 from __future__ import annotations
 
 import json
+import math
+import numbers
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+# ----------------------------------------------------------------------------- input checks
+# Shared by the dataclasses here, the ``mpopt`` CLI and the recipes: every message names the field (``where``), the
+# value and what is allowed. A bool is not a number, a str is not a number, a scalar is not a list; NaN and inf are
+# refused wherever a number is expected.
+
+
+class InvalidTypeError(TypeError, ValueError):
+    """A value of the wrong type. A `TypeError`, and a `ValueError` too, so that callers that catch the
+    validation errors of a configuration (``except ValueError``) also catch it."""
+
+
+def _got(value: Any) -> str:
+    return f"{value!r} ({type(value).__name__})"
+
+
+def check_int(where: str, value: Any, ok: Callable[[int], bool], allowed: str, optional: bool = False) -> int | None:
+    """``value`` as an int if it is an integer (not a bool) for which ``ok`` holds; ``allowed`` says what is."""
+    if value is None and optional:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise InvalidTypeError(f"{where} must be {allowed}, got {_got(value)}.")
+    if not ok(int(value)):
+        raise ValueError(f"{where} must be {allowed}, got {value!r}.")
+    return int(value)
+
+
+def check_number(where: str, value: Any, ok: Callable[[float], bool], allowed: str,
+                 optional: bool = False) -> float | None:
+    """``value`` as a float if it is a finite real number (not a bool, not a str) for which ``ok`` holds."""
+    if value is None and optional:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise InvalidTypeError(f"{where} must be {allowed}, got {_got(value)}.")
+    number = float(value)
+    if not math.isfinite(number) or not ok(number):
+        raise ValueError(f"{where} must be {allowed}, got {value!r}.")
+    return number
+
+
+def check_choice(where: str, value: Any, choices: tuple[str, ...] | list[str], optional: bool = False) -> str | None:
+    """``value`` if it is one of the strings ``choices``."""
+    if value is None and optional:
+        return None
+    allowed = f"one of {list(choices)}" + (" or None" if optional else "")
+    if not isinstance(value, str):
+        raise InvalidTypeError(f"{where} must be {allowed}, got {_got(value)}.")
+    if value not in choices:
+        raise ValueError(f"{where} must be {allowed}, got {value!r}.")
+    return value
+
+
+def check_bool(where: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise InvalidTypeError(f"{where} must be True or False, got {_got(value)}.")
+    return value
+
+
+def check_str(where: str, value: Any, allowed: str, optional: bool = False) -> str | None:
+    """``value`` if it is a non-empty str (or None when ``optional``)."""
+    if value is None and optional:
+        return None
+    if not isinstance(value, str):
+        raise InvalidTypeError(f"{where} must be {allowed}, got {_got(value)}.")
+    if not value.strip():
+        raise ValueError(f"{where} must be {allowed}, got {value!r} (empty).")
+    return value
+
+
+def check_list(where: str, values: Any, ok: Callable[[Any], bool], allowed: str, optional: bool = False) -> list | None:
+    """``values`` as a list if it is a non-empty list or tuple whose every item passes ``ok``."""
+    if values is None and optional:
+        return None
+    if isinstance(values, (str, bytes)) or not isinstance(values, (list, tuple)):
+        raise InvalidTypeError(
+            f"{where} must be a list of {allowed}{' or None' if optional else ''}, got {_got(values)}"
+            + (f": write [{values!r}] for a single value." if not isinstance(values, (set, frozenset, dict)) else ".")
+        )
+    if len(values) == 0:
+        default = ", or None for the default." if optional else "."
+        raise ValueError(f"{where} is empty: give at least one of {allowed}{default}")
+    bad = [v for v in values if not ok(v)]
+    if bad:
+        note = "" if not any(isinstance(v, bool) for v in bad) else " (True/False are bools, not numbers)"
+        raise ValueError(f"{where} holds {bad}; allowed: {allowed}{note}.")
+    return list(values)
+
+
+def is_int(v: Any) -> bool:
+    """An integer that is not a bool."""
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def is_number(v: Any) -> bool:
+    """A finite real number that is not a bool."""
+    return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(float(v))
 
 
 @dataclass(frozen=True)
@@ -45,28 +145,15 @@ class MemoryConfig:
     )
 
     def __post_init__(self) -> None:
-        if isinstance(self.micro_batch_size, bool) or not isinstance(self.micro_batch_size, int):
-            raise ValueError(
-                f"MemoryConfig.micro_batch_size must be an int >= 1, got {self.micro_batch_size!r} "
-                f"({type(self.micro_batch_size).__name__})."
-            )
-        if self.micro_batch_size < 1:
-            raise ValueError(f"MemoryConfig.micro_batch_size must be an int >= 1, got {self.micro_batch_size}.")
-        if isinstance(self.freeze_rate, bool) or not isinstance(self.freeze_rate, (int, float)):
-            raise ValueError(f"MemoryConfig.freeze_rate must be a number in [0, 1], got {self.freeze_rate!r}.")
-        if not 0.0 <= float(self.freeze_rate) <= 1.0:
-            raise ValueError(f"MemoryConfig.freeze_rate must be in [0, 1], got {self.freeze_rate}.")
-        object.__setattr__(self, "freeze_rate", float(self.freeze_rate))
-        if isinstance(self.checkpoint_segments, bool) or not isinstance(self.checkpoint_segments, int):
-            raise ValueError(
-                f"MemoryConfig.checkpoint_segments must be an int >= 0 (0 = off), got {self.checkpoint_segments!r}."
-            )
-        if self.checkpoint_segments < 0:
-            raise ValueError(
-                f"MemoryConfig.checkpoint_segments must be an int >= 0 (0 = off), got {self.checkpoint_segments}."
-            )
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"MemoryConfig.precision must be one of {list(PRECISIONS)}, got {self.precision!r}.")
+        # type errors raise InvalidTypeError (a TypeError and a ValueError), range errors ValueError
+        set_ = object.__setattr__  # frozen: normalise through object.__setattr__ (numpy ints -> int, ints -> float)
+        set_(self, "micro_batch_size",
+             check_int("MemoryConfig.micro_batch_size", self.micro_batch_size, lambda v: v >= 1, "an int >= 1"))
+        set_(self, "freeze_rate",
+             check_number("MemoryConfig.freeze_rate", self.freeze_rate, lambda v: 0.0 <= v <= 1.0, "in [0, 1]"))
+        set_(self, "checkpoint_segments", check_int("MemoryConfig.checkpoint_segments", self.checkpoint_segments,
+                                                    lambda v: v >= 0, "an int >= 0 (0 = off)"))
+        check_choice("MemoryConfig.precision", self.precision, PRECISIONS)
 
     def replace(self, **changes: Any) -> "MemoryConfig":
         """A copy with some fields changed (validated again)."""
@@ -78,6 +165,9 @@ class MemoryConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "MemoryConfig":
         known = {f.name for f in fields(cls)}
+        if not isinstance(data, Mapping):
+            raise InvalidTypeError(f"MemoryConfig.from_dict expects a dict of the fields {sorted(known)}, "
+                                   f"got {_got(data)}.")
         unknown = sorted(set(data) - known)
         if unknown:
             raise ValueError(f"MemoryConfig got unknown field(s) {unknown}; allowed fields are {sorted(known)}.")
@@ -96,11 +186,20 @@ class MemoryConfig:
 
     @classmethod
     def parse(cls, text: str) -> "MemoryConfig":
-        """The inverse of `short`, for flags: ``mb8/f0.5/ckpt2/bf16``; every part but ``mb`` may be left out."""
+        """The inverse of `short`, for flags: ``mb8/f0.5/ckpt2/bf16``; every part but ``mb`` may be left out.
+
+        Each part may appear once (``mb8/bf16/fp32`` is refused: two precisions)."""
+        if not isinstance(text, str):
+            raise InvalidTypeError(f"MemoryConfig.parse expects a str such as 'mb8/f0.5/ckpt2/bf16', got {_got(text)}.")
         values: dict[str, Any] = {}
         prefixes = (("mb", "micro_batch_size", int), ("ckpt", "checkpoint_segments", int), ("f", "freeze_rate", float))
         for part in filter(None, text.strip().split("/")):
             if part in PRECISIONS:
+                if "precision" in values:
+                    raise ValueError(
+                        f"The memory configuration {text!r} names two precisions ({values['precision']!r} and "
+                        f"{part!r}); give one of {list(PRECISIONS)}."
+                    )
                 values["precision"] = part
                 continue
             match = next(((name, kind, part[len(p):]) for p, name, kind in prefixes if part.startswith(p)), None)
@@ -115,7 +214,10 @@ class MemoryConfig:
                 ) from None
         if "micro_batch_size" not in values:
             raise ValueError(f"The memory configuration {text!r} has no micro-batch size: start it with e.g. 'mb8'.")
-        return cls(**values)
+        try:
+            return cls(**values)
+        except ValueError as err:  # a part read as a number but out of range, e.g. 'mb0' or 'f1.5'
+            raise type(err)(f"In the memory configuration {text!r}: {err}") from None
 
 
 GAIN_METRICS = ("auto", "val_accuracy", "entropy", "confidence")
@@ -246,53 +348,58 @@ class MPOptArguments:
             "effective batch is smaller): BatchNorm would train on tiny-batch statistics."
         },
     )
+    strict_resume: bool = field(
+        default=False,
+        metadata={"help": "Resuming from a checkpoint that lacks the engine's state (or whose race snapshot is "
+                  "missing) raises instead of warning and restarting the search from scratch."},
+    )
 
     def __post_init__(self) -> None:
-        if self.memory_budget_mib is not None and not self.memory_budget_mib > 0:
-            raise ValueError(f"MPOptArguments.memory_budget_mib must be > 0 MiB or None, got {self.memory_budget_mib}.")
-        if not 0.0 <= self.safety_margin < 0.5:
-            raise ValueError(f"MPOptArguments.safety_margin must be in [0, 0.5), got {self.safety_margin}.")
-        self._check_list("micro_batch_sizes", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1,
-                         "ints >= 1")
-        self._check_list("freeze_rates", lambda v: isinstance(v, (int, float)) and 0.0 <= v <= 1.0, "numbers in [0, 1]")
-        self._check_list("checkpoint_segments", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0,
-                         "ints >= 0")
-        self._check_list("precisions", lambda v: v in PRECISIONS, f"values from {list(PRECISIONS)}")
-        if self.gain_metric not in GAIN_METRICS:
-            raise ValueError(f"MPOptArguments.gain_metric must be one of {list(GAIN_METRICS)}, got {self.gain_metric!r}.")
-        if self.cost_predictor not in COST_PREDICTORS:
-            raise ValueError(
-                f"MPOptArguments.cost_predictor must be one of {list(COST_PREDICTORS)}, got {self.cost_predictor!r}."
-            )
-        if self.strategy not in STRATEGIES:
-            raise ValueError(f"MPOptArguments.strategy must be one of {list(STRATEGIES)}, got {self.strategy!r}.")
-        if self.trial_steps < 1:
-            raise ValueError(f"MPOptArguments.trial_steps must be an int >= 1, got {self.trial_steps}.")
-        if self.trial_max_s is not None and not self.trial_max_s > 0:
-            raise ValueError(f"MPOptArguments.trial_max_s must be > 0 seconds or None, got {self.trial_max_s}.")
-        if self.search_share is not None and not 0.0 < self.search_share < 1.0:
-            raise ValueError(f"MPOptArguments.search_share must be in (0, 1) or None, got {self.search_share}.")
-        if self.time_budget_s is not None and not self.time_budget_s > 0:
-            raise ValueError(f"MPOptArguments.time_budget_s must be > 0 seconds or None, got {self.time_budget_s}.")
-        if self.significance < 0:
-            raise ValueError(f"MPOptArguments.significance must be >= 0, got {self.significance}.")
-        if self.exploration < 0:
-            raise ValueError(f"MPOptArguments.exploration must be >= 0, got {self.exploration}.")
-        if not 0.0 <= self.discount <= 1.0:
-            raise ValueError(f"MPOptArguments.discount must be in [0, 1], got {self.discount}.")
-        if self.drift_threshold is not None and not self.drift_threshold > 0:
-            raise ValueError(f"MPOptArguments.drift_threshold must be > 0 or None, got {self.drift_threshold}.")
-        if self.retune_every_steps < 0:
-            raise ValueError(f"MPOptArguments.retune_every_steps must be >= 0 (0 = never), got {self.retune_every_steps}.")
-        if self.bn_min_micro_batch < 1:
-            raise ValueError(f"MPOptArguments.bn_min_micro_batch must be >= 1, got {self.bn_min_micro_batch}.")
-
-    def _check_list(self, name: str, ok: Any, allowed: str) -> None:
-        values = getattr(self, name)
-        if values is None:
-            return
-        if len(values) == 0:
-            raise ValueError(f"MPOptArguments.{name} is empty: give at least one of {allowed}, or None for the default.")
-        bad = [v for v in values if not ok(v)]
-        if bad:
-            raise ValueError(f"MPOptArguments.{name} holds {bad}; allowed: {allowed}.")
+        # Every field is checked here, where it enters (HfArgumentParser, a JSON file, or Python): type errors raise
+        # InvalidTypeError (a TypeError and a ValueError), range errors ValueError; each names field, value, allowed.
+        where = "MPOptArguments."
+        positive = lambda v: v > 0
+        self.memory_budget_mib = check_number(where + "memory_budget_mib", self.memory_budget_mib, positive,
+                                              "> 0 MiB (a finite number) or None", optional=True)
+        self.safety_margin = check_number(where + "safety_margin", self.safety_margin, lambda v: 0.0 <= v < 0.5,
+                                          "in [0, 0.5)")
+        self.micro_batch_sizes = check_list(where + "micro_batch_sizes", self.micro_batch_sizes,
+                                            lambda v: is_int(v) and v >= 1, "ints >= 1", optional=True)
+        self.freeze_rates = check_list(where + "freeze_rates", self.freeze_rates,
+                                       lambda v: is_number(v) and 0.0 <= v <= 1.0, "numbers in [0, 1]", optional=True)
+        self.checkpoint_segments = check_list(where + "checkpoint_segments", self.checkpoint_segments,
+                                              lambda v: is_int(v) and v >= 0, "ints >= 0", optional=True)
+        self.precisions = check_list(where + "precisions", self.precisions,
+                                     lambda v: isinstance(v, str) and v in PRECISIONS,
+                                     f"values from {list(PRECISIONS)}", optional=True)
+        if self.micro_batch_sizes is not None:
+            self.micro_batch_sizes = [int(v) for v in self.micro_batch_sizes]
+        if self.freeze_rates is not None:
+            self.freeze_rates = [float(v) for v in self.freeze_rates]
+        if self.checkpoint_segments is not None:
+            self.checkpoint_segments = [int(v) for v in self.checkpoint_segments]
+        check_choice(where + "cost_predictor", self.cost_predictor, COST_PREDICTORS)
+        check_str(where + "profile_store", self.profile_store,
+                  "a SQLite file path, a redis:// URL, 'default' or None", optional=True)
+        self.trial_steps = check_int(where + "trial_steps", self.trial_steps, lambda v: v >= 1, "an int >= 1")
+        self.trial_max_s = check_number(where + "trial_max_s", self.trial_max_s, positive,
+                                        "> 0 seconds (a finite number) or None", optional=True)
+        self.search_share = check_number(where + "search_share", self.search_share, lambda v: 0.0 < v < 1.0,
+                                         "in (0, 1) or None", optional=True)
+        self.time_budget_s = check_number(where + "time_budget_s", self.time_budget_s, positive,
+                                          "> 0 seconds (a finite number) or None", optional=True)
+        check_choice(where + "gain_metric", self.gain_metric, GAIN_METRICS)
+        check_choice(where + "strategy", self.strategy, STRATEGIES)
+        self.significance = check_number(where + "significance", self.significance, lambda v: v >= 0,
+                                         "a finite number >= 0")
+        check_bool(where + "late_gain", self.late_gain)
+        self.exploration = check_number(where + "exploration", self.exploration, lambda v: v >= 0,
+                                        "a finite number >= 0")
+        self.discount = check_number(where + "discount", self.discount, lambda v: 0.0 <= v <= 1.0, "in [0, 1]")
+        self.drift_threshold = check_number(where + "drift_threshold", self.drift_threshold, positive,
+                                            "> 0 (a finite number) or None", optional=True)
+        self.retune_every_steps = check_int(where + "retune_every_steps", self.retune_every_steps, lambda v: v >= 0,
+                                            "an int >= 0 (0 = never)")
+        self.bn_min_micro_batch = check_int(where + "bn_min_micro_batch", self.bn_min_micro_batch, lambda v: v >= 1,
+                                            "an int >= 1")
+        check_bool(where + "strict_resume", self.strict_resume)

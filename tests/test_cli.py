@@ -95,3 +95,22 @@ def test_parser_is_extensible():
 
 def test_input_shape_parsing():
     assert parse_input_shape("3, 32,32") == (3, 32, 32) and parse_input_shape("128") == (128,)
+
+
+def test_device_flag_accepts_cpu_and_cuda_indices_only():
+    import argparse
+
+    from mpopt_hf.cli import device_arg
+
+    assert [device_arg(d) for d in ("cpu", "cuda", "cuda:1", "CUDA:0")] == ["cpu", "cuda", "cuda:1", "cuda:0"]
+    for bad in ("tpu", "cuda:", "cuda:-1", "cpu:0", "mps", ""):
+        with pytest.raises(argparse.ArgumentTypeError, match=f"--device must be one of cpu, cuda, cuda:N.*{bad!r}"):
+            device_arg(bad)
+
+
+def test_checkpoint_segments_within_the_model_still_profile(capsys):
+    code, out, err = run(capsys, "profile", "--model", "tiny-vit", "--input-shape", "3,32,32", "--batch-size", "4",
+                         "--precisions", "fp32", "--micro-batch-sizes", "4", "--freeze-rates", "0",
+                         "--checkpoint-segments", "4", "--fit-measurements", "0", "--json", "--no-store")
+    assert code == 0, err
+    assert [r["checkpoint_segments"] for r in json.loads(out)] == [4]

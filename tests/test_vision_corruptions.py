@@ -109,3 +109,83 @@ def test_bad_channels_dtype_type():
         vision.corrupt(torch.zeros(1, 3, 32, 32, dtype=torch.uint8), "fog", 1)
     with pytest.raises(ValueError, match=r"torch.Tensor or numpy.ndarray"):
         vision.corrupt([[0.0]], "fog", 1)
+
+
+@pytest.mark.parametrize("name", [None, 3, ["fog"], "Fog", ""])
+def test_bad_name_type_or_value(name):
+    with pytest.raises(ValueError, match=r"unknown corruption .* \(argument name\); accepted: gaussian_noise, .*saturate"):
+        vision.corrupt(torch.rand(1, 3, 32, 32), name, 1)
+
+
+def test_extra_corruptions_and_numpy_int_severity_accepted(patches):
+    out = vision.corrupt(patches[:2], "saturate", np.int64(2), seed=0)
+    assert out.shape == (2, 3, 32, 32)
+
+
+def test_bad_severity_message_names_value_and_type():
+    with pytest.raises(ValueError, match=r"severity must be an int in 1\.\.5, got True \(bool\)"):
+        vision.corrupt(torch.rand(1, 3, 32, 32), "fog", True)
+    with pytest.raises(ValueError, match=r"severity must be an int in 1\.\.5, got '3' \(str\)"):
+        vision.corrupt(torch.rand(1, 3, 32, 32), "fog", "3")
+
+
+def test_source_names_its_corruption_argument():
+    with pytest.raises(ValueError, match=r"unknown corruption 'rain' \(argument corruption\)"):
+        vision.load("cifar10-c", corruption="rain")
+
+
+@pytest.mark.parametrize("as_numpy", [False, True])
+def test_0_255_floats_refused_not_whitened(patches, as_numpy):
+    x = patches[:2] * 255
+    x = x.numpy() if as_numpy else x
+    with pytest.raises(ValueError, match=r"images must be floats in \[0, 1\], got float32 values in \[.*, 25\d.*\]; .*0\.\.255 .*divide by 255"):
+        vision.corrupt(x, "fog", 3)
+    assert torch.allclose(torch.as_tensor(vision.corrupt(x / 255, "brightness", 1, seed=0)).mean(), torch.as_tensor(x / 255).mean(), atol=0.2)
+
+
+def test_normalized_and_other_ranges_refused(patches):
+    mean, std = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1), torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
+    with pytest.raises(ValueError, match=r"in \[-\d.*\]; they look mean/std-normalized: .*images \* std \+ mean.*clamp\(0, 1\)"):
+        vision.corrupt((patches[:2] - mean) / std, "fog", 1)
+    with pytest.raises(ValueError, match=r"got float32 values in \[0, 1000\]; rescale them to \[0, 1\]"):
+        vision.corrupt(torch.full((1, 3, 32, 32), 1000.0).index_fill_(1, torch.tensor([0]), 0.0), "fog", 1)
+    with pytest.raises(ValueError, match=r"got float32 values in \[0[.0-9]*, 1\.01\]; they overshoot 1 .*clamp\(0, 1\)"):
+        vision.corrupt(patches[:1].clamp(0, 0.9).index_fill_(2, torch.tensor([0]), 1.01), "fog", 1)
+
+
+def test_rounding_slack_is_clamped(patches):
+    from vision.corruptions import RANGE_SLACK
+
+    x = patches[:2].clone()
+    x[0, 0, 0, 0], x[1, 2, 3, 4] = -RANGE_SLACK, 1 + RANGE_SLACK
+    out = vision.corrupt(x, "contrast", 1)
+    assert out.min() >= 0 and out.max() <= 1
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_refused(bad):
+    x = torch.rand(2, 3, 32, 32)
+    x[1, 0, 5, 5] = bad
+    with pytest.raises(ValueError, match=r"images must be finite values in \[0, 1\], got 1 NaN or infinite value\(s\) of 6144"):
+        vision.corrupt(x, "fog", 1)
+
+
+def test_float64_overflowing_float32_reported_as_range_not_inf():
+    x = np.full((1, 3, 32, 32), 1e300)
+    with pytest.raises(ValueError, match=r"got float64 values in \[1e\+300, 1e\+300\]"):
+        vision.corrupt(x, "fog", 1)
+
+
+@pytest.mark.parametrize("as_numpy", [False, True])
+def test_empty_batch_refused(as_numpy):
+    x = np.zeros((0, 3, 32, 32), dtype=np.float32) if as_numpy else torch.zeros(0, 3, 32, 32)
+    with pytest.raises(ValueError, match=r"images is an empty batch, shape \(0, 3, 32, 32\); pass at least one image"):
+        vision.corrupt(x, "fog", 1)
+
+
+def test_seed_none_is_not_deterministic(patches):
+    x = patches[:2]
+    a, b = vision.corrupt(x, "gaussian_noise", 3, seed=None), vision.corrupt(x, "gaussian_noise", 3, seed=None)
+    assert not torch.equal(a, b)
+    doc = vision.corrupt.__doc__
+    assert "None" in doc and "cannot be" in doc and "reproduced" in doc

@@ -21,7 +21,7 @@ import datasets
 from . import sources as _sources  # noqa: F401  (registers the built-in sources)
 from . import streams, transforms
 from .corruptions import ALL_CORRUPTIONS, CORRUPTIONS, EXTRA_CORRUPTIONS, SEVERITIES, corrupt
-from .errors import DataLayoutError
+from .errors import DataLayoutError, UnsafePickleError
 from .registry import DatasetInfo, ImageDataset, available, build, get_info, register, unregister
 from .streams import Task, build_stream
 
@@ -55,6 +55,7 @@ __all__ = [
     "ImageDataset",
     "SEVERITIES",
     "Task",
+    "UnsafePickleError",
     "available",
     "build_stream",
     "corrupt",

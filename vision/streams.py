@@ -118,7 +118,7 @@ def _build(
     _check_max(max_samples_per_task)
     for corruption, severity in plan:
         if corruption is not None:
-            check_corruption(corruption, severity)
+            check_corruption(corruption, severity, name_arg="corruption")
     pool = _clean_pool(source, root_dir, seed, source_options)
     tasks = []
     bar = tqdm(plan, desc=f"building {source} stream", unit="task", disable=len(plan) < 8, leave=False)
@@ -218,7 +218,7 @@ def cifar10c_stream(
     if not corruptions:
         raise ValueError("cifar10c_stream: corruptions is empty: no tasks")
     for corruption in corruptions:
-        check_corruption(corruption, severity)
+        check_corruption(corruption, severity, name_arg="corruption")
     for key in ("corruption", "severity", "max_samples", "seed"):
         if key in source_options:
             raise ValueError(f"cifar10c_stream: pass {key!r} through the stream's own arguments, not as a source option")

@@ -4,15 +4,19 @@
 corruptions of Hendrycks & Dietterich (``CORRUPTIONS``) or one of their 4 extra
 ones (``EXTRA_CORRUPTIONS``) at a severity 1..5 (tables in ``params.py``).
 
-Input: a float torch tensor or numpy array, shape (N, 3, H, W) or (3, H, W),
-values in [0, 1] (values outside are clamped first). Output: the same type,
-shape and dtype, values in [0, 1]. The parameters were made for 32x32 images;
-any H, W >= 8 works. uint8 or channels-last data is refused: convert with
-``torch.from_numpy(a).permute(0, 3, 1, 2).float() / 255``.
+Input: a float torch tensor or numpy array, shape (N, 3, H, W) with N >= 1 or
+(3, H, W), values in [0, 1]. Output: the same type, shape and dtype, values in
+[0, 1]. The parameters were made for 32x32 images; any H, W >= 8 works.
+Refused with a ValueError: uint8 or channels-last data (convert with
+``torch.from_numpy(a).permute(0, 3, 1, 2).float() / 255``), float values
+outside [0, 1] (beyond half a uint8 step, ``RANGE_SLACK``: divide 0..255 data
+by 255, undo a mean/std normalization, or ``clamp(0, 1)`` a resize overshoot),
+NaN or infinite values, and an empty batch.
 
-The output is a pure function of (images, name, severity, seed): all
-randomness comes from ``numpy.random.default_rng(seed)``, never from a global
-generator.
+With an int seed (default 0) the output is a pure function of (images, name,
+severity, seed): all randomness comes from ``numpy.random.default_rng(seed)``,
+never from a global generator. ``seed=None`` draws fresh OS entropy: each call
+differs and is not reproducible.
 """
 
 from __future__ import annotations
@@ -55,24 +59,43 @@ _FUNCS: dict[str, Callable] = {
 if not set(_FUNCS) == set(ALL_CORRUPTIONS) == set(PARAMS):  # a developer error, caught at import
     raise RuntimeError("vision.corruptions: function table, names and PARAMS are out of sync")
 
+# float inputs may stray this far outside [0, 1] (half a uint8 step: rounding, float16) and are clamped;
+# anything further is refused, since clamping it silently would change the image (e.g. 0..255 data turns white)
+RANGE_SLACK = 0.5 / 255
+
 # pixels per internal chunk (2048 CIFAR images): bounds the temporaries (grids, FFTs) for big inputs
 _CHUNK_PIXELS = 2048 * 32 * 32
 
 ArrayLike = TypeVar("ArrayLike", torch.Tensor, np.ndarray)
 
 
-def check_corruption(name: str, severity: int) -> None:
-    """Raise ValueError unless ``name`` is a known corruption and ``severity`` in 1..5."""
-    if name not in _FUNCS:
+def check_corruption(name: str, severity: int, name_arg: str = "name") -> None:
+    """Raise ValueError unless ``name`` is a known corruption and ``severity`` an int in 1..5.
+
+    ``name_arg`` is what the caller calls the name argument (``corruption`` in
+    the sources and streams), for the message.
+    """
+    if not isinstance(name, str) or name not in _FUNCS:
         raise ValueError(
-            f"unknown corruption {name!r}; accepted: {', '.join(ALL_CORRUPTIONS)}"
+            f"unknown corruption {name!r} (argument {name_arg}); accepted: {', '.join(ALL_CORRUPTIONS)} "
+            f"(the first {len(CORRUPTIONS)} are the CIFAR-10-C benchmark set, vision.CORRUPTIONS)"
         )
     if isinstance(severity, bool) or not isinstance(severity, (int, np.integer)) or not 1 <= severity <= 5:
-        raise ValueError(f"severity must be an int in 1..5, got {severity!r}")
+        raise ValueError(
+            f"severity must be an int in 1..5, got {severity!r} ({type(severity).__name__})"
+        )
 
 
-def corrupt(images: ArrayLike, name: str, severity: int, seed: int = 0) -> ArrayLike:
-    """Corrupt ``images`` with corruption ``name`` at ``severity`` (1..5), deterministically for ``seed``."""
+def corrupt(images: ArrayLike, name: str, severity: int, seed: int | None = 0) -> ArrayLike:
+    """Corrupt ``images`` with corruption ``name`` at ``severity`` (1..5).
+
+    ``images``: float, (N, 3, H, W) with N >= 1 or (3, H, W), values in [0, 1]
+    (see the module docstring for what is refused). ``name``: one of
+    ``ALL_CORRUPTIONS``. ``seed``: an int (default 0) makes the output
+    deterministic: the same inputs and seed give the same output, on any
+    machine; ``None`` draws fresh OS entropy, so each call differs and cannot be
+    reproduced. Anything ``numpy.random.default_rng`` accepts works.
+    """
     check_corruption(name, severity)
     x, restore = _as_batch(images)
     rng = np.random.default_rng(seed)
@@ -82,6 +105,37 @@ def corrupt(images: ArrayLike, name: str, severity: int, seed: int = 0) -> Array
         outs = [fn(x[i : i + chunk].contiguous(), p, rng).clamp_(0.0, 1.0) for i in range(0, x.shape[0], chunk)]
     out = torch.cat(outs) if len(outs) > 1 else outs[0]
     return restore(out)
+
+
+def _check_range(given: torch.Tensor) -> None:
+    """Refuse non-finite values and values outside [0, 1] (beyond ``RANGE_SLACK``), saying how to rescale.
+
+    ``given`` is the input as passed, checked in its own dtype (a float32 cast could overflow).
+    """
+    dtype = str(given.dtype).removeprefix("torch.")
+    finite = torch.isfinite(given)
+    if not bool(finite.all()):
+        bad = int((~finite).sum())
+        raise ValueError(
+            f"images must be finite values in [0, 1], got {bad} NaN or infinite value(s) of {given.numel()}; "
+            "replace or drop those images first"
+        )
+    lo, hi = (float(v) for v in torch.aminmax(given))
+    slack = RANGE_SLACK + 1e-6  # + float32 rounding of the bound itself
+    if lo >= -slack and hi <= 1.0 + slack:
+        return
+    if lo < -slack:
+        how = (
+            "they look mean/std-normalized: corrupt before normalizing, or undo it first "
+            "(images * std + mean), or clamp(0, 1) if they only overshoot (e.g. after bicubic resizing)"
+        )
+    elif hi <= 1.5:
+        how = "they overshoot 1 (e.g. after bicubic resizing or sharpening): clamp(0, 1) them first"
+    elif hi <= 255.0 + slack:
+        how = "they look like 0..255 pixel values: divide by 255 first (images / 255)"
+    else:
+        how = "rescale them to [0, 1] first (e.g. (images - min) / (max - min)), or clamp(0, 1) a small overshoot"
+    raise ValueError(f"images must be floats in [0, 1], got {dtype} values in [{lo:.4g}, {hi:.4g}]; {how}")
 
 
 def _as_batch(images: ArrayLike) -> tuple[torch.Tensor, Callable[[torch.Tensor], ArrayLike]]:
@@ -106,9 +160,15 @@ def _as_batch(images: ArrayLike) -> tuple[torch.Tensor, Callable[[torch.Tensor],
         raise ValueError(
             f"images must be channels-first RGB: shape (N, 3, H, W) or (3, H, W), got {tuple(t.shape)}"
         )
+    if b.shape[0] == 0:
+        raise ValueError(
+            f"images is an empty batch, shape {tuple(t.shape)}; pass at least one image (N >= 1), "
+            "or skip the call when there is nothing to corrupt"
+        )
     if b.shape[-1] < 8 or b.shape[-2] < 8:
         raise ValueError(f"images must be at least 8x8 pixels, got H={b.shape[-2]}, W={b.shape[-1]}")
     dtype, device = t.dtype, t.device
+    _check_range(b.detach())
     x = b.detach().to(device="cpu", dtype=torch.float32).clamp(0.0, 1.0).contiguous()
 
     def restore(out: torch.Tensor) -> ArrayLike:
@@ -127,6 +187,7 @@ __all__ = [
     "CORRUPTIONS",
     "EXTRA_CORRUPTIONS",
     "PARAMS",
+    "RANGE_SLACK",
     "SEVERITIES",
     "check_corruption",
     "corrupt",

@@ -8,10 +8,19 @@ https://www.cs.toronto.edu/~kriz/cifar.html distributes:
 ``data`` (N x 3072 uint8, channel-major 32x32) and ``labels`` /
 ``fine_labels``; the meta file holds the class names, which are checked
 against the registered order.
+
+The pickles are read with a restricted unpickler (:class:`_BatchUnpickler`):
+a pickle can name any importable callable and have it called, so a plain
+``pickle.load`` of a received folder runs whatever the file asks for. Only the
+globals a CIFAR batch needs (numpy's array, dtype and scalar reconstruction,
+a few builtin containers) are admitted; any other global raises
+:class:`vision.errors.UnsafePickleError` before it is called.
 """
 
 from __future__ import annotations
 
+import functools
+import importlib
 import os
 import pickle
 from dataclasses import dataclass
@@ -19,7 +28,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from ..errors import DataLayoutError
+from ..errors import DataLayoutError, UnsafePickleError
 from ..registry import register
 from .base import RawImages, SplitSource, find_folder, resolve_root
 
@@ -45,10 +54,91 @@ HOW_TO_GET = (
 )
 
 
-def _unpickle(path: str) -> dict:
+def _numpy_attr(submodule: str, attr: str):
+    """``numpy._core.<submodule>.<attr>`` (numpy >= 2), else ``numpy.core.<submodule>.<attr>`` (numpy 1.x)."""
+    try:
+        module = importlib.import_module(f"numpy._core.{submodule}")
+    except ImportError:  # numpy 1.x
+        module = importlib.import_module(f"numpy.core.{submodule}")
+    return getattr(module, attr)
+
+
+_LATIN1_NAMES = frozenset({"latin1", "latin-1", "latin_1", "iso-8859-1", "iso8859-1", "iso_8859_1", "l1"})
+
+
+def _latin1_encode(text: str, encoding: str = "latin1", errors: str = "strict") -> bytes:
+    """``_codecs.encode`` as protocol 0-2 pickles written by Python 3 use it for bytes: (str, 'latin1') only."""
+    if not isinstance(text, str) or not isinstance(encoding, str) or encoding.lower() not in _LATIN1_NAMES:
+        raise pickle.UnpicklingError(
+            f"_codecs.encode is admitted only as (str, 'latin1'), got ({type(text).__name__}, {encoding!r})"
+        )
+    return text.encode("latin1", errors="strict")
+
+
+@functools.cache
+def _allowed_globals() -> dict[tuple[str, str], object]:
+    """(module, name) -> object, for every global a CIFAR batch pickle may name.
+
+    Python 2 (the original CIFAR release) writes ``__builtin__`` and
+    ``numpy.core``; numpy 2 writes ``numpy._core``; protocol 5 writes arrays
+    through ``_frombuffer``. Each name maps to the object itself, so nothing is
+    imported by the name a file gives. None of these runs code from the file:
+    they build arrays, dtypes and scalars from raw bytes, or plain containers.
+    """
+    allowed: dict[tuple[str, str], object] = {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype}
+    for core in ("numpy.core", "numpy._core"):
+        allowed[(f"{core}.multiarray", "_reconstruct")] = _numpy_attr("multiarray", "_reconstruct")
+        allowed[(f"{core}.multiarray", "scalar")] = _numpy_attr("multiarray", "scalar")
+        allowed[(f"{core}.numeric", "_frombuffer")] = _numpy_attr("numeric", "_frombuffer")
+    for builtins_name in ("builtins", "__builtin__"):
+        for kind in (set, frozenset, bytearray, complex):
+            allowed[(builtins_name, kind.__name__)] = kind
+    allowed[("_codecs", "encode")] = _latin1_encode
+    return allowed
+
+
+class _BatchUnpickler(pickle.Unpickler):
+    """An unpickler that admits only the globals of :func:`_allowed_globals`."""
+
+    def __init__(self, file, path: str, dataset: str) -> None:
+        super().__init__(file, encoding="bytes")
+        self._path, self._dataset = path, dataset
+        self._allowed = _allowed_globals()
+
+    def find_class(self, module: str, name: str):
+        try:
+            return self._allowed[(module, name)]
+        except KeyError:
+            raise UnsafePickleError(self._dataset, self._path, f"{module}.{name}") from None
+
+
+def _unpickle(path: str, dataset: str, required: tuple[str, ...]) -> dict:
+    """The dict in CIFAR pickle ``path``, str keys; ``required`` keys must be present."""
     with open(path, "rb") as f:
-        raw = pickle.load(f, encoding="bytes")
-    return {(k.decode() if isinstance(k, bytes) else k): v for k, v in raw.items()}
+        try:
+            raw = _BatchUnpickler(f, path, dataset).load()
+        except UnsafePickleError:
+            raise
+        except Exception as err:  # truncated, garbled, or admitted globals fed bad arguments
+            raise DataLayoutError(
+                dataset,
+                "a CIFAR python batch (a pickled dict with numpy 'data' and a label list)",
+                f"{os.path.abspath(path)} (not a readable CIFAR pickle: {type(err).__name__}: {err})",
+                HOW_TO_GET,
+            ) from err
+    if not isinstance(raw, dict):
+        raise DataLayoutError(
+            dataset, "a CIFAR python batch (a pickled dict)",
+            f"{os.path.abspath(path)} (holds a {type(raw).__name__}, not a dict)", HOW_TO_GET,
+        )
+    out = {(k.decode() if isinstance(k, bytes) else k): v for k, v in raw.items()}
+    missing = [k for k in required if k not in out]
+    if missing:
+        raise DataLayoutError(
+            dataset, f"a CIFAR python batch with keys {list(required)}",
+            f"{os.path.abspath(path)} (missing {missing}; keys: {sorted(map(str, out))})", HOW_TO_GET,
+        )
+    return out
 
 
 def _names(values: list) -> list[str]:
@@ -85,8 +175,8 @@ class _CifarPickles(SplitSource):
             raise DataLayoutError(
                 name, self._layout(), f"{os.path.abspath(folder)} (missing {', '.join(missing)})", HOW_TO_GET
             )
-        found = _names(_unpickle(os.path.join(folder, self.meta_file))[self.meta_key])
-        chunks = [_unpickle(os.path.join(folder, f)) for f in files]
+        found = _names(_unpickle(os.path.join(folder, self.meta_file), name, (self.meta_key,))[self.meta_key])
+        chunks = [_unpickle(os.path.join(folder, f), name, ("data", self.label_key)) for f in files]
         images = np.concatenate([_to_images(c["data"]) for c in chunks])
         labels = np.concatenate([np.asarray(c[self.label_key], dtype=np.int64) for c in chunks])
         return RawImages(labels=labels, images=images, found_classes=found, where=os.path.join(folder, self.meta_file))

@@ -30,6 +30,16 @@ HOW_TO_GET = (
 )
 
 
+def _load_npy(path: str, mmap_mode: str | None = None) -> np.ndarray:
+    """``np.load`` with allow_pickle=False spelled out: an object-dtype .npy is a pickle and is refused."""
+    try:
+        return np.load(path, mmap_mode=mmap_mode, allow_pickle=False)
+    except ValueError as err:  # object arrays (pickles), or not a .npy at all
+        raise DataLayoutError(
+            "cifar10-c", LAYOUT, f"{os.path.abspath(path)} (not a plain numeric .npy: {err})", HOW_TO_GET
+        ) from err
+
+
 @register(
     name="cifar10-c",
     classes=CIFAR10_CLASSES,
@@ -43,7 +53,7 @@ class CIFAR10C(SplitSource):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_corruption(self.corruption, self.severity)
+        check_corruption(self.corruption, self.severity, name_arg="corruption")
 
     def read(self, root_dir: str | None, part: str) -> RawImages:
         root = resolve_root(root_dir, "cifar10-c", LAYOUT, HOW_TO_GET)
@@ -56,8 +66,8 @@ class CIFAR10C(SplitSource):
             raise DataLayoutError(
                 "cifar10-c", LAYOUT, f"{os.path.abspath(path)} (missing; corruptions present: {have})", HOW_TO_GET
             )
-        data = np.load(path, mmap_mode="r")
-        labels = np.load(os.path.join(folder, "labels.npy"))
+        data = _load_npy(path, mmap_mode="r")
+        labels = _load_npy(os.path.join(folder, "labels.npy"))
         if data.ndim != 4 or data.shape[1:] != (32, 32, 3) or data.shape[0] % 5 or labels.shape != (data.shape[0],):
             raise DataLayoutError(
                 "cifar10-c",
