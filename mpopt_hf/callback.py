@@ -3,16 +3,28 @@
 It builds the candidates at the first step (search space x cost model), measures each step's time (and
 peak memory on CUDA), evaluates the gain metric when a trial ends, and applies the engine's answer at the
 next step boundary. It only observes and signals; the step itself (micro-batching, out-of-memory retry)
-belongs to `MPOptTrainer`. Its state is a JSON file in each checkpoint folder, restored on resume.
+belongs to `MPOptTrainer`.
+
+Its state is saved with each checkpoint and restored on resume. The engine's state (JSON) is an `ExportableState`
+entry of Trainer's own ``trainer_state.json``: Trainer writes that file last, after the weights and optimizer, so a
+checkpoint that Trainer can resume from always holds the engine's state of the same step. Mid-race, the race's
+host copies (tensors) go to ``mpopt_race_snapshots.pt`` in the checkpoint folder, written (atomically: temporary
+file, then ``os.replace``) while Trainer saves, before ``trainer_state.json``; the entry records the snapshot's id,
+so a snapshot that is missing or from another save is detected on resume, never used. A checkpoint without the
+engine's state resumes with an `EngineStateWarning` and a fresh search, or raises `EngineStateError` under
+``MPOptArguments(strict_resume=True)``; unreadable state files raise `EngineStateError` naming the file.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import os
+import tempfile
 import time
+import uuid
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -21,6 +33,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from transformers import TrainerCallback
+from transformers.trainer_callback import ExportableState
 
 from .blocks import find_blocks
 from .config import MemoryConfig, MPOptArguments
@@ -43,9 +56,19 @@ from .wall_clock import WallClockLimit
 
 logger = logging.getLogger(__name__)
 
-STATE_FILE = "mpopt_engine.json"
+STATE_FILE = "mpopt_engine.json"  # the engine's state before it moved into trainer_state.json: still read on resume
 DECISIONS_FILE = "decisions.json"
 SNAPSHOT_FILE = "mpopt_race_snapshots.pt"
+TRAINER_STATE_FILE = "trainer_state.json"  # transformers' TRAINER_STATE_NAME
+STATE_FORMAT = 1
+
+
+class EngineStateWarning(UserWarning):
+    """A checkpoint was resumed without the engine's state: the memory-configuration search restarts."""
+
+
+class EngineStateError(RuntimeError):
+    """The engine's state in a checkpoint is unreadable, or missing under ``MPOptArguments(strict_resume=True)``."""
 
 
 # ---------------------------------------------------------------------------- metrics (plain functions)
@@ -94,7 +117,7 @@ def resolve_metric(metric: str, example: dict[str, Any] | None) -> str:
 # ---------------------------------------------------------------------------- the callback
 
 
-class MPOptCallback(TrainerCallback):
+class MPOptCallback(TrainerCallback, ExportableState):
     """Lets the rule engine choose the memory configuration online.
 
     ``cost_model`` predicts ``(peak_bytes, step_s)`` of a configuration (the profiler's memory model, or a
@@ -102,6 +125,10 @@ class MPOptCallback(TrainerCallback):
     deterministic tests). ``eval_dataset`` is used for the gain metric when the trainer has none. With a
     profile ``store`` and its ``store_key``, configurations it knows as infeasible are never tried, and new
     out-of-memory marks are written to it; ``on_infeasible`` is called for each new mark as well.
+
+    Its state is saved in ``trainer_state.json`` (see the module's docstring); it restores itself from there, so
+    it refuses ``TrainingArguments(restore_callback_states_from_checkpoint=True)``, with which Trainer would
+    replace it by an instance rebuilt without its arguments.
     """
 
     def __init__(
@@ -133,6 +160,9 @@ class MPOptCallback(TrainerCallback):
         self._warned = False
         self._applied: MemoryConfig | None = None
         self._copies: dict[str, Any] = {}  # race snapshots: "start" and "best", on the CPU
+        self._copies_id: str | None = None  # changes with the copies: names them in the checkpoint's state
+        self._copies_saved: tuple[str, str] | None = None  # (file, id) last written
+        self._refs: tuple[Any, Any, Any] | None = None  # plain Trainer: the (args, state, control) last seen
 
     # -------------------------------------------------------------- wiring
 
@@ -143,7 +173,17 @@ class MPOptCallback(TrainerCallback):
         trainer.oom_handler = self._on_oom
 
     def resume_from(self, checkpoint_dir: str) -> None:
+        """Called by MPOptTrainer before Trainer reads the checkpoint's state: a missing or truncated
+        ``trainer_state.json`` (the engine's state is in it) fails here, naming the file and what to do, rather
+        than as Trainer's bare error."""
         self._resume_dir = checkpoint_dir
+        path = os.path.join(checkpoint_dir, TRAINER_STATE_FILE)
+        remedy = (f"resume from an earlier checkpoint, or delete the folder {checkpoint_dir} (resume_from_checkpoint="
+                  "True then picks the one before it).")
+        if not os.path.isfile(path):
+            raise EngineStateError(f"{path} is missing: the save of {checkpoint_dir} was interrupted before Trainer "
+                                   f"wrote its state (which holds the memory engine's too); {remedy}")
+        _read_json(path, "It holds Trainer's and the memory engine's state: " + remedy)
 
     def task_boundary(self) -> None:
         """The online loop moved to a new task: re-open the search, re-measure the baseline on the new data."""
@@ -157,7 +197,21 @@ class MPOptCallback(TrainerCallback):
 
     # -------------------------------------------------------------- Trainer events
 
+    def on_init_end(self, args, state, control, **kwargs):
+        if getattr(args, "restore_callback_states_from_checkpoint", False):
+            raise ValueError(
+                "MPOptCallback restores its own state from trainer_state.json; "
+                "TrainingArguments(restore_callback_states_from_checkpoint=True) would make Trainer replace it on "
+                "resume by an MPOptCallback rebuilt without its arguments (mpopt_args, cost model, trainer). Set it "
+                "to False."
+            )
+        return control
+
     def on_train_begin(self, args, state, control, model=None, **kwargs):
+        # Trainer's save updates the entry of every ExportableState callback, and fails on a resumed state that
+        # has none (a checkpoint saved without the engine): give it one, which `_setup` reads as "no state"
+        if isinstance(state.stateful_callbacks, dict):
+            state.stateful_callbacks.setdefault(type(self).__name__, {"format": STATE_FORMAT, "engine": None})
         if self.trainer is None and not self._warned:
             self._warned = True
             warnings.warn(
@@ -169,6 +223,7 @@ class MPOptCallback(TrainerCallback):
 
     def on_step_begin(self, args, state, control, model=None, **kwargs):
         self._model_ref = model
+        self._refs = (args, state, control)
         self._optimizer_ref, self._scheduler_ref = kwargs.get("optimizer"), kwargs.get("lr_scheduler")
         if self.engine is None:
             self._setup(args, state, model, kwargs.get("train_dataloader"), kwargs.get("optimizer"))
@@ -196,18 +251,57 @@ class MPOptCallback(TrainerCallback):
             control.should_training_stop = True
         return control
 
+    # -------------------------------------------------------------- checkpoints
+
+    def state(self) -> dict[str, Any]:
+        """`ExportableState`: the engine's state, which Trainer saves in ``trainer_state.json`` (called while it
+        saves a checkpoint, after the weights and before that file, and whenever it builds a `TrainerState`).
+
+        Mid-race, the race's copies are written to the checkpoint folder now, before ``trainer_state.json``;
+        their id is recorded here, so that resume can tell them from a stale or missing file."""
+        if self.engine is None:
+            return {"format": STATE_FORMAT, "engine": None}
+        payload = {"format": STATE_FORMAT, "engine": self.engine.state_dict(), "metric": self.metric,
+                   "eval_chunk": self.eval_chunk, "needs_baseline": self._needs_baseline, "snapshot": None}
+        if self._copies:  # a race is under way: its start and best trial's end are part of the state
+            if self._copies_id is None:
+                self._copies_id = uuid.uuid4().hex
+            payload["snapshot"] = {"file": SNAPSHOT_FILE, "id": self._copies_id}
+            folder = self._folder_being_saved()
+            if folder is not None:
+                self._save_copies(folder)
+        return payload
+
     def on_save(self, args, state, control, **kwargs):
-        if self.engine is None or not state.is_world_process_zero:
+        # The copies are normally written by `state` already; this catches a save whose folder it could not tell.
+        if self.engine is None or not self._copies or not args.should_save:
             return control
         folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
         if os.path.isdir(folder):
-            with open(os.path.join(folder, STATE_FILE), "w") as f:
-                payload = {"engine": self.engine.state_dict(), "metric": self.metric, "eval_chunk": self.eval_chunk,
-                           "needs_baseline": self._needs_baseline}
-                json.dump(payload, f)
-            if self._copies:  # a race is under way: its start and best trial's end are part of the state
-                torch.save(self._copies, os.path.join(folder, SNAPSHOT_FILE))
+            self._save_copies(folder)
         return control
+
+    def _folder_being_saved(self) -> str | None:
+        """The checkpoint folder Trainer is writing, when `state` is called from its save (which runs while
+        ``control.should_save`` holds, after the weights went to the folder), else None."""
+        if self.trainer is not None:
+            args, state, control = self.trainer.args, self.trainer.state, self.trainer.control
+        elif self._refs is not None:
+            args, state, control = self._refs
+        else:
+            return None
+        if not (control.should_save and args.should_save):
+            return None
+        folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+        return folder if os.path.isdir(folder) else None
+
+    def _save_copies(self, folder: str) -> None:
+        path = os.path.join(folder, SNAPSHOT_FILE)
+        if self._copies_saved == (path, self._copies_id) and os.path.isfile(path):
+            return
+        payload = {"format": STATE_FORMAT, "id": self._copies_id, "copies": self._copies}
+        _atomic_write(path, lambda f: torch.save(payload, f))
+        self._copies_saved = (path, self._copies_id)
 
     def on_train_end(self, args, state, control, **kwargs):
         if self.engine is not None:
@@ -238,18 +332,21 @@ class MPOptCallback(TrainerCallback):
         resume = self._resume_dir
         if resume is None and state.global_step > 0:  # a plain Trainer resumed: the folder follows the convention
             resume = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
-        path = None if resume is None else os.path.join(resume, STATE_FILE)
-        if path is not None and os.path.isfile(path):
-            with open(path) as f:
-                saved = json.load(f)
-            self.engine.load_state_dict(saved["engine"])
-            self.metric, self.eval_chunk = saved["metric"], saved["eval_chunk"]
+        saved = None if resume is None else self._saved_state(resume, state)
+        if saved is not None:
+            payload, source, copies = saved
+            try:
+                self.engine.load_state_dict(payload["engine"])
+                self.metric, self.eval_chunk = payload["metric"], payload["eval_chunk"]
+            except (KeyError, TypeError, ValueError) as exc:
+                raise EngineStateError(
+                    f"The memory engine's state in {source} does not fit this engine ({type(exc).__name__}: {exc}); "
+                    f"resume from another checkpoint, or delete {_state_holder(source)} to restart the search."
+                ) from exc
             self.engine.metric_ceiling = METRIC_CEILING.get(self.metric)
-            self._needs_baseline = saved.get("needs_baseline", False)
+            self._needs_baseline = payload.get("needs_baseline", False)
             self._logged = len(self.engine.decisions)  # those were logged by the first run
-            copies = os.path.join(resume, SNAPSHOT_FILE)
-            if os.path.isfile(copies):
-                self._copies = torch.load(copies, map_location="cpu", weights_only=True)
+            self._copies = copies
             self._apply(self.engine.current)
             return
         self.metric = resolve_metric(self.mpopt_args.gain_metric, self._first_eval_row())
@@ -257,6 +354,58 @@ class MPOptCallback(TrainerCallback):
         self.engine.set_horizon(self._wall_clock_left())
         self._apply(self.engine.start(state.global_step, *self._measure_metric(model)))
         self._flush_decisions()
+
+    def _saved_state(self, folder: str, state) -> tuple[dict[str, Any], str, dict[str, Any]] | None:
+        """(the engine's saved state, the file it came from, the race's copies) of the checkpoint in ``folder``;
+        None, after an `EngineStateWarning`, when the checkpoint lacks them (`EngineStateError` if strict)."""
+        source = os.path.join(folder, TRAINER_STATE_FILE)
+        entry = (getattr(state, "stateful_callbacks", None) or {}).get(type(self).__name__)
+        if isinstance(entry, list):  # several MPOptCallbacks: Trainer keeps a list; one engine per trainer
+            entry = entry[0] if entry else None
+        legacy = not isinstance(entry, dict) or entry.get("engine") is None
+        if legacy:  # saved before the state moved into trainer_state.json, or by a run without the engine
+            source = os.path.join(folder, STATE_FILE)
+            if not os.path.isfile(source):
+                return self._missing_state(
+                    folder, f"neither its {TRAINER_STATE_FILE} nor a {STATE_FILE} holds the memory engine's state")
+            entry = _read_json(source, "Delete it to restart the memory-configuration search from this "
+                                       "checkpoint, or resume from an earlier checkpoint.")
+        if not isinstance(entry, dict) or not isinstance(entry.get("engine"), dict):
+            raise EngineStateError(f"{source} does not hold a memory engine state (no 'engine' mapping); resume "
+                                   f"from another checkpoint, or delete {_state_holder(source)} to restart the search.")
+        copies: dict[str, Any] = {}
+        if legacy:
+            path = os.path.join(folder, SNAPSHOT_FILE)
+            if os.path.isfile(path):
+                copies = _load_copies(path)
+            return entry, source, copies
+        snap = entry.get("snapshot")
+        if snap is not None:  # saved mid-race: the copies must be those this state was saved with
+            if not isinstance(snap, dict) or not isinstance(snap.get("file"), str) or "id" not in snap:
+                raise EngineStateError(f"{source}: the memory engine's snapshot record {snap!r} is malformed; resume "
+                                       "from another checkpoint.")
+            path = os.path.join(folder, os.path.basename(snap["file"]))
+            if not os.path.isfile(path):
+                return self._missing_state(folder, f"the race snapshot {path} that its {TRAINER_STATE_FILE} records "
+                                                   "is missing (the save was interrupted, or the file was deleted)")
+            saved = _load_copies(path)
+            if not isinstance(saved, dict) or saved.get("id") != snap["id"]:
+                return self._missing_state(folder, f"the race snapshot {path} is not the one its {TRAINER_STATE_FILE} "
+                                                   "records (left by another save)")
+            copies = saved["copies"]
+            self._copies_id, self._copies_saved = snap["id"], None
+        return entry, source, copies
+
+    def _missing_state(self, folder: str, why: str) -> None:
+        """Warn (or, with strict_resume, raise) that the checkpoint in ``folder`` lacks the engine's state."""
+        message = (f"Resuming from {folder}: {why}. The memory-configuration search restarts from scratch: the "
+                   "engine's earlier decisions and measurements are lost.")
+        if self.mpopt_args.strict_resume:
+            raise EngineStateError(message + " Refused because MPOptArguments(strict_resume=True): resume from a "
+                                   "checkpoint that has the engine's state, or set strict_resume=False to restart the "
+                                   "search.")
+        warnings.warn(message + " (MPOptArguments(strict_resume=True) refuses instead.)", EngineStateWarning,
+                      stacklevel=3)
 
     def _wall_clock_left(self) -> float | None:
         """Seconds left to the trainer's `WallClockLimit` (the shortest, if several), the engine's horizon; the
@@ -413,8 +562,10 @@ class MPOptCallback(TrainerCallback):
         for op in ops:
             if op == "snapshot":
                 self._copies["start"] = snapshot.capture(model, optimizer, scheduler)
+                self._copies_id = None  # new copies: a new id at the next save
             elif op == "save_best":
                 self._copies["best"] = snapshot.capture(model, optimizer, scheduler)
+                self._copies_id = None
             elif op in ("restore_start", "restore_best"):
                 key = op.split("_")[1]
                 if key not in self._copies:
@@ -422,6 +573,7 @@ class MPOptCallback(TrainerCallback):
                 snapshot.restore(self._copies[key], model, optimizer, scheduler)
             elif op == "drop":
                 self._copies.clear()
+                self._copies_id = None
             else:
                 raise ValueError(f"Unknown engine state operation {op!r}.")
 
@@ -540,4 +692,65 @@ def _default_collate(rows: list[dict[str, Any]]) -> dict[str, Any]:
     return {k: torch.stack([torch.as_tensor(r[k]) for r in rows]) for k in rows[0]}
 
 
-__all__ = ["MPOptCallback", "item_scores", "metric_from_logits", "resolve_metric", "STATE_FILE", "DECISIONS_FILE"]
+# ---------------------------------------------------------------------------- state files
+
+
+def _atomic_write(path: str, write: Callable[[Any], None]) -> None:
+    """Write ``path`` through a temporary file in its folder, then `os.replace`: a process killed mid-write
+    leaves the previous file (or none), never a truncated one."""
+    folder = os.path.dirname(path) or "."
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    with contextlib.suppress(OSError):  # the rename itself survives a power loss too (POSIX)
+        dir_fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+
+def _read_json(path: str, remedy: str) -> Any:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise EngineStateError(f"{path} is truncated or corrupt ({exc}). {remedy}") from exc
+
+
+def _load_copies(path: str) -> Any:
+    """A race snapshot: tensors and plain containers only (``weights_only=True``)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a truncated zip, an unpickling error: all mean "unreadable"
+        raise EngineStateError(
+            f"{path} is truncated or corrupt ({type(exc).__name__}: {exc}). It holds the race's start and best-trial "
+            "copies: delete it to restart the memory-configuration search from this checkpoint, or resume from an "
+            "earlier checkpoint."
+        ) from exc
+
+
+def _state_holder(source: str) -> str:
+    """What to delete to drop the engine's state: the legacy file, or its entry in trainer_state.json."""
+    return source if os.path.basename(source) == STATE_FILE else f"the 'MPOptCallback' entry of {source}"
+
+
+__all__ = [
+    "DECISIONS_FILE",
+    "SNAPSHOT_FILE",
+    "STATE_FILE",
+    "EngineStateError",
+    "EngineStateWarning",
+    "MPOptCallback",
+    "item_scores",
+    "metric_from_logits",
+    "resolve_metric",
+]

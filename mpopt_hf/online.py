@@ -34,7 +34,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .blocks import find_blocks
-from .config import MemoryConfig
+from .config import InvalidTypeError, MemoryConfig, check_bool, check_int, check_number, check_str
 from .cost import FakeTensorCostModel, plain_optimizer
 from .metrics import load_metric
 from .wall_clock import WallClockLimit
@@ -146,8 +146,20 @@ class OnlineRetrainer:
             memory_config = MemoryConfig(micro_batch_size=args.per_device_train_batch_size)
         if budget_mib is None and mpopt_args is not None:
             budget_mib = getattr(mpopt_args, "memory_budget_mib", None)
-        if seconds_per_task is not None and not seconds_per_task > 0:
-            raise ValueError(f"seconds_per_task must be > 0 or None, got {seconds_per_task}.")
+        where = "OnlineRetrainer."
+        positive = lambda v: v > 0  # noqa: E731
+        budget_mib = check_number(where + "budget_mib", budget_mib, positive, "a number of MiB > 0 or None", optional=True)
+        seconds_per_task = check_number(where + "seconds_per_task", seconds_per_task, positive,
+                                        "a finite number of seconds > 0 or None", optional=True)
+        eval_batch_size = check_int(where + "eval_batch_size", eval_batch_size, positive, "an int >= 1")
+        engine_eval_size = check_int(where + "engine_eval_size", engine_eval_size, positive, "an int >= 1")
+        label_column = check_str(where + "label_column", label_column, "a column name")
+        for name, flag in (("measure_peak", measure_peak), ("predict_peak", predict_peak),
+                           ("train_with_labels", train_with_labels), ("show_progress", show_progress),
+                           ("show_trainer_logs", show_trainer_logs)):
+            check_bool(where + name, flag)
+        if memory_config is not None and not isinstance(memory_config, MemoryConfig):
+            raise InvalidTypeError(f"{where}memory_config must be a MemoryConfig or None, got {type(memory_config).__name__}.")
         if baseline == "mpopt" and (mpopt_args is None or not engine_available()):
             raise ValueError(
                 "baseline='mpopt' needs mpopt_args=MPOptArguments(...) and an MPOptTrainer that accepts them "

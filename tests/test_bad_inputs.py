@@ -71,7 +71,28 @@ def run_dataclass(name, **kwargs):
     return build
 
 
+def online(**kwargs):
+    def build():
+        from mpopt_hf.online import OnlineRetrainer
+        from mpopt_hf.tiny_models import build_tiny
+        from transformers import TrainingArguments
+
+        args = TrainingArguments(output_dir=TESTS_DIR, use_cpu=True, report_to=[], per_device_train_batch_size=4)
+        return OnlineRetrainer(build_tiny("vit"), args, show_progress=False, **kwargs)
+
+    return build
+
+
 CASES = {
+    # ------------------------------------------------------------------ OnlineRetrainer
+    "online/budget_mib='64'": call(online(budget_mib="64"), TypeError, "OnlineRetrainer.budget_mib", "'64'"),
+    "online/budget_mib=True": call(online(budget_mib=True), TypeError, "OnlineRetrainer.budget_mib", "True", "bool"),
+    "online/budget_mib=-1": call(online(budget_mib=-1.0), ValueError, "OnlineRetrainer.budget_mib", "-1.0", "> 0"),
+    "online/seconds_per_task=inf": call(online(seconds_per_task=INF), ValueError, "OnlineRetrainer.seconds_per_task",
+                                        "inf", "finite"),
+    "online/eval_batch_size=0": call(online(eval_batch_size=0), ValueError, "OnlineRetrainer.eval_batch_size", "0"),
+    "online/memory_config=dict": call(online(memory_config={"micro_batch_size": 2}), TypeError,
+                                      "OnlineRetrainer.memory_config", "dict"),
     # ------------------------------------------------------------------ MemoryConfig
     "memory/micro_batch_size=True": call(memory(True), TypeError, "MemoryConfig.micro_batch_size", "True", "bool"),
     "memory/micro_batch_size='8'": call(memory("8"), TypeError, "MemoryConfig.micro_batch_size", "'8'", "int >= 1"),

@@ -128,7 +128,7 @@ def test_seconds_per_task_stops_each_task_on_time(tmp_path, stream):
                                 measure_peak=False, predict_peak=False, seconds_per_task=1e-9)
     result = retrainer.run(stream[1:])
     assert [t.steps for t in result.tasks] == [1, 1]  # the limit is checked at each step end: one step, not 50
-    with pytest.raises(ValueError, match="seconds_per_task must be > 0"):
+    with pytest.raises(ValueError, match=r"OnlineRetrainer.seconds_per_task must be a finite number of seconds > 0 or None, got 0"):
         OnlineRetrainer(model, _training_args(tmp_path), baseline="fixed", seconds_per_task=0)
 
 

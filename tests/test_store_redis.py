@@ -93,3 +93,27 @@ def test_unreachable_server_says_how_to_fix():
 
     with pytest.raises(StoreError, match="redis-server"):
         RedisStore(f"redis://127.0.0.1:{_free_port()}/0")
+
+
+def test_other_ranks_read_and_skip_writes(redis_url, monkeypatch):
+    writer = RedisStore(redis_url, prefix="ranks", read_only=False)
+    writer.add_measurement(KEY, MemoryConfig(2), {"rank": 0})
+    writer.save_fit(KEY, {"a": 1})
+    from accelerate.state import PartialState
+
+    monkeypatch.setattr(PartialState, "_shared_state", {})  # a Trainer earlier in this process set up rank 0
+    monkeypatch.setenv("RANK", "1")
+    via_url = open_store(redis_url)
+    assert isinstance(via_url, RedisStore) and via_url.read_only
+    via_url.close()
+    reader = RedisStore(redis_url, prefix="ranks")  # read_only=None: decided by the rank
+    assert reader.read_only and "rank 1" in reader.read_only_reason
+    reader.add_measurement(KEY, MemoryConfig(4), {"rank": 1})
+    reader.save_fit(KEY, {"a": 2})
+    reader.mark_infeasible(KEY, MemoryConfig(8), "OOM")
+    assert reader.skipped_writes == 3
+    assert [m.data for m in writer.measurements(KEY)] == [{"rank": 0}]
+    assert writer.load_fit(KEY) == {"a": 1} and writer.infeasible(KEY) == {}
+    assert [m.data for m in reader.measurements(KEY)] == [{"rank": 0}]
+    reader.close()
+    writer.close()
