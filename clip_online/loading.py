@@ -58,6 +58,13 @@ def load_clip(name_or_path: str, class_names: Sequence[str] = (), templates: Seq
         return build_tiny_clip(tokenizer, seed=seed), tokenizer
     from transformers import AutoTokenizer
 
+    looks_local = os.path.isabs(name_or_path) or name_or_path.startswith((".", "~"))
+    if looks_local and not os.path.isdir(os.path.expanduser(name_or_path)):
+        raise FileNotFoundError(
+            f"The CLIP folder {name_or_path!r} does not exist. Pass a folder with config.json, model weights and "
+            f"tokenizer files of a CLIPModel, a hub id already in the local cache (hub ids need the hub), or the "
+            f"offline default {TINY!r}."
+        )
     try:
         model = CLIPModel.from_pretrained(name_or_path, local_files_only=local_files_only)
         tokenizer = AutoTokenizer.from_pretrained(name_or_path, local_files_only=local_files_only)

@@ -21,6 +21,8 @@ from torch import nn
 from transformers import CLIPVisionConfig, CLIPVisionModel, PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import ImageClassifierOutput
 
+from mpopt_hf.config import check_int, check_number
+
 from .losses import ADAPTATIONS, UNSUPERVISED_LOSSES, adaptation_loss
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -63,10 +65,18 @@ class CLIPClassifierConfig(PretrainedConfig):
                 f"CLIPClassifierConfig.unsupervised_loss must be one of {list(UNSUPERVISED_LOSSES)}, "
                 f"got {self.unsupervised_loss!r}."
             )
-        if not 0.0 < self.confidence_margin <= 1.0:
-            raise ValueError(f"CLIPClassifierConfig.confidence_margin must be in (0, 1], got {self.confidence_margin}.")
-        if self.logit_scale <= 0:
-            raise ValueError(f"CLIPClassifierConfig.logit_scale must be > 0, got {self.logit_scale}.")
+        where = "CLIPClassifierConfig."
+        self.confidence_margin = check_number(where + "confidence_margin", self.confidence_margin,
+                                              lambda v: 0.0 < v <= 1.0, "a number in (0, 1]")
+        self.logit_scale = check_number(where + "logit_scale", self.logit_scale, lambda v: v > 0, "a finite number > 0")
+        self.projection_dim = check_int(where + "projection_dim", self.projection_dim, lambda v: v >= 1, "an int >= 1")
+        for name in ("image_mean", "image_std"):
+            values = getattr(self, name)
+            if len(values) != 3:
+                raise ValueError(f"{where}{name} must hold 3 numbers (one per RGB channel), got {values!r}.")
+            for v in values:
+                check_number(f"{where}{name}", v, (lambda x: x > 0) if name == "image_std" else (lambda x: True),
+                             "finite numbers" + (" > 0" if name == "image_std" else ""))
         super().__post_init__(**kwargs)
 
 

@@ -83,7 +83,37 @@ def online(**kwargs):
     return build
 
 
+def classifier_config(**kwargs):
+    def build():
+        from clip_online.modeling import CLIPClassifierConfig
+
+        return CLIPClassifierConfig(**kwargs)
+
+    return build
+
+
+def load_clip(path):
+    def load():
+        from clip_online.loading import load_clip
+
+        return load_clip(path)
+
+    return load
+
+
 CASES = {
+    # ------------------------------------------------------------------ the CLIP classifier and its loader
+    "classifier/confidence_margin='0.4'": call(classifier_config(confidence_margin="0.4"), TypeError,
+                                               "CLIPClassifierConfig.confidence_margin", "'0.4'"),
+    "classifier/confidence_margin=True": call(classifier_config(confidence_margin=True), TypeError,
+                                              "CLIPClassifierConfig.confidence_margin", "True", "bool"),
+    "classifier/logit_scale=nan": call(classifier_config(logit_scale=NAN), ValueError,
+                                       "CLIPClassifierConfig.logit_scale", "nan"),
+    "classifier/image_std=0": call(classifier_config(image_std=[0.3, 0.0, 0.3]), ValueError,
+                                   "CLIPClassifierConfig.image_std", "0", "> 0"),
+    "classifier/image_mean=2 values": call(classifier_config(image_mean=[0.5, 0.5]), ValueError,
+                                           "CLIPClassifierConfig.image_mean", "[0.5, 0.5]", "3 numbers"),
+    "load_clip//nonexistent": call(load_clip("/nonexistent"), FileNotFoundError, "'/nonexistent'", "does not exist"),
     # ------------------------------------------------------------------ OnlineRetrainer
     "online/budget_mib='64'": call(online(budget_mib="64"), TypeError, "OnlineRetrainer.budget_mib", "'64'"),
     "online/budget_mib=True": call(online(budget_mib=True), TypeError, "OnlineRetrainer.budget_mib", "True", "bool"),
