@@ -5,113 +5,52 @@ peak memory on CUDA), evaluates the gain metric when a trial ends, and applies t
 next step boundary. It only observes and signals; the step itself (micro-batching, out-of-memory retry)
 belongs to `MPOptTrainer`.
 
-Its state is saved with each checkpoint and restored on resume. The engine's state (JSON) is an `ExportableState`
-entry of Trainer's own ``trainer_state.json``: Trainer writes that file last, after the weights and optimizer, so a
-checkpoint that Trainer can resume from always holds the engine's state of the same step. Mid-race, the race's
-host copies (tensors) go to ``mpopt_race_snapshots.pt`` in the checkpoint folder, written (atomically: temporary
-file, then ``os.replace``) while Trainer saves, before ``trainer_state.json``; the entry records the snapshot's id,
-so a snapshot that is missing or from another save is detected on resume, never used. A checkpoint without the
-engine's state resumes with an `EngineStateWarning` and a fresh search, or raises `EngineStateError` under
-``MPOptArguments(strict_resume=True)``; unreadable state files raise `EngineStateError` naming the file.
+Its state is saved with each checkpoint, as an `ExportableState` entry of Trainer's ``trainer_state.json``, and
+restored on resume (`mpopt_hf.engine_state`); the gain metric is measured by `mpopt_hf.gain`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
-import math
 import os
-import tempfile
 import time
-import uuid
 import warnings
 from collections.abc import Callable
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 
 from .blocks import find_blocks
 from .config import MemoryConfig, MPOptArguments
-from .cost import FakeTensorCostModel, ProfileCostModel, first_batch, plain_optimizer
-from .engine import (
-    MIB,
-    Candidate,
-    CostModel,
-    RuleEngine,
-    default_checkpoint_segments,
-    default_freeze_rates,
-    default_micro_batch_sizes,
-    enumerate_configs,
+from .cost import first_batch
+from .engine import MIB, CostModel, RuleEngine
+from .engine_setup import budget_bytes, build_engine, default_cost_model, search_space
+from .engine_state import (
+    SNAPSHOT_FILE,
+    STATE_FILE,
+    STATE_FORMAT,  # noqa: F401  (importable from here, as before the move)
+    TRAINER_STATE_FILE,  # noqa: F401
+    EngineCheckpoint,
+    EngineStateError,
+    EngineStateWarning,
+    check_trainer_state,
+    checkpoint_folder,
+    empty_entry,
+    restore_engine,
 )
-from . import snapshot
+from .engine_state import atomic_write as _atomic_write  # noqa: F401
+from .gain import METRIC_CEILING, GainMeter, item_scores, metric_from_logits, resolve_metric
 from .knobs import apply_memory_config
-from .microbatch import batch_size_of, split_batch
-from .oom import free_memory, is_out_of_memory
+from .ranks import reduce_sums, reduce_value
 from .wall_clock import WallClockLimit
 
 logger = logging.getLogger(__name__)
 
-STATE_FILE = "mpopt_engine.json"  # the engine's state before it moved into trainer_state.json: still read on resume
 DECISIONS_FILE = "decisions.json"
-SNAPSHOT_FILE = "mpopt_race_snapshots.pt"
-TRAINER_STATE_FILE = "trainer_state.json"  # transformers' TRAINER_STATE_NAME
-STATE_FORMAT = 1
-
-
-class EngineStateWarning(UserWarning):
-    """A checkpoint was resumed without the engine's state: the memory-configuration search restarts."""
-
-
-class EngineStateError(RuntimeError):
-    """The engine's state in a checkpoint is unreadable, or missing under ``MPOptArguments(strict_resume=True)``."""
-
-
-# ---------------------------------------------------------------------------- metrics (plain functions)
-
-
-def item_scores(logits: torch.Tensor, labels: torch.Tensor | None, metric: str) -> torch.Tensor:
-    """The gain metric of every item (higher is better). Causal-LM logits are shifted by one."""
-    logits = logits.detach().float()
-    if logits.dim() == 3:  # [batch, tokens, vocab]: next-token prediction
-        logits = logits[:, :-1]
-        labels = None if labels is None else labels[:, 1:]
-    flat = logits.reshape(-1, logits.shape[-1])
-    # a non-finite output knows nothing: it scores as a uniform prediction (and is never right), the worst value
-    broken = ~torch.isfinite(flat).all(-1)
-    flat = torch.where(broken[:, None], torch.zeros_like(flat), flat)
-    if metric == "val_accuracy":
-        if labels is None:
-            raise ValueError("gain_metric='val_accuracy' needs labels in the evaluation data; use 'entropy' or 'confidence'.")
-        target = labels.reshape(-1)
-        keep = target != -100
-        return ((flat.argmax(-1) == target) & ~broken)[keep].double()
-    probs = flat.softmax(-1)
-    if metric == "entropy":  # lower entropy is better: its negative
-        return (probs * probs.clamp_min(1e-12).log()).sum(-1).double()
-    if metric == "confidence":
-        return probs.max(-1).values.double()
-    raise ValueError(f"Unknown gain metric {metric!r}; allowed: 'val_accuracy', 'entropy', 'confidence'.")
-
-
-# the best value of each gain metric's item score: the engine caps its projections there
-METRIC_CEILING = {"val_accuracy": 1.0, "confidence": 1.0, "entropy": 0.0}
-
-
-def metric_from_logits(logits: torch.Tensor, labels: torch.Tensor | None, metric: str) -> tuple[float, int]:
-    """(sum of the per-item score, item count); higher is better."""
-    scores = item_scores(logits, labels, metric)
-    return float(scores.sum()), int(scores.numel())
-
-
-def resolve_metric(metric: str, example: dict[str, Any] | None) -> str:
-    if metric != "auto":
-        return metric
-    return "val_accuracy" if example is not None and ("labels" in example or "label" in example) else "entropy"
 
 
 # ---------------------------------------------------------------------------- the callback
@@ -126,7 +65,7 @@ class MPOptCallback(TrainerCallback, ExportableState):
     profile ``store`` and its ``store_key``, configurations it knows as infeasible are never tried, and new
     out-of-memory marks are written to it; ``on_infeasible`` is called for each new mark as well.
 
-    Its state is saved in ``trainer_state.json`` (see the module's docstring); it restores itself from there, so
+    Its state is saved in ``trainer_state.json`` (see `mpopt_hf.engine_state`); it restores itself from there, so
     it refuses ``TrainingArguments(restore_callback_states_from_checkpoint=True)``, with which Trainer would
     replace it by an instance rebuilt without its arguments.
     """
@@ -151,18 +90,42 @@ class MPOptCallback(TrainerCallback, ExportableState):
         self.on_infeasible = on_infeasible
         self.trainer: Any = None
         self.engine: RuleEngine | None = None
-        self.metric = mpopt_args.gain_metric
-        self.eval_chunk: int | None = None
+        self._gain = GainMeter(mpopt_args.gain_metric)  # the gain metric, its evaluation batch
         self._resume_dir: str | None = None
         self._needs_baseline = False
         self._step_start: float | None = None
         self._logged = 0
         self._warned = False
         self._applied: MemoryConfig | None = None
-        self._copies: dict[str, Any] = {}  # race snapshots: "start" and "best", on the CPU
-        self._copies_id: str | None = None  # changes with the copies: names them in the checkpoint's state
-        self._copies_saved: tuple[str, str] | None = None  # (file, id) last written
+        self._checkpoint = EngineCheckpoint()  # race snapshots: "start" and "best", on the CPU
         self._refs: tuple[Any, Any, Any] | None = None  # plain Trainer: the (args, state, control) last seen
+
+    @property
+    def metric(self) -> str:
+        """The gain metric in use (``gain_metric`` until the first step resolves 'auto')."""
+        return self._gain.metric
+
+    @metric.setter
+    def metric(self, value: str) -> None:
+        self._gain.metric = value
+
+    @property
+    def eval_chunk(self) -> int | None:
+        """The evaluation batch the gain metric fell back to after out-of-memory (None: the loader's)."""
+        return self._gain.eval_chunk
+
+    @eval_chunk.setter
+    def eval_chunk(self, value: int | None) -> None:
+        self._gain.eval_chunk = value
+
+    @property
+    def _copies(self) -> dict[str, Any]:
+        """The race's host copies ("start", "best"), held by `EngineCheckpoint`."""
+        return self._checkpoint.copies
+
+    @_copies.setter
+    def _copies(self, value: dict[str, Any]) -> None:
+        self._checkpoint.copies = value
 
     # -------------------------------------------------------------- wiring
 
@@ -177,13 +140,7 @@ class MPOptCallback(TrainerCallback, ExportableState):
         ``trainer_state.json`` (the engine's state is in it) fails here, naming the file and what to do, rather
         than as Trainer's bare error."""
         self._resume_dir = checkpoint_dir
-        path = os.path.join(checkpoint_dir, TRAINER_STATE_FILE)
-        remedy = (f"resume from an earlier checkpoint, or delete the folder {checkpoint_dir} (resume_from_checkpoint="
-                  "True then picks the one before it).")
-        if not os.path.isfile(path):
-            raise EngineStateError(f"{path} is missing: the save of {checkpoint_dir} was interrupted before Trainer "
-                                   f"wrote its state (which holds the memory engine's too); {remedy}")
-        _read_json(path, "It holds Trainer's and the memory engine's state: " + remedy)
+        check_trainer_state(checkpoint_dir)
 
     def task_boundary(self) -> None:
         """The online loop moved to a new task: re-open the search, re-measure the baseline on the new data."""
@@ -211,7 +168,7 @@ class MPOptCallback(TrainerCallback, ExportableState):
         # Trainer's save updates the entry of every ExportableState callback, and fails on a resumed state that
         # has none (a checkpoint saved without the engine): give it one, which `_setup` reads as "no state"
         if isinstance(state.stateful_callbacks, dict):
-            state.stateful_callbacks.setdefault(type(self).__name__, {"format": STATE_FORMAT, "engine": None})
+            state.stateful_callbacks.setdefault(type(self).__name__, empty_entry())
         if self.trainer is None and not self._warned:
             self._warned = True
             warnings.warn(
@@ -260,25 +217,17 @@ class MPOptCallback(TrainerCallback, ExportableState):
         Mid-race, the race's copies are written to the checkpoint folder now, before ``trainer_state.json``;
         their id is recorded here, so that resume can tell them from a stale or missing file."""
         if self.engine is None:
-            return {"format": STATE_FORMAT, "engine": None}
-        payload = {"format": STATE_FORMAT, "engine": self.engine.state_dict(), "metric": self.metric,
-                   "eval_chunk": self.eval_chunk, "needs_baseline": self._needs_baseline, "snapshot": None}
-        if self._copies:  # a race is under way: its start and best trial's end are part of the state
-            if self._copies_id is None:
-                self._copies_id = uuid.uuid4().hex
-            payload["snapshot"] = {"file": SNAPSHOT_FILE, "id": self._copies_id}
-            folder = self._folder_being_saved()
-            if folder is not None:
-                self._save_copies(folder)
-        return payload
+            return empty_entry()
+        extra = {"metric": self.metric, "eval_chunk": self.eval_chunk, "needs_baseline": self._needs_baseline}
+        return self._checkpoint.entry(self.engine, extra, self._folder_being_saved)
 
     def on_save(self, args, state, control, **kwargs):
         # The copies are normally written by `state` already; this catches a save whose folder it could not tell.
         if self.engine is None or not self._copies or not args.should_save:
             return control
-        folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+        folder = checkpoint_folder(args, state)
         if os.path.isdir(folder):
-            self._save_copies(folder)
+            self._checkpoint.save_copies(folder)
         return control
 
     def _folder_being_saved(self) -> str | None:
@@ -292,16 +241,8 @@ class MPOptCallback(TrainerCallback, ExportableState):
             return None
         if not (control.should_save and args.should_save):
             return None
-        folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+        folder = checkpoint_folder(args, state)
         return folder if os.path.isdir(folder) else None
-
-    def _save_copies(self, folder: str) -> None:
-        path = os.path.join(folder, SNAPSHOT_FILE)
-        if self._copies_saved == (path, self._copies_id) and os.path.isfile(path):
-            return
-        payload = {"format": STATE_FORMAT, "id": self._copies_id, "copies": self._copies}
-        _atomic_write(path, lambda f: torch.save(payload, f))
-        self._copies_saved = (path, self._copies_id)
 
     def on_train_end(self, args, state, control, **kwargs):
         if self.engine is not None:
@@ -322,27 +263,23 @@ class MPOptCallback(TrainerCallback, ExportableState):
     def _setup(self, args, state, model: nn.Module, train_dataloader: Any = None, optimizer: Any = None) -> None:
         blocks = find_blocks(model)
         effective = args.per_device_train_batch_size
-        space = self._space(args, blocks.n_blocks, effective)
-        if self.cost_model is None and self._budget_bytes(args) is not None and train_dataloader is not None:
+        space = search_space(self.mpopt_args, args, blocks.n_blocks, effective, plain=self.trainer is None)
+        if self.cost_model is None and budget_bytes(self.mpopt_args, args) is not None and train_dataloader is not None:
             # A budget needs predicted peaks: fit the profiler's memory model (or predict each on fake tensors).
             batch = first_batch(train_dataloader, effective)
             batch = {k: v.to(args.device) if torch.is_tensor(v) else v for k, v in batch.items()}
-            self.cost_model = self._default_cost_model(model, batch, optimizer, space, args)
-        self.engine = self._build_engine(args, model, space, effective)
+            self.cost_model, self.store, self.store_key = default_cost_model(
+                self.mpopt_args, model, batch, optimizer, space, args, self.store, self.store_key)
+        self.engine = build_engine(self.mpopt_args, args, model, space, effective, self.cost_model, self.store,
+                                   self.store_key, self._mark_infeasible)
         resume = self._resume_dir
         if resume is None and state.global_step > 0:  # a plain Trainer resumed: the folder follows the convention
-            resume = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
-        saved = None if resume is None else self._saved_state(resume, state)
+            resume = checkpoint_folder(args, state)
+        saved = None if resume is None else self._checkpoint.load(resume, state, type(self).__name__,
+                                                                 self.mpopt_args.strict_resume)
         if saved is not None:
             payload, source, copies = saved
-            try:
-                self.engine.load_state_dict(payload["engine"])
-                self.metric, self.eval_chunk = payload["metric"], payload["eval_chunk"]
-            except (KeyError, TypeError, ValueError) as exc:
-                raise EngineStateError(
-                    f"The memory engine's state in {source} does not fit this engine ({type(exc).__name__}: {exc}); "
-                    f"resume from another checkpoint, or delete {_state_holder(source)} to restart the search."
-                ) from exc
+            self.metric, self.eval_chunk = restore_engine(self.engine, payload, source)
             self.engine.metric_ceiling = METRIC_CEILING.get(self.metric)
             self._needs_baseline = payload.get("needs_baseline", False)
             self._logged = len(self.engine.decisions)  # those were logged by the first run
@@ -355,58 +292,6 @@ class MPOptCallback(TrainerCallback, ExportableState):
         self._apply(self.engine.start(state.global_step, *self._measure_metric(model)))
         self._flush_decisions()
 
-    def _saved_state(self, folder: str, state) -> tuple[dict[str, Any], str, dict[str, Any]] | None:
-        """(the engine's saved state, the file it came from, the race's copies) of the checkpoint in ``folder``;
-        None, after an `EngineStateWarning`, when the checkpoint lacks them (`EngineStateError` if strict)."""
-        source = os.path.join(folder, TRAINER_STATE_FILE)
-        entry = (getattr(state, "stateful_callbacks", None) or {}).get(type(self).__name__)
-        if isinstance(entry, list):  # several MPOptCallbacks: Trainer keeps a list; one engine per trainer
-            entry = entry[0] if entry else None
-        legacy = not isinstance(entry, dict) or entry.get("engine") is None
-        if legacy:  # saved before the state moved into trainer_state.json, or by a run without the engine
-            source = os.path.join(folder, STATE_FILE)
-            if not os.path.isfile(source):
-                return self._missing_state(
-                    folder, f"neither its {TRAINER_STATE_FILE} nor a {STATE_FILE} holds the memory engine's state")
-            entry = _read_json(source, "Delete it to restart the memory-configuration search from this "
-                                       "checkpoint, or resume from an earlier checkpoint.")
-        if not isinstance(entry, dict) or not isinstance(entry.get("engine"), dict):
-            raise EngineStateError(f"{source} does not hold a memory engine state (no 'engine' mapping); resume "
-                                   f"from another checkpoint, or delete {_state_holder(source)} to restart the search.")
-        copies: dict[str, Any] = {}
-        if legacy:
-            path = os.path.join(folder, SNAPSHOT_FILE)
-            if os.path.isfile(path):
-                copies = _load_copies(path)
-            return entry, source, copies
-        snap = entry.get("snapshot")
-        if snap is not None:  # saved mid-race: the copies must be those this state was saved with
-            if not isinstance(snap, dict) or not isinstance(snap.get("file"), str) or "id" not in snap:
-                raise EngineStateError(f"{source}: the memory engine's snapshot record {snap!r} is malformed; resume "
-                                       "from another checkpoint.")
-            path = os.path.join(folder, os.path.basename(snap["file"]))
-            if not os.path.isfile(path):
-                return self._missing_state(folder, f"the race snapshot {path} that its {TRAINER_STATE_FILE} records "
-                                                   "is missing (the save was interrupted, or the file was deleted)")
-            saved = _load_copies(path)
-            if not isinstance(saved, dict) or saved.get("id") != snap["id"]:
-                return self._missing_state(folder, f"the race snapshot {path} is not the one its {TRAINER_STATE_FILE} "
-                                                   "records (left by another save)")
-            copies = saved["copies"]
-            self._copies_id, self._copies_saved = snap["id"], None
-        return entry, source, copies
-
-    def _missing_state(self, folder: str, why: str) -> None:
-        """Warn (or, with strict_resume, raise) that the checkpoint in ``folder`` lacks the engine's state."""
-        message = (f"Resuming from {folder}: {why}. The memory-configuration search restarts from scratch: the "
-                   "engine's earlier decisions and measurements are lost.")
-        if self.mpopt_args.strict_resume:
-            raise EngineStateError(message + " Refused because MPOptArguments(strict_resume=True): resume from a "
-                                   "checkpoint that has the engine's state, or set strict_resume=False to restart the "
-                                   "search.")
-        warnings.warn(message + " (MPOptArguments(strict_resume=True) refuses instead.)", EngineStateWarning,
-                      stacklevel=3)
-
     def _wall_clock_left(self) -> float | None:
         """Seconds left to the trainer's `WallClockLimit` (the shortest, if several), the engine's horizon; the
         smallest over ranks, so that every rank's engine decides alike whether a race pays."""
@@ -415,115 +300,11 @@ class MPOptCallback(TrainerCallback, ExportableState):
         left = min((cb.seconds - cb.elapsed for cb in limits), default=None)
         return None if left is None else self._reduce(max(left, 1e-9), "min")
 
-    def _default_cost_model(self, model: nn.Module, batch: dict[str, Any], optimizer: Any,
-                            space: list[MemoryConfig], args) -> CostModel:
-        """MPOptArguments.cost_predictor: the fitted memory model ('profile', through the profile store when one
-        is set) or one fake-tensor step per configuration ('fake')."""
-        a = self.mpopt_args
-        if a.cost_predictor == "fake":
-            return FakeTensorCostModel(model, batch, optimizer, lr=args.learning_rate)
-        from .profiler import profile_key
-        from .store import open_store
-
-        if optimizer is None:
-            optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.learning_rate)
-        if self.store is None and a.profile_store is not None:
-            self.store = open_store(None if a.profile_store == "default" else a.profile_store)
-            self.store_key = profile_key(model, batch, plain_optimizer(optimizer))
-        cost = ProfileCostModel.fit(model, batch, optimizer, space, self.store)
-        cost.price_grad_caching(model, batch)
-        logger.info("mpopt cost model: %s in %.1f s", "fit reused from the profile store" if cost.reused
-                    else f"fitted from {len(cost.profile.measurements)} measured configuration(s)", cost.seconds)
-        return cost
-
-    def _space(self, args, n_blocks: int, effective: int) -> list[MemoryConfig]:
-        a = self.mpopt_args
-        if self.trainer is None:  # plain Trainer: micro-batch and precision are fixed by the Trainer
-            micro, precisions = [effective], ["fp16" if args.fp16 else ("bf16" if args.bf16 else "fp32")]
-        else:
-            micro = a.micro_batch_sizes or default_micro_batch_sizes(effective)
-            precisions = a.precisions or self._default_precisions(args)
-        configs = enumerate_configs(
-            [m for m in micro if m <= effective] or [effective],
-            a.freeze_rates if a.freeze_rates is not None else default_freeze_rates(n_blocks),
-            a.checkpoint_segments if a.checkpoint_segments is not None else default_checkpoint_segments(n_blocks),
-            precisions,
-            n_blocks,
-        )
-        if not configs:
-            raise ValueError(
-                f"The search space is empty for a model with {n_blocks} blocks: check MPOptArguments.checkpoint_segments "
-                f"(each must be <= the trainable blocks) and freeze_rates."
-            )
-        return configs
-
-    def _build_engine(self, args, model: nn.Module, configs: list[MemoryConfig], effective: int) -> RuleEngine:
-        a = self.mpopt_args
-        budget = self._budget_bytes(args)
-        if budget is not None and self.cost_model is None:
-            raise ValueError(
-                f"MPOptArguments.memory_budget_mib={budget / MIB:.1f} needs a cost model to predict peaks: pass "
-                "cost_model=... (e.g. the profiler's fitted memory model) or a train_dataloader to predict from, or leave memory_budget_mib=None and let "
-                "out-of-memory errors steer the search."
-            )
-        candidates = [
-            Candidate(c, *self.cost_model.predict(c)) if self.cost_model is not None else Candidate(c) for c in configs
-        ]
-        candidates = self._same_on_every_rank(candidates)
-        has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
-        return RuleEngine(
-            candidates,
-            budget_bytes=budget,
-            margin=a.safety_margin,
-            trial_steps=a.trial_steps,
-            trial_max_s=a.trial_max_s,
-            search_share=a.search_share,
-            strategy=a.strategy,
-            significance=a.significance,
-            late_gain=a.late_gain,
-            exploration=a.exploration,
-            discount=a.discount,
-            drift_threshold=a.drift_threshold,
-            retune_every_steps=a.retune_every_steps,
-            time_budget_s=a.time_budget_s,
-            has_batchnorm=has_bn,
-            bn_min_micro_batch=a.bn_min_micro_batch,
-            effective_batch=effective,
-            on_infeasible=self._mark_infeasible,
-            known_infeasible=self.store.infeasible(self.store_key) if self.store is not None else None,
-        )
-
-    def _same_on_every_rank(self, candidates: list[Candidate]) -> list[Candidate]:
-        """Rank 0's predictions for every rank: measured step times differ between processes, and engines that
-        prune differently would choose differently and deadlock in the gradient all-reduce."""
-        if not self._distributed():
-            return candidates
-        payload = [[c.to_dict() for c in candidates]]
-        dist.broadcast_object_list(payload, src=0)
-        return [Candidate.from_dict(c) for c in payload[0]]
-
     def _mark_infeasible(self, config: MemoryConfig, reason: str) -> None:
         if self.store is not None:
             self.store.mark_infeasible(self.store_key, config, reason)
         if self.on_infeasible is not None:
             self.on_infeasible(config, reason)
-
-    def _budget_bytes(self, args) -> float | None:
-        if self.mpopt_args.memory_budget_mib is not None:
-            return self.mpopt_args.memory_budget_mib * MIB
-        if args.device.type == "cuda":  # the device's memory; the margin is applied by the feasibility rule
-            return float(torch.cuda.get_device_properties(args.device).total_memory)
-        return None
-
-    @staticmethod
-    def _default_precisions(args) -> list[str]:
-        if args.fp16:
-            return ["fp16"]
-        if args.bf16:  # accelerate autocasts every forward then: bf16 is the run's only precision
-            return ["bf16"]
-        if args.device.type == "cuda" and torch.cuda.is_bf16_supported():
-            return ["fp32", "bf16"]
-        return ["fp32"]
 
     # -------------------------------------------------------------- acting
 
@@ -553,29 +334,12 @@ class MPOptCallback(TrainerCallback, ExportableState):
         return following
 
     def _run_state_ops(self, ops: list[str]) -> None:
-        """Carry out the engine's snapshot/restore requests on the weights, optimizer and scheduler (see
-        `RuleEngine.take_ops`); copies live on the CPU."""
+        """Carry out the engine's snapshot/restore requests (`EngineCheckpoint.run_ops`)."""
         model = self._plain_model
         if not ops or model is None:
             return
         optimizer, scheduler = getattr(self, "_optimizer_ref", None), getattr(self, "_scheduler_ref", None)
-        for op in ops:
-            if op == "snapshot":
-                self._copies["start"] = snapshot.capture(model, optimizer, scheduler)
-                self._copies_id = None  # new copies: a new id at the next save
-            elif op == "save_best":
-                self._copies["best"] = snapshot.capture(model, optimizer, scheduler)
-                self._copies_id = None
-            elif op in ("restore_start", "restore_best"):
-                key = op.split("_")[1]
-                if key not in self._copies:
-                    raise RuntimeError(f"The engine asked to {op} but no {key!r} copy was taken; ops so far: {ops}.")
-                snapshot.restore(self._copies[key], model, optimizer, scheduler)
-            elif op == "drop":
-                self._copies.clear()
-                self._copies_id = None
-            else:
-                raise ValueError(f"Unknown engine state operation {op!r}.")
+        self._checkpoint.run_ops(ops, model, optimizer, scheduler)
 
     def _flush_decisions(self) -> None:
         """Log the decisions not yet logged through the Trainer's `log`, so trackers see them."""
@@ -603,144 +367,30 @@ class MPOptCallback(TrainerCallback, ExportableState):
 
     # -------------------------------------------------------------- the gain metric
 
-    def _eval_data(self) -> Any:
-        data = self.trainer.eval_dataset if self.trainer is not None and self.trainer.eval_dataset is not None else None
-        data = data if data is not None else self.eval_dataset
-        if data is None:
-            raise ValueError(
-                "MPOptCallback needs evaluation data for the gain metric: give the Trainer an eval_dataset (labelled "
-                "for gain_metric='val_accuracy', unlabelled for 'entropy'/'confidence') or MPOptCallback(eval_dataset=...)."
-            )
-        return data
-
     def _first_eval_row(self) -> dict[str, Any] | None:
-        data = self._eval_data()
-        return data[0] if len(data) else None
+        return self._gain.first_row(self.trainer, self.eval_dataset)
 
     def _measure_metric(self, model: nn.Module) -> tuple[float, float]:
-        """(mean score, its standard error) over the evaluation data and all ranks; halves its own batch on
-        out-of-memory. Its time (the slowest rank's, so that every rank's engine sizes its trials alike) is search cost."""
+        """(mean score, its standard error) over the evaluation data and all ranks (`GainMeter.measure`). Its time
+        (the slowest rank's, so that every rank's engine sizes its trials alike) is search cost."""
         start = self.clock()
-        if self.trainer is not None:
-            loader = self.trainer.get_eval_dataloader(self._eval_data())
-        else:
-            loader = torch.utils.data.DataLoader(self._eval_data(), batch_size=8, collate_fn=_default_collate)
-        device = next(model.parameters()).device
-        was_training = model.training
-        model.eval()
-        sums = torch.zeros(3, dtype=torch.float64)  # score, squared score, items
-        try:
-            with torch.no_grad():
-                for batch in loader:
-                    batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-                    sums += self._score_batch(model, batch)
-        finally:
-            model.train(was_training)
-        total, squares, count = self._reduce_sums(sums)
+        result = self._gain.measure(model, self.trainer, self.eval_dataset, self._reduce_sums)
         seconds = self._reduce(self.clock() - start, "max")
         if self.engine is not None:
             self.engine.add_search_time(seconds)
-        mean = total / max(count, 1)
-        # and its standard error: the engine counts smaller leads as ties
-        return mean, math.sqrt(max(squares / max(count, 1) - mean * mean, 0.0) / max(count, 1))
-
-    def _score_batch(self, model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
-        """(sum of scores, sum of squared scores, items) of one evaluation batch."""
-        size = batch_size_of(batch)
-        chunk = min(self.eval_chunk or size, size)
-        while True:
-            try:
-                sums = torch.zeros(3, dtype=torch.float64)
-                for part in split_batch(batch, chunk):
-                    labels = part.get("labels", part.get("label"))
-                    inputs = {k: v for k, v in part.items() if k not in ("labels", "label")}
-                    scores = item_scores(model(**inputs).logits, labels, self.metric).cpu()
-                    sums += torch.stack([scores.sum(), (scores * scores).sum(), torch.tensor(float(scores.numel()))])
-                return sums
-            except Exception as exc:  # noqa: BLE001
-                if not is_out_of_memory(exc) or chunk <= 1:
-                    raise
-            free_memory()
-            chunk = max(1, chunk // 2)
-            self.eval_chunk = chunk  # evaluation only: the training configuration is not touched
+        return result
 
     # -------------------------------------------------------------- several processes
 
-    @staticmethod
-    def _distributed() -> bool:
-        return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
     def _reduce(self, value: float, op: str) -> float:
         """Every rank's engine must see the same numbers, so that all make the same decisions."""
-        if not self._distributed():
-            return value
-        tensor = torch.tensor([value], dtype=torch.float64, device=self._device())
-        dist.all_reduce(tensor, op={"max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN, "sum": dist.ReduceOp.SUM}[op])
-        return float(tensor.item())
+        return reduce_value(value, op, self._device)
 
     def _reduce_sums(self, sums: torch.Tensor) -> list[float]:
-        if self._distributed():
-            sums = sums.to(self._device())
-            dist.all_reduce(sums)
-        return [float(v) for v in sums.cpu()]
+        return reduce_sums(sums, self._device)
 
     def _device(self) -> torch.device:
         return self.trainer.args.device if self.trainer is not None else torch.device("cpu")
-
-
-def _default_collate(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    return {k: torch.stack([torch.as_tensor(r[k]) for r in rows]) for k in rows[0]}
-
-
-# ---------------------------------------------------------------------------- state files
-
-
-def _atomic_write(path: str, write: Callable[[Any], None]) -> None:
-    """Write ``path`` through a temporary file in its folder, then `os.replace`: a process killed mid-write
-    leaves the previous file (or none), never a truncated one."""
-    folder = os.path.dirname(path) or "."
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    with contextlib.suppress(OSError):  # the rename itself survives a power loss too (POSIX)
-        dir_fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-
-
-def _read_json(path: str, remedy: str) -> Any:
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise EngineStateError(f"{path} is truncated or corrupt ({exc}). {remedy}") from exc
-
-
-def _load_copies(path: str) -> Any:
-    """A race snapshot: tensors and plain containers only (``weights_only=True``)."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # a truncated zip, an unpickling error: all mean "unreadable"
-        raise EngineStateError(
-            f"{path} is truncated or corrupt ({type(exc).__name__}: {exc}). It holds the race's start and best-trial "
-            "copies: delete it to restart the memory-configuration search from this checkpoint, or resume from an "
-            "earlier checkpoint."
-        ) from exc
-
-
-def _state_holder(source: str) -> str:
-    """What to delete to drop the engine's state: the legacy file, or its entry in trainer_state.json."""
-    return source if os.path.basename(source) == STATE_FILE else f"the 'MPOptCallback' entry of {source}"
 
 
 __all__ = [

@@ -1,0 +1,138 @@
+"""Building `MPOptCallback`'s rule engine at the first step: the search space, the memory budget, the default
+cost model, and the `RuleEngine` over the predicted candidates (the same on every rank)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .config import MemoryConfig, MPOptArguments
+from .cost import FakeTensorCostModel, ProfileCostModel, plain_optimizer
+from .engine import (
+    MIB,
+    Candidate,
+    CostModel,
+    RuleEngine,
+    default_checkpoint_segments,
+    default_freeze_rates,
+    default_micro_batch_sizes,
+    enumerate_configs,
+)
+from .ranks import distributed
+
+logger = logging.getLogger("mpopt_hf.callback")  # its messages were the callback's, and stay under its name
+
+
+def budget_bytes(a: MPOptArguments, args) -> float | None:
+    if a.memory_budget_mib is not None:
+        return a.memory_budget_mib * MIB
+    if args.device.type == "cuda":  # the device's memory; the margin is applied by the feasibility rule
+        return float(torch.cuda.get_device_properties(args.device).total_memory)
+    return None
+
+
+def default_precisions(args) -> list[str]:
+    if args.fp16:
+        return ["fp16"]
+    if args.bf16:  # accelerate autocasts every forward then: bf16 is the run's only precision
+        return ["bf16"]
+    if args.device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return ["fp32", "bf16"]
+    return ["fp32"]
+
+
+def search_space(a: MPOptArguments, args, n_blocks: int, effective: int, plain: bool) -> list[MemoryConfig]:
+    """The configurations to choose from; ``plain``: a plain Trainer, whose micro-batch and precision are fixed."""
+    if plain:
+        micro, precisions = [effective], ["fp16" if args.fp16 else ("bf16" if args.bf16 else "fp32")]
+    else:
+        micro = a.micro_batch_sizes or default_micro_batch_sizes(effective)
+        precisions = a.precisions or default_precisions(args)
+    configs = enumerate_configs(
+        [m for m in micro if m <= effective] or [effective],
+        a.freeze_rates if a.freeze_rates is not None else default_freeze_rates(n_blocks),
+        a.checkpoint_segments if a.checkpoint_segments is not None else default_checkpoint_segments(n_blocks),
+        precisions,
+        n_blocks,
+    )
+    if not configs:
+        raise ValueError(
+            f"The search space is empty for a model with {n_blocks} blocks: check MPOptArguments.checkpoint_segments "
+            f"(each must be <= the trainable blocks) and freeze_rates."
+        )
+    return configs
+
+
+def default_cost_model(a: MPOptArguments, model: nn.Module, batch: dict[str, Any], optimizer: Any,
+                       space: list[MemoryConfig], args, store: Any, store_key: Any) -> tuple[CostModel, Any, Any]:
+    """MPOptArguments.cost_predictor: the fitted memory model ('profile', through the profile store when one
+    is set) or one fake-tensor step per configuration ('fake'). Returns it with the (store, store_key) in use."""
+    if a.cost_predictor == "fake":
+        return FakeTensorCostModel(model, batch, optimizer, lr=args.learning_rate), store, store_key
+    from .profiler import profile_key
+    from .store import open_store
+
+    if optimizer is None:
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.learning_rate)
+    if store is None and a.profile_store is not None:
+        store = open_store(None if a.profile_store == "default" else a.profile_store)
+        store_key = profile_key(model, batch, plain_optimizer(optimizer))
+    cost = ProfileCostModel.fit(model, batch, optimizer, space, store)
+    cost.price_grad_caching(model, batch)
+    logger.info("mpopt cost model: %s in %.1f s", "fit reused from the profile store" if cost.reused
+                else f"fitted from {len(cost.profile.measurements)} measured configuration(s)", cost.seconds)
+    return cost, store, store_key
+
+
+def build_engine(a: MPOptArguments, args, model: nn.Module, configs: list[MemoryConfig], effective: int,
+                 cost_model: CostModel | None, store: Any, store_key: Any,
+                 on_infeasible: Callable[[MemoryConfig, str], None]) -> RuleEngine:
+    budget = budget_bytes(a, args)
+    if budget is not None and cost_model is None:
+        raise ValueError(
+            f"MPOptArguments.memory_budget_mib={budget / MIB:.1f} needs a cost model to predict peaks: pass "
+            "cost_model=... (e.g. the profiler's fitted memory model) or a train_dataloader to predict from, or leave memory_budget_mib=None and let "
+            "out-of-memory errors steer the search."
+        )
+    candidates = [Candidate(c, *cost_model.predict(c)) if cost_model is not None else Candidate(c) for c in configs]
+    candidates = same_on_every_rank(candidates)
+    has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    return RuleEngine(
+        candidates,
+        budget_bytes=budget,
+        margin=a.safety_margin,
+        trial_steps=a.trial_steps,
+        trial_max_s=a.trial_max_s,
+        search_share=a.search_share,
+        strategy=a.strategy,
+        significance=a.significance,
+        late_gain=a.late_gain,
+        exploration=a.exploration,
+        discount=a.discount,
+        drift_threshold=a.drift_threshold,
+        retune_every_steps=a.retune_every_steps,
+        time_budget_s=a.time_budget_s,
+        has_batchnorm=has_bn,
+        bn_min_micro_batch=a.bn_min_micro_batch,
+        effective_batch=effective,
+        on_infeasible=on_infeasible,
+        known_infeasible=store.infeasible(store_key) if store is not None else None,
+    )
+
+
+def same_on_every_rank(candidates: list[Candidate]) -> list[Candidate]:
+    """Rank 0's predictions for every rank: measured step times differ between processes, and engines that
+    prune differently would choose differently and deadlock in the gradient all-reduce."""
+    if not distributed():
+        return candidates
+    payload = [[c.to_dict() for c in candidates]]
+    dist.broadcast_object_list(payload, src=0)
+    return [Candidate.from_dict(c) for c in payload[0]]
+
+
+__all__ = ["budget_bytes", "build_engine", "default_cost_model", "default_precisions", "search_space"]

@@ -1,0 +1,134 @@
+"""The gain metric: what a trial's configuration bought, scored on evaluation data (higher is better).
+
+Plain functions score logits; `GainMeter` runs the evaluation loop, halving its own evaluation batch on
+out-of-memory (the training configuration is not touched).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from .microbatch import batch_size_of, split_batch
+from .oom import free_memory, is_out_of_memory
+
+
+def item_scores(logits: torch.Tensor, labels: torch.Tensor | None, metric: str) -> torch.Tensor:
+    """The gain metric of every item (higher is better). Causal-LM logits are shifted by one."""
+    logits = logits.detach().float()
+    if logits.dim() == 3:  # [batch, tokens, vocab]: next-token prediction
+        logits = logits[:, :-1]
+        labels = None if labels is None else labels[:, 1:]
+    flat = logits.reshape(-1, logits.shape[-1])
+    # a non-finite output knows nothing: it scores as a uniform prediction (and is never right), the worst value
+    broken = ~torch.isfinite(flat).all(-1)
+    flat = torch.where(broken[:, None], torch.zeros_like(flat), flat)
+    if metric == "val_accuracy":
+        if labels is None:
+            raise ValueError("gain_metric='val_accuracy' needs labels in the evaluation data; use 'entropy' or 'confidence'.")
+        target = labels.reshape(-1)
+        keep = target != -100
+        return ((flat.argmax(-1) == target) & ~broken)[keep].double()
+    probs = flat.softmax(-1)
+    if metric == "entropy":  # lower entropy is better: its negative
+        return (probs * probs.clamp_min(1e-12).log()).sum(-1).double()
+    if metric == "confidence":
+        return probs.max(-1).values.double()
+    raise ValueError(f"Unknown gain metric {metric!r}; allowed: 'val_accuracy', 'entropy', 'confidence'.")
+
+
+# the best value of each gain metric's item score: the engine caps its projections there
+METRIC_CEILING = {"val_accuracy": 1.0, "confidence": 1.0, "entropy": 0.0}
+
+
+def metric_from_logits(logits: torch.Tensor, labels: torch.Tensor | None, metric: str) -> tuple[float, int]:
+    """(sum of the per-item score, item count); higher is better."""
+    scores = item_scores(logits, labels, metric)
+    return float(scores.sum()), int(scores.numel())
+
+
+def resolve_metric(metric: str, example: dict[str, Any] | None) -> str:
+    if metric != "auto":
+        return metric
+    return "val_accuracy" if example is not None and ("labels" in example or "label" in example) else "entropy"
+
+
+class GainMeter:
+    """Scores a model on evaluation data with ``metric``; ``eval_chunk`` is the evaluation batch it fell back
+    to after an out-of-memory error (None: the loader's)."""
+
+    def __init__(self, metric: str, eval_chunk: int | None = None) -> None:
+        self.metric = metric
+        self.eval_chunk = eval_chunk
+
+    @staticmethod
+    def eval_data(trainer: Any, fallback: Any) -> Any:
+        """The trainer's eval_dataset, else ``fallback`` (the callback's)."""
+        data = trainer.eval_dataset if trainer is not None and trainer.eval_dataset is not None else None
+        data = data if data is not None else fallback
+        if data is None:
+            raise ValueError(
+                "MPOptCallback needs evaluation data for the gain metric: give the Trainer an eval_dataset (labelled "
+                "for gain_metric='val_accuracy', unlabelled for 'entropy'/'confidence') or MPOptCallback(eval_dataset=...)."
+            )
+        return data
+
+    @classmethod
+    def first_row(cls, trainer: Any, fallback: Any) -> dict[str, Any] | None:
+        data = cls.eval_data(trainer, fallback)
+        return data[0] if len(data) else None
+
+    def measure(self, model: nn.Module, trainer: Any, fallback: Any,
+                reduce_sums: Callable[[torch.Tensor], list[float]]) -> tuple[float, float]:
+        """(mean score, its standard error) over the evaluation data and, through ``reduce_sums``, all ranks."""
+        if trainer is not None:
+            loader = trainer.get_eval_dataloader(self.eval_data(trainer, fallback))
+        else:
+            loader = torch.utils.data.DataLoader(self.eval_data(trainer, fallback), batch_size=8,
+                                                 collate_fn=_default_collate)
+        device = next(model.parameters()).device
+        was_training = model.training
+        model.eval()
+        sums = torch.zeros(3, dtype=torch.float64)  # score, squared score, items
+        try:
+            with torch.no_grad():
+                for batch in loader:
+                    batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+                    sums += self.score_batch(model, batch)
+        finally:
+            model.train(was_training)
+        total, squares, count = reduce_sums(sums)
+        mean = total / max(count, 1)
+        # and its standard error: the engine counts smaller leads as ties
+        return mean, math.sqrt(max(squares / max(count, 1) - mean * mean, 0.0) / max(count, 1))
+
+    def score_batch(self, model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
+        """(sum of scores, sum of squared scores, items) of one evaluation batch."""
+        size = batch_size_of(batch)
+        chunk = min(self.eval_chunk or size, size)
+        while True:
+            try:
+                sums = torch.zeros(3, dtype=torch.float64)
+                for part in split_batch(batch, chunk):
+                    labels = part.get("labels", part.get("label"))
+                    inputs = {k: v for k, v in part.items() if k not in ("labels", "label")}
+                    scores = item_scores(model(**inputs).logits, labels, self.metric).cpu()
+                    sums += torch.stack([scores.sum(), (scores * scores).sum(), torch.tensor(float(scores.numel()))])
+                return sums
+            except Exception as exc:  # noqa: BLE001
+                if not is_out_of_memory(exc) or chunk <= 1:
+                    raise
+            free_memory()
+            chunk = max(1, chunk // 2)
+            self.eval_chunk = chunk  # evaluation only: the training configuration is not touched
+
+
+def _default_collate(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    return {k: torch.stack([torch.as_tensor(r[k]) for r in rows]) for k in rows[0]}
+
+
+__all__ = ["METRIC_CEILING", "GainMeter", "item_scores", "metric_from_logits", "resolve_metric"]
