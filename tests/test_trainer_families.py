@@ -33,11 +33,11 @@ def _collate(rows: list[dict]) -> dict:
     return {k: torch.stack([r[k] for r in rows]) if torch.is_tensor(v) else v for k, v in rows[0].items()}
 
 
-def _step_gradient(trainer_cls, spec, batch, tmp_path, **kwargs) -> torch.Tensor:
+def _step_gradient(trainer_cls, spec, batch, tmp_path, accumulation: int = 1, **kwargs) -> torch.Tensor:
     model = spec.build()
     _freeze_batchnorm_statistics(model)
-    args = training_args(tmp_path, BATCH, optim="sgd", weight_decay=0.0, max_grad_norm=0.0,
-                         train_sampling_strategy="sequential")
+    args = training_args(tmp_path, BATCH // accumulation, optim="sgd", weight_decay=0.0, max_grad_norm=0.0,
+                         train_sampling_strategy="sequential", gradient_accumulation_steps=accumulation)
     _, capture = run_steps(trainer_cls, model, ListDataset(batch), args, data_collator=_collate, **kwargs)
     grads = capture.grads[0]
     return torch.cat([torch.zeros(1) if g is None else g.flatten() for _, g in sorted(grads.items())])
@@ -53,6 +53,17 @@ def test_one_step_equals_a_plain_trainer_step(tmp_path, family, padded, one_torc
         got = _step_gradient(MPOptTrainer, spec, batch, tmp_path, memory_config=config)
         error = ((got - reference).norm() / reference.norm()).item()
         assert error < 1e-6, (config.short(), error)
+
+
+@pytest.mark.parametrize("family, padded", [("bert", False), ("t5", True), ("clip", False)])
+def test_trainer_gradient_accumulation_composes(tmp_path, family, padded, one_torch_thread):
+    """Trainer's gradient_accumulation_steps=2 over loader batches of 4, each split in micro-batches of 2,
+    is the whole batch of 8: items counted over both loader batches, a coupled loss over all of them."""
+    spec = FAMILIES[family]
+    batch = spec.batch(BATCH, padded=padded)
+    reference = _step_gradient(Trainer, spec, batch, tmp_path)
+    got = _step_gradient(MPOptTrainer, spec, batch, tmp_path, accumulation=2, memory_config=MemoryConfig(2))
+    assert ((got - reference).norm() / reference.norm()).item() < 1e-6
 
 
 def test_shares_by_samples_on_a_padded_batch_are_caught(tmp_path):
