@@ -56,19 +56,27 @@ class OptimizerRollback:
                 tensors += [v for v in self.optimizer.state[p].values() if torch.is_tensor(v)]
         return tensors
 
-    def undo(self) -> None:
-        """Remove the state the failed step created; raise if it had already changed weights or older state."""
+    def changed(self) -> int:
+        """How many weights or older state tensors the step has updated in place so far."""
+        return sum(1 for t, version in self.versions.values() if t._version != version)
+
+    def undo(self, refuse: bool | None = None) -> None:
+        """Remove the state the failed step created; raise if it had already changed weights or older state
+        (``refuse``: the decision taken for every rank together; None decides from this process alone)."""
         state = self.optimizer.state
         for p in self.params:
             if id(p) not in self.had_state and p in state:
                 del state[p]
-        changed = sum(1 for t, version in self.versions.values() if t._version != version)
-        if changed:
+        changed = self.changed()
+        if refuse is None:
+            refuse = changed > 0
+        if refuse:
             raise RuntimeError(
                 f"The optimizer step ran out of memory after it had updated {changed} tensor(s) in place (weights "
-                "or optimizer state), so it cannot be undone and the step cannot be run again exactly. Resume from "
-                "the last checkpoint with a smaller memory budget, or lower the optimizer step's own peak (an optimizer "
-                "built with foreach=False, passed as Trainer(optimizers=(optimizer, None)))."
+                "or optimizer state; on this or another rank), so it cannot be undone and the step cannot be run "
+                "again exactly. Resume from the last checkpoint with a smaller memory budget, or lower the "
+                "optimizer step's own peak (an optimizer built with foreach=False, passed as "
+                "Trainer(optimizers=(optimizer, None)))."
             )
 
 

@@ -38,7 +38,8 @@ class StepRecovery:
             if ok:
                 return result
             self._recover(model, error)
-            self._gradients(model)
+            if not torch.isfinite(self._gradients(model)):
+                self._flag_nonfinite("loss")
             if reclip:
                 self._clip_grad_norm(model)
 
@@ -60,11 +61,18 @@ class StepRecovery:
         """Undo the failed attempt (gradients, a begun optimizer step) and switch to the next configuration."""
         model.zero_grad(set_to_none=True)
         rollback, self._rollback = self._rollback, None
+        stuck = rollback is not None and rollback.changed() > 0
+        if self._distributed:  # a rank whose optimizer step succeeded cannot undo it: then every rank stops
+            stuck = self._any_rank(stuck)
         if rollback is not None:
-            rollback.undo()
+            rollback.undo(refuse=stuck)
+        self._reset_loss_scaler()
         free_memory()
         step, config = self.state.global_step, self.memory_config
         self.oom_events.append((step, config))
+        loader_batch = self.args.per_device_train_batch_size
+        if config.micro_batch_size > loader_batch:  # halving starts from what really ran
+            config = config.replace(micro_batch_size=loader_batch)
         try:
             following = (self.oom_handler or _halve_micro_batch)(config, step)
         except Exception as exc:
@@ -74,6 +82,15 @@ class StepRecovery:
             ) from exc
         logger.warning("out of memory at step %d with %s: running the step again with %s", step, config.short(), following.short())
         self.set_memory_config(following)
+
+    def _reset_loss_scaler(self) -> None:
+        """fp16: the failed attempt may have unscaled the gradients (clipping does); the retry starts afresh."""
+        scaler = getattr(self.optimizer, "scaler", None)
+        if scaler is not None and getattr(scaler, "_per_optimizer_states", None) is not None:
+            from torch.amp.grad_scaler import _refresh_per_optimizer_state
+
+            inner = getattr(self.optimizer, "optimizer", self.optimizer)
+            scaler._per_optimizer_states[id(inner)] = _refresh_per_optimizer_state()
 
     @property
     def _distributed(self) -> bool:
@@ -86,19 +103,30 @@ class StepRecovery:
         return bool(tensor.item() > 0)
 
     def _all_reduce_gradients(self, model: nn.Module) -> None:
-        """Average the accumulated gradients over ranks (what DDP's reducer does on a synchronised backward)."""
+        """Average the accumulated gradients over ranks (what DDP's reducer does on a synchronised backward),
+        and broadcast rank 0's buffers (BatchNorm statistics) as DDP does before the next forward.
+
+        A parameter no rank used keeps no gradient, as under DDP (so the optimizer leaves it alone); one that
+        some rank used gets zeros from the others.
+        """
         params = [p for p in model.parameters() if p.requires_grad]
+        if params:
+            used = torch.tensor([p.grad is not None for p in params], dtype=torch.float32, device=self.args.device)
+            dist.all_reduce(used, op=dist.ReduceOp.MAX)
+            params = [p for p, flag in zip(params, used.tolist()) if flag > 0]
         for p in params:
-            if p.grad is None:  # an unused parameter on this rank: contribute zeros, keep the collective aligned
+            if p.grad is None:
                 p.grad = torch.zeros_like(p)
         grads = [p.grad for p in params]
-        if not grads:
-            return
-        flat = torch._utils._flatten_dense_tensors(grads)
-        dist.all_reduce(flat)
-        flat /= self.args.world_size
-        for grad, synced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
-            grad.copy_(synced)
+        if grads:
+            flat = torch._utils._flatten_dense_tensors(grads)
+            dist.all_reduce(flat)
+            flat /= self.args.world_size
+            for grad, synced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
+                grad.copy_(synced)
+        if getattr(model, "broadcast_buffers", False):  # every backward ran under no_sync: DDP skipped it
+            for buffer in model.buffers():
+                dist.broadcast(buffer, src=0)
 
     # ------------------------------------------------------------------ clipping, the optimizer step, non-finite steps
 
@@ -117,8 +145,8 @@ class StepRecovery:
         return norm
 
     def _flag_nonfinite(self, what: str) -> None:
-        if self._skip_reason is not None:
-            return
+        if self._skip_reason is not None or getattr(self.optimizer, "scaler", None) is not None:
+            return  # fp16's loss scaler skips non-finite steps itself and backs its scale off
         self._skip_reason = what
         step = self.state.global_step
         logger.warning("step %d: the %s is not finite; the step is skipped (no update, scheduler not advanced)", step, what)
@@ -146,6 +174,7 @@ class StepRecovery:
         if self._skip_reason is not None:
             model.zero_grad(set_to_none=True)
             optimizer._is_overflow = True  # accelerate's "step was skipped", which Trainer reads
+            self._step_batches = []
             return None
         if getattr(optimizer, "scaler", None) is None and hasattr(optimizer, "_is_overflow"):
             optimizer._is_overflow = False
@@ -159,6 +188,7 @@ class StepRecovery:
             return self._after_gradients(model, step_once, reclip=self.args.max_grad_norm > 0)
         finally:
             self._rollback = None
+            self._step_batches = []  # the step is done: its inputs need not outlive it
 
 
 def _halve_micro_batch(config: MemoryConfig, step: int) -> MemoryConfig:

@@ -27,7 +27,7 @@ from .coupled_loss import CoupledLossAdapter
 from .coupling_check import resolve_coupled_loss
 from .grad_cache import grad_cache_backward
 from .knobs import apply_memory_config, autocast_context, check_precision, knob_state, plan_knobs
-from .loss_items import LossItemCounter, count_loss_items
+from .loss_items import IGNORE_INDEX, LossItemCounter, count_loss_items
 from .microbatch import batch_size_of, split_batch
 from .oom import free_memory, is_out_of_memory
 from .step_guard import NonFiniteSteps, OptimizerRollback, RandomState
@@ -271,8 +271,9 @@ class MPOptTrainer(StepRecovery, Trainer):
 
             # half precision rounds a whole batch and its halves differently; a coupled loss differs by tens of %
             rtol = 3e-2 if (self.args.bf16 or self.args.fp16) else 1e-3
-            self._coupling = (resolve_coupled_loss(model, sample, loss_fn=weighted_loss, count_items=self._count_items,
-                                                   rtol=rtol),)
+            # on the bare module: a DDP wrapper's collectives must not depend on this rank's check
+            self._coupling = (resolve_coupled_loss(unwrap_model(model), sample, loss_fn=weighted_loss,
+                                                   count_items=self._count_items, rtol=rtol),)
         return self._coupling[0]
 
     def _grad_cached(self, model: nn.Module, micro_batches: list[dict[str, Any]], adapter: CoupledLossAdapter) -> torch.Tensor:
@@ -291,7 +292,14 @@ class MPOptTrainer(StepRecovery, Trainer):
         if self.loss_items is not None:
             return int(self.loss_items(micro_batch))
         label = self.label_names[0] if self.label_names else "labels"
-        return count_loss_items(micro_batch, shifts_labels=getattr(self, "_loss_shifts_labels", False), label_name=label)
+        labels = micro_batch.get(label)
+        # semantic segmentation losses ignore their own index (255 by default), not -100
+        config = getattr(unwrap_model(self.model), "config", None)
+        ignore = getattr(config, "semantic_loss_ignore_index", None)
+        if ignore is None or not torch.is_tensor(labels) or labels.dim() < 3:
+            ignore = IGNORE_INDEX
+        return count_loss_items(micro_batch, shifts_labels=getattr(self, "_loss_shifts_labels", False), label_name=label,
+                                ignore_index=ignore)
 
     def _global_items(self, local: int) -> int:
         if not self._distributed:
@@ -335,9 +343,9 @@ class MPOptTrainer(StepRecovery, Trainer):
         free_memory()
         halves = split_batch(inputs, -(-size // 2))
         results = [self.prediction_step(model, half, prediction_loss_only, ignore_keys) for half in halves]
-        sizes = [batch_size_of(half) for half in halves]
+        sizes = [self._count_items(half) for half in halves]  # each half's loss is a mean over its items
         losses = [r[0] for r in results]
-        loss = None if any(x is None for x in losses) else sum(x * n for x, n in zip(losses, sizes)) / sum(sizes)
+        loss = None if any(x is None for x in losses) else sum(x * n for x, n in zip(losses, sizes)) / max(sum(sizes), 1)
         return loss, _concat([r[1] for r in results]), _concat([r[2] for r in results])
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:

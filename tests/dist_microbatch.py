@@ -10,6 +10,7 @@ import sys
 
 import torch
 from safetensors.torch import save_file
+from transformers import TrainerCallback
 
 sys.path.insert(0, os.path.dirname(__file__))
 from trainer_utils import ListDataset, training_args  # noqa: E402
@@ -24,10 +25,20 @@ cli = parser.parse_args()
 
 world = int(os.environ.get("WORLD_SIZE", "1"))
 model = build_tiny("vit", dropout=0.0)
+# a parameter no rank uses keeps no gradient, as under DDP, so the optimizer leaves it alone
+model.register_parameter("unused_by_every_rank", torch.nn.Parameter(torch.ones(3)))
 data = ListDataset(example_batch(model, 8))
 args = training_args(cli.out, 8 // world, steps=-1, num_train_epochs=2, optim="sgd", weight_decay=0.0)
+
+
+class UnusedHasNoGradient(TrainerCallback):
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        assert model.unused_by_every_rank.grad is None
+
+
 trainer = MPOptTrainer(
-    model=model, args=args, train_dataset=data, memory_config=MemoryConfig(cli.micro_batch_size, checkpoint_segments=2)
+    model=model, args=args, train_dataset=data, memory_config=MemoryConfig(cli.micro_batch_size, checkpoint_segments=2),
+    callbacks=[UnusedHasNoGradient()],
 )
 trainer.train()
 assert trainer.state.global_step == 2, trainer.state.global_step
