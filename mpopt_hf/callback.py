@@ -324,9 +324,9 @@ class MPOptCallback(TrainerCallback, ExportableState):
 
     def _on_oom(self, config: MemoryConfig, step: int) -> MemoryConfig:
         if self.engine is None:
-            if config.micro_batch_size <= 1:
-                raise RuntimeError(f"{config.short()} ran out of memory with a micro-batch of 1.")
-            return config.replace(micro_batch_size=config.micro_batch_size // 2)
+            from .step_recovery import halve_micro_batch
+
+            return halve_micro_batch(config, step)
         following = self.engine.on_oom(step, config)
         self._applied = following  # the trainer switches to it itself, before re-running the step
         self._run_state_ops(self.engine.take_ops())  # e.g. a race trial's partial steps are undone

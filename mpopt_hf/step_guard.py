@@ -1,4 +1,5 @@
-"""What a training step needs to be run again after a failure: its random state and an undo of the optimizer step.
+"""What a training step needs to be run again after a failure: an undo of the optimizer step, and a count of
+skipped non-finite steps (the random state is `mpopt_hf.grad_cache.RngState`).
 
 An out-of-memory error can strike anywhere in a step, the optimizer step included: that is where AdamW
 creates its state at the first step, the most common real out-of-memory error. Running the step again is
@@ -11,24 +12,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-
-
-@dataclass
-class RandomState:
-    """Torch's CPU generator and, once CUDA is initialised, every CUDA generator."""
-
-    cpu: torch.Tensor
-    cuda: list[torch.Tensor] = field(default_factory=list)
-
-    @classmethod
-    def capture(cls) -> RandomState:
-        cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else []
-        return cls(cpu=torch.random.get_rng_state(), cuda=cuda)
-
-    def restore(self) -> None:
-        torch.random.set_rng_state(self.cpu)
-        if self.cuda:
-            torch.cuda.set_rng_state_all(self.cuda)
 
 
 class OptimizerRollback:

@@ -74,7 +74,7 @@ class StepRecovery:
         if config.micro_batch_size > loader_batch:  # halving starts from what really ran
             config = config.replace(micro_batch_size=loader_batch)
         try:
-            following = (self.oom_handler or _halve_micro_batch)(config, step)
+            following = (self.oom_handler or halve_micro_batch)(config, step)
         except Exception as exc:
             raise RuntimeError(
                 f"Out of memory at step {step} with {config.short()} ({error or 'on another rank'}) and no "
@@ -191,7 +191,7 @@ class StepRecovery:
             self._step_batches = []  # the step is done: its inputs need not outlive it
 
 
-def _halve_micro_batch(config: MemoryConfig, step: int) -> MemoryConfig:
+def halve_micro_batch(config: MemoryConfig, step: int) -> MemoryConfig:
     """Without an engine: the same knobs with half the micro-batch."""
     if config.micro_batch_size <= 1:
         raise RuntimeError(f"{config.short()} ran out of memory with a micro-batch of 1.")

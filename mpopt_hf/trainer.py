@@ -25,12 +25,12 @@ from .checkpoint_compat import reload_renamed_weights
 from .config import MemoryConfig, MPOptArguments
 from .coupled_loss import CoupledLossAdapter
 from .coupling_check import resolve_coupled_loss
-from .grad_cache import grad_cache_backward
+from .grad_cache import RngState, device_anchors, grad_cache_backward
 from .knobs import apply_memory_config, autocast_context, check_precision, knob_state, plan_knobs
 from .loss_items import IGNORE_INDEX, LossItemCounter, count_loss_items
 from .microbatch import batch_size_of, split_batch
 from .oom import free_memory, is_out_of_memory
-from .step_guard import NonFiniteSteps, OptimizerRollback, RandomState
+from .step_guard import NonFiniteSteps, OptimizerRollback
 from .step_recovery import StepRecovery
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -91,7 +91,7 @@ class MPOptTrainer(StepRecovery, Trainer):
         self._loader_batches: list[dict[str, Any]] = []  # the current step's loader batches so far
         self._step_batches: list[dict[str, Any]] = []
         self._step_model: nn.Module | None = None
-        self._step_random: RandomState | None = None
+        self._step_random: RngState | None = None
         self._rollback: OptimizerRollback | None = None
         self._skip_reason: str | None = None
         self._micro_weight: float | None = None
@@ -204,7 +204,8 @@ class MPOptTrainer(StepRecovery, Trainer):
             # out-of-memory retry can redo all of it and the shares count the items of all its batches.
             return torch.zeros((), device=self.args.device)
         self._step_batches, self._loader_batches = self._loader_batches, []
-        self._step_model, self._step_random, self._skip_reason = model, RandomState.capture(), None
+        random = RngState.capture(device_anchors(model.parameters()))
+        self._step_model, self._step_random, self._skip_reason = model, random, None
         loss = self._gradients(model)
         if not torch.isfinite(loss):
             self._flag_nonfinite("loss")
