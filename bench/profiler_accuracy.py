@@ -55,7 +55,57 @@ QUARTER = {
 }
 
 
+FAMILY_PREFIX = "family-"  # a tiny member of a family from tests/families.py (BERT, T5, Swin, ConvNeXt, ...)
+FAMILIES = ["family-convnext", "family-swin", "family-bert", "family-t5", "family-hf_resnet", "family-whisper"]
+
+
+def _families():
+    sys.path.insert(0, str(ROOT / "tests"))
+    import families
+
+    return families.FAMILIES
+
+
+# Families outside the zoo at a size where a step's tensors (not oneDNN's fixed buffers) dominate: a few
+# hundred thousand parameters, images of 64 pixels, sequences of 64 tokens; random weights from their configs.
+SMALL = ["small-convnext", "small-swin", "small-bert", "small-t5"]
+
+
+def _small(name: str):
+    import transformers as tf
+
+    if name == "convnext":
+        return tf.ConvNextForImageClassification(tf.ConvNextConfig(
+            num_stages=3, hidden_sizes=[32, 64, 128], depths=[2, 2, 2], image_size=64, num_labels=10))
+    if name == "swin":
+        return tf.SwinForImageClassification(tf.SwinConfig(
+            image_size=64, patch_size=4, embed_dim=32, depths=[2, 2, 2], num_heads=[2, 4, 4], window_size=4,
+            num_labels=10))
+    if name == "bert":
+        return tf.BertForSequenceClassification(tf.BertConfig(
+            vocab_size=1000, hidden_size=128, num_hidden_layers=4, num_attention_heads=4, intermediate_size=512,
+            max_position_embeddings=128, num_labels=4))
+    if name == "t5":
+        return tf.T5ForConditionalGeneration(tf.T5Config(
+            vocab_size=1000, d_model=128, d_ff=512, d_kv=32, num_layers=4, num_heads=4, decoder_start_token_id=0))
+    raise ValueError(f"no small variant {name!r}; known: {SMALL}")
+
+
+def _small_batch(name: str, n: int) -> dict:
+    g = torch.Generator().manual_seed(0)
+    if name in ("convnext", "swin"):
+        return {"pixel_values": torch.randn(n, 3, 64, 64, generator=g), "labels": torch.randint(0, 10, (n,), generator=g)}
+    ids = torch.randint(2, 1000, (n, 64), generator=g)
+    if name == "bert":
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.randint(0, 4, (n,), generator=g)}
+    return {"input_ids": ids, "labels": torch.randint(2, 1000, (n, 32), generator=g)}
+
+
 def build(name: str):
+    if name.startswith("small-"):
+        return _small(name[len("small-"):])
+    if name.startswith(FAMILY_PREFIX):
+        return _families()[name[len(FAMILY_PREFIX):]].build()
     if name.startswith("quarter-"):
         import small_cnn
 
@@ -112,8 +162,13 @@ def run_model(name: str, args) -> dict:
     torch.manual_seed(0)
     device = torch.device(args.device)
     model = build(name).to(device)
-    batch = {k: v.to(device) if torch.is_tensor(v) else v
-             for k, v in synthetic_batch(model, args.batch_size, input_shape(model)).items()}
+    if name.startswith(FAMILY_PREFIX):
+        source = _families()[name[len(FAMILY_PREFIX):]].batch(args.batch_size)
+    elif name.startswith("small-"):
+        source = _small_batch(name[len("small-"):], args.batch_size)
+    else:
+        source = synthetic_batch(model, args.batch_size, input_shape(model))
+    batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in source.items()}
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     n_blocks = find_blocks(model).n_blocks
     precisions = ("fp32", "bf16", "fp16") if device.type == "cuda" else ("fp32", "bf16")
@@ -146,11 +201,15 @@ def run_model(name: str, args) -> dict:
                   f"MiB  err {r['error']:+.2%}  time pred {r['predicted_s']:.4f} s meas "
                   f"{r['measured_s'] if r['measured_s'] is not None else float('nan'):.4f} s", flush=True)
     errors = [abs(r["error"]) for r in rows]
+    uncertainty = memory_model.calibration.uncertainty
+    margin = max(args.margin, uncertainty)  # what the engine applies (engine_setup.engine_margin)
+    under = max([0.0] + [-r["error"] / (1 + r["error"]) for r in rows])  # share of the measured peak missed
     t_errors = [abs(r["predicted_s"] / r["measured_s"] - 1) for r in rows if r["measured_s"]]
     return {
         "model": name, "params_m": sum(p.numel() for p in model.parameters()) / 1e6, "blocks": n_blocks,
         "grid": len(rows), "space": len(space), "fit_points": len(measured),
         "median_error": statistics.median(errors), "max_error": max(errors),
+        "uncertainty": uncertainty, "margin": margin, "max_under": under,
         "predict_ms": predict_ms, "trace_s": trace_s, "fit_s": fit_s,
         "time_median_error": statistics.median(t_errors) if t_errors else None,
         "device": device.type, "rows": rows,
@@ -158,7 +217,8 @@ def run_model(name: str, args) -> dict:
 
 
 def table(results: list[dict]) -> str:
-    head = ("| model | params (M) | blocks | grid | median error | max error | predict (ms/config) | fit (s) "
+    head = ("| model | params (M) | blocks | grid | median error | max error | largest under-prediction "
+            "| fit uncertainty (LOO) | engine margin | covered | predict (ms/config) | fit (s) "
             "| step-time median error | CUDA median / max |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in results:
@@ -166,7 +226,9 @@ def table(results: list[dict]) -> str:
         cpu_med = "n/a" if r["device"] == "cuda" else f"{r['median_error']:.2%}"
         cpu_max = "n/a" if r["device"] == "cuda" else f"{r['max_error']:.2%}"
         t_err = f"{r['time_median_error']:.1%}" if r["time_median_error"] is not None else "-"
+        covered = "yes" if r["max_under"] < r["margin"] else "**no**"
         lines.append(f"| {r['model']} | {r['params_m']:.3f} | {r['blocks']} | {r['grid']} | {cpu_med} | {cpu_max} "
+                     f"| {r['max_under']:.2%} | {r['uncertainty']:.2%} | {r['margin']:.2%} | {covered} "
                      f"| {r['predict_ms']:.3f} | {r['fit_s']:.1f} | {t_err} | {cuda_cell} |")
     return "\n".join(lines)
 
@@ -177,6 +239,7 @@ def main(argv=None) -> int:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--grid", type=int, default=24, help="unmeasured configurations per model")
     parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--margin", type=float, default=0.05, help="MPOptArguments.safety_margin")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: no spinning on a shared machine)")
     parser.add_argument("--no-time", dest="time", action="store_false", help="skip the step-time comparison")

@@ -28,7 +28,7 @@ from .blocks import find_blocks
 from .config import MemoryConfig, MPOptArguments
 from .cost import first_batch
 from .engine import MIB, CostModel, RuleEngine
-from .engine_setup import budget_bytes, build_engine, default_cost_model, search_space
+from .engine_setup import budget_bytes, build_engine, default_cost_model, host_copy_bytes, search_space
 from .engine_state import (
     SNAPSHOT_FILE,
     STATE_FILE,
@@ -134,6 +134,9 @@ class MPOptCallback(TrainerCallback, ExportableState):
         self.trainer = trainer
         trainer.mpopt_callback = self
         trainer.oom_handler = self._on_oom
+        meter = getattr(trainer, "peak_meter", None)
+        if meter is not None and not meter.on_cuda:  # the race's copies live in host memory: the CPU's budget
+            meter.held_bytes.append(self._checkpoint.held_bytes)
 
     def resume_from(self, checkpoint_dir: str) -> None:
         """Called by MPOptTrainer before Trainer reads the checkpoint's state: a missing or truncated
@@ -197,7 +200,9 @@ class MPOptCallback(TrainerCallback, ExportableState):
         peak = getattr(self.trainer, "_step_peak_bytes", None) if self.trainer is not None else None
         if peak is not None:
             peak = self._reduce(float(peak), "max")
-        if self.engine.observe_step(state.global_step, step_s, peak):
+        meter = getattr(self.trainer, "peak_meter", None)
+        timed = not (meter is not None and meter.slowed)  # the same on every rank: sampling follows steps and configs
+        if self.engine.observe_step(state.global_step, step_s, peak, timed=timed):
             metric, se = self._measure_metric(model)
             proxy = self.metric != "val_accuracy"
             self._apply(self.engine.observe_metric(state.global_step, metric, proxy=proxy, se=se))
@@ -272,6 +277,7 @@ class MPOptCallback(TrainerCallback, ExportableState):
                 self.mpopt_args, model, batch, optimizer, space, args, self.store, self.store_key)
         self.engine = build_engine(self.mpopt_args, args, model, space, effective, self.cost_model, self.store,
                                    self.store_key, self._mark_infeasible)
+        self.engine.copy_bytes = host_copy_bytes(model, self.cost_model, effective)
         resume = self._resume_dir
         if resume is None and state.global_step > 0:  # a plain Trainer resumed: the folder follows the convention
             resume = checkpoint_folder(args, state)

@@ -77,13 +77,16 @@ class ProfileCostModel:
 
     @classmethod
     def fit(cls, model: nn.Module, batch: Mapping[str, Any], optimizer: Any, space: list[MemoryConfig],
-            store: Any = None, n_measure: int = 3) -> "ProfileCostModel":
-        """Fit (or reuse from ``store``) the memory model of ``model`` on ``batch`` for ``space``."""
+            store: Any = None, n_measure: int = 3, budget_bytes: float | None = None,
+            margin: float = 0.05) -> "ProfileCostModel":
+        """Fit (or reuse from ``store``) the memory model of ``model`` on ``batch`` for ``space``, measuring only
+        configurations predicted to fit ``budget_bytes`` (with ``margin``)."""
         from .microbatch import batch_size_of
         from .profiler import fit_profile
 
         start = time.perf_counter()
-        profile = fit_profile(model, batch, plain_optimizer(optimizer), space, store, n_measure=n_measure)
+        profile = fit_profile(model, batch, plain_optimizer(optimizer), space, store, n_measure=n_measure,
+                              budget_bytes=budget_bytes, margin=margin)
         return cls(profile, batch_size_of(batch), time.perf_counter() - start)
 
     @property
@@ -105,6 +108,11 @@ class ProfileCostModel:
 
     def peak_mib(self, config: MemoryConfig) -> float:
         return self.predict(config)[0] / MiB
+
+    @property
+    def uncertainty(self) -> float:
+        """The fit's leave-one-out under-prediction, as a share of the peak (the engine's margin covers it)."""
+        return self.profile.model.calibration.uncertainty
 
 
 def first_batch(dataloader: Any, size: int) -> dict[str, Any]:

@@ -82,7 +82,8 @@ def default_cost_model(a: MPOptArguments, model: nn.Module, batch: dict[str, Any
     if store is None and a.profile_store is not None:
         store = open_store(None if a.profile_store == "default" else a.profile_store)
         store_key = profile_key(model, batch, plain_optimizer(optimizer))
-    cost = ProfileCostModel.fit(model, batch, optimizer, space, store)
+    cost = ProfileCostModel.fit(model, batch, optimizer, space, store, budget_bytes=budget_bytes(a, args),
+                                margin=a.safety_margin)
     cost.price_grad_caching(model, batch)
     logger.info("mpopt cost model: %s in %.1f s", "fit reused from the profile store" if cost.reused
                 else f"fitted from {len(cost.profile.measurements)} measured configuration(s)", cost.seconds)
@@ -105,7 +106,7 @@ def build_engine(a: MPOptArguments, args, model: nn.Module, configs: list[Memory
     return RuleEngine(
         candidates,
         budget_bytes=budget,
-        margin=a.safety_margin,
+        margin=engine_margin(a.safety_margin, cost_model),
         trial_steps=a.trial_steps,
         trial_max_s=a.trial_max_s,
         search_share=a.search_share,
@@ -125,6 +126,32 @@ def build_engine(a: MPOptArguments, args, model: nn.Module, configs: list[Memory
     )
 
 
+def engine_margin(safety_margin: float, cost_model: CostModel | None) -> float:
+    """The share of the budget kept free: the user's margin, or more where the cost model's own fit says its
+    predictions can be that far under a measurement (its leave-one-out uncertainty), so that what the engine
+    chooses stays inside the budget when it runs."""
+    uncertainty = getattr(cost_model, "uncertainty", 0.0) or 0.0
+    if uncertainty > safety_margin:
+        logger.info("mpopt: keeping %.1f%% of the budget free (the fit's uncertainty; safety_margin is %.1f%%)",
+                    100 * min(uncertainty, 0.5), 100 * safety_margin)
+    return max(safety_margin, min(uncertainty, 0.5))
+
+
+def host_copy_bytes(model: nn.Module, cost_model: CostModel | None, effective: int) -> float:
+    """Bytes of one race copy (`snapshot.capture`: weights, buffers, optimizer state) that count against the
+    budget: on a CPU the host is the device; a GPU's copies live off it (0)."""
+    first = next(model.parameters(), None)
+    if first is None or first.device.type != "cpu":
+        return 0.0
+    weights = sum(t.numel() * t.element_size() for t in model.state_dict().values() if torch.is_tensor(t))
+    profile = getattr(cost_model, "profile", None)
+    if profile is not None:  # the optimizer's state as the fit predicts it once every trainable tensor has it
+        state = profile.model.predict(MemoryConfig(effective), effective).optimizer_state
+    else:  # Adam-like: two moments per trainable parameter
+        state = 2 * sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    return float(weights + state)
+
+
 def same_on_every_rank(candidates: list[Candidate]) -> list[Candidate]:
     """Rank 0's predictions for every rank: measured step times differ between processes, and engines that
     prune differently would choose differently and deadlock in the gradient all-reduce."""
@@ -135,4 +162,5 @@ def same_on_every_rank(candidates: list[Candidate]) -> list[Candidate]:
     return [Candidate.from_dict(c) for c in payload[0]]
 
 
-__all__ = ["budget_bytes", "build_engine", "default_cost_model", "default_precisions", "search_space"]
+__all__ = ["budget_bytes", "build_engine", "default_cost_model", "default_precisions", "engine_margin", "host_copy_bytes",
+           "search_space"]

@@ -22,6 +22,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
+from torch.utils._pytree import tree_flatten
 
 from . import snapshot
 
@@ -86,6 +87,11 @@ class EngineCheckpoint:
         self.copies: dict[str, Any] = {}
         self.copies_id: str | None = None  # changes with the copies: names them in the checkpoint's state
         self.copies_saved: tuple[str, str] | None = None  # (file, id) last written
+
+    def held_bytes(self) -> int:
+        """Bytes of the tensors the copies hold (host memory: on a CPU, inside the budget)."""
+        return sum(t.numel() * t.element_size() for copy in self.copies.values()
+                   for t in tree_flatten(copy)[0] if torch.is_tensor(t))
 
     def run_ops(self, ops: list[str], model: Any, optimizer: Any = None, scheduler: Any = None) -> None:
         """Carry out the engine's snapshot/restore requests (see `RuleEngine.take_ops`) on the weights, optimizer

@@ -33,7 +33,7 @@ from .knobs import plan_knobs
 
 MiB = 2**20
 STATUSES = ("T", "C", "F")  # trainable, checkpointed, frozen
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4  # 4: never_grad, the calibration's fit uncertainty
 
 
 class BudgetTooSmallError(ValueError):
@@ -184,6 +184,7 @@ class ModelStructure:
     device_type: str = "cpu"
     # every trainable tensor the optimizer holds, in its order: (group, bytes); group -1 stem, -2 rest, i block i
     optimizer_order: tuple[tuple[int, int], ...] = ()
+    never_grad: tuple[int, ...] = ()  # parameters (by index) the traced backward gave no gradient
 
     def groups(self, config: MemoryConfig) -> list[ParamGroup]:
         """The parameter groups that train under ``config``."""
@@ -245,12 +246,23 @@ class Calibration:
     def workspace(self, precision: str, micro_batch: float) -> float:
         rates = self.per_sample_bytes
         rate = rates.get(precision, statistics.mean(rates.values()) if rates else 0.0)
-        return self.const_bytes + rate * micro_batch
+        bytes_ = self.const_bytes + rate * micro_batch
+        if precision in self.single_point:  # one reading cannot split a constant from a rate: take the higher
+            m0, r0, slope = self.single_point[precision]
+            bytes_ = max(bytes_, r0 + slope * (micro_batch - m0))
+        return bytes_
     op_s: float = 2e-5
     flop_s: dict[str, float] = field(default_factory=dict)
     opt_tensor_s: float = 0.0
     n_memory_points: int = 0
     n_time_points: int = 0
+    # the largest share of a measured peak the fit under-predicted when that measurement was left out of it
+    # (leave-one-out): what the engine's margin must cover for a chosen configuration to stay in its budget
+    uncertainty: float = 0.0
+    # a precision measured at one micro-batch only: (m, workspace bytes there, the slope of the precisions
+    # measured at several); kernels of another precision may add a larger constant (bf16 weight reorders),
+    # which one point cannot tell from a steeper rate, so the prediction takes the higher of the two readings
+    single_point: dict[str, tuple[float, float, float]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -414,14 +426,16 @@ class MemoryModel:
             raise ValueError(f"Stored memory model has format {data.get('format')!r}, this library reads "
                              f"{FORMAT_VERSION}; it will be re-fitted.")
         st = dict(data["structure"])
-        for name in ("unit_kinds", "unit_blocks"):
+        for name in ("unit_kinds", "unit_blocks", "never_grad"):
             st[name] = tuple(st[name])
         st["stem"], st["rest"] = ParamGroup(**st["stem"]), ParamGroup(**st["rest"])
         st["blocks"] = tuple(ParamGroup(**g) for g in st["blocks"])
         st["optimizer"] = OptimizerCost(**st["optimizer"])
         st["optimizer_order"] = tuple(tuple(pair) for pair in st.get("optimizer_order", ()))
         spans = {p: [_span_from_dict(s) for s in items] for p, items in data["spans"].items()}
-        return cls(ModelStructure(**st), spans, Calibration(**data["calibration"]))
+        calibration = dict(data["calibration"])
+        calibration["single_point"] = {k: tuple(v) for k, v in calibration.get("single_point", {}).items()}
+        return cls(ModelStructure(**st), spans, Calibration(**calibration))
 
 
 def _span_to_dict(span: Span) -> dict[str, Any]:
@@ -488,14 +502,15 @@ def fit_calibration(model: MemoryModel, measured: Sequence[tuple[MemoryConfig, i
     flop_s[precision] * flops + opt_tensor_s * tensors`` fitted to the measured step times.
     """
     bare = MemoryModel(model.structure, model.spans, Calibration())
-    precisions = sorted({cfg.precision for cfg, *_ in measured})
-    rows, targets = [], []
-    for cfg, batch, peak, _ in measured:
-        m = float(min(cfg.micro_batch_size, batch))
-        rows.append([1.0] + [m if cfg.precision == p else 0.0 for p in precisions])
-        targets.append(peak - bare.predict(cfg, batch).peak_bytes)
-    coef = nonneg_least_squares(rows, targets) if rows else [0.0]
-    const, per_sample = coef[0], dict(zip(precisions, coef[1:]))
+    points = [(cfg.precision, float(min(cfg.micro_batch_size, batch)), peak, bare.predict(cfg, batch).peak_bytes)
+              for cfg, batch, peak, _ in measured]
+    const, per_sample, single = _workspace_fit([(p, m, peak - traced) for p, m, peak, traced in points])
+    uncertainty = 0.0
+    for i, (precision, m, peak, traced) in enumerate(points):
+        others = [(p, m2, pk - tr) for j, (p, m2, pk, tr) in enumerate(points) if j != i]
+        held_const, held_rates, held_single = _workspace_fit(others)
+        held_out = Calibration(held_const, held_rates, single_point=held_single)
+        uncertainty = max(uncertainty, 1.0 - (traced + held_out.workspace(precision, m)) / peak)
 
     timed = [(cfg, batch, t) for cfg, batch, _, t in measured if t]
     op_s, flop_s, opt_s = Calibration.op_s, {}, 0.0
@@ -512,7 +527,28 @@ def fit_calibration(model: MemoryModel, measured: Sequence[tuple[MemoryConfig, i
         else:  # too few points: one rate per op
             op_s = statistics.mean(t / max(bare.work(c, b)[0], 1.0) for c, b, t in timed)
         opt_s = op_s * model.structure.optimizer.ops_per_tensor
-    return Calibration(const, per_sample, op_s, flop_s, opt_s, len(measured), len(timed))
+    return Calibration(const, per_sample, op_s, flop_s, opt_s, len(measured), len(timed), uncertainty, single)
+
+
+def _workspace_fit(residuals: Sequence[tuple[str, float, float]]
+                   ) -> tuple[float, dict[str, float], dict[str, tuple[float, float, float]]]:
+    """``const + per_sample[precision] * m`` (non-negative) through ``(precision, m, bytes)`` residuals, and
+    the single-point readings (`Calibration.single_point`) of precisions measured at one micro-batch."""
+    if not residuals:
+        return 0.0, {}, {}
+    precisions = sorted({p for p, _, _ in residuals})
+    rows = [[1.0] + [m if precision == p else 0.0 for p in precisions] for precision, m, _ in residuals]
+    coef = nonneg_least_squares(rows, [r for _, _, r in residuals])
+    rates = dict(zip(precisions, coef[1:]))
+    sizes = {p: {m for q, m, _ in residuals if q == p} for p in precisions}
+    several = [rates[p] for p in precisions if len(sizes[p]) > 1]
+    single = {}
+    if several:
+        slope = statistics.mean(several)
+        for precision, m, r in residuals:
+            if len(sizes[precision]) == 1:
+                single[precision] = (m, max(r, 0.0), slope)
+    return coef[0], rates, single
 
 
 # ----------------------------------------------------------------------------- the space

@@ -175,6 +175,7 @@ class StepRecovery:
             model.zero_grad(set_to_none=True)
             optimizer._is_overflow = True  # accelerate's "step was skipped", which Trainer reads
             self._step_batches = []
+            self._step_peak_bytes = self.peak_meter.end_step()
             return None
         if getattr(optimizer, "scaler", None) is None and hasattr(optimizer, "_is_overflow"):
             optimizer._is_overflow = False
@@ -182,13 +183,15 @@ class StepRecovery:
 
         def step_once() -> Any:
             self._rollback = OptimizerRollback(optimizer)
-            return original(closure)
+            with self.peak_meter.window(model, optimizer):
+                return original(closure)
 
         try:
             return self._after_gradients(model, step_once, reclip=self.args.max_grad_norm > 0)
         finally:
             self._rollback = None
             self._step_batches = []  # the step is done: its inputs need not outlive it
+            self._step_peak_bytes = self.peak_meter.end_step()
 
 
 def halve_micro_batch(config: MemoryConfig, step: int) -> MemoryConfig:

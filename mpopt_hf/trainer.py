@@ -22,7 +22,7 @@ from transformers import Trainer
 
 from .blocks import ModelBlocks, find_blocks, unwrap_model
 from .checkpoint_compat import reload_renamed_weights
-from .config import MemoryConfig, MPOptArguments
+from .config import MemoryConfig, MPOptArguments, check_int
 from .coupled_loss import CoupledLossAdapter
 from .coupling_check import resolve_coupled_loss
 from .grad_cache import RngState, device_anchors, grad_cache_backward
@@ -31,6 +31,7 @@ from .loss_items import IGNORE_INDEX, LossItemCounter, count_loss_items
 from .microbatch import batch_size_of, split_batch
 from .oom import free_memory, is_out_of_memory
 from .step_guard import NonFiniteSteps, OptimizerRollback
+from .step_peak import StepPeakMeter, process_peak_rss_bytes
 from .step_recovery import StepRecovery
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -70,6 +71,7 @@ class MPOptTrainer(StepRecovery, Trainer):
         loss_items: LossItemCounter | None = None,
         max_nonfinite_steps: int = 3,
         log_memory_config: bool = False,
+        peak_every_steps: int = 10,
         **kwargs: Any,
     ) -> None:
         self.oom_handler: OOMHandler | None = None
@@ -97,6 +99,10 @@ class MPOptTrainer(StepRecovery, Trainer):
         self._micro_weight: float | None = None
         self._coupling: tuple[CoupledLossAdapter | None] | None = None  # resolved at the first split step
         self._step_peak_bytes: int | None = None
+        # the step's measured peak: every step on CUDA; on CPU the first step of each configuration and every
+        # ``peak_every_steps``-th after it (MemTracker's cost is paid on those steps only)
+        self.peak_meter = StepPeakMeter(self.args.device, every=check_int(
+            "MPOptTrainer.peak_every_steps", peak_every_steps, lambda v: v >= 1, "an integer >= 1"))
         if memory_config is not None or mpopt_args is not None:
             self.set_memory_config(memory_config or self.default_memory_config())
         for callback in self.callback_handler.callbacks:
@@ -216,25 +222,25 @@ class MPOptTrainer(StepRecovery, Trainer):
         while True:
             self._step_random.restore()  # a retry draws the same dropout masks
             self._switch_if_pending(model)
-            ok, loss, error = self._attempt(lambda: self._accumulate(model, self.memory_config))
+            self.peak_meter.begin_step(self.memory_config)
+            ok, loss, error = self._attempt(lambda: self._measured_accumulate(model))
             if ok:
                 if self._distributed:
                     self._all_reduce_gradients(model)
                 return loss
             self._recover(model, error)
 
+    def _measured_accumulate(self, model: nn.Module) -> torch.Tensor:
+        inputs = [v for batch in self._step_batches for v in batch.values()]
+        with self.peak_meter.window(model, self.optimizer, inputs):
+            return self._accumulate(model, self.memory_config)
+
     def _accumulate(self, model: nn.Module, config: MemoryConfig) -> torch.Tensor:
         """Forward/backward every micro-batch of the step; the gradient equals the whole batch's."""
-        on_cuda = self.args.device.type == "cuda"
-        if on_cuda:
-            torch.cuda.reset_peak_memory_stats(self.args.device)
         micro_batches = [mb for batch in self._step_batches for mb in split_batch(batch, config.micro_batch_size)]
         adapter = self._coupled_loss(model) if len(micro_batches) > 1 else None
         if adapter is not None:
-            total = self._grad_cached(model, micro_batches, adapter)
-            if on_cuda:
-                self._step_peak_bytes = torch.cuda.max_memory_allocated(self.args.device)
-            return total
+            return self._grad_cached(model, micro_batches, adapter)
         counts = [self._count_items(mb) for mb in micro_batches]
         scale = (self.args.world_size if self._distributed else 1) / max(self._global_items(sum(counts)), 1)
         last = max((i for i, count in enumerate(counts) if count), default=-1)
@@ -256,8 +262,6 @@ class MPOptTrainer(StepRecovery, Trainer):
         finally:
             self._micro_weight = None
             self.loss_is_scaled_for_ga = scaled_for_ga
-        if on_cuda:
-            self._step_peak_bytes = torch.cuda.max_memory_allocated(self.args.device)
         return total
 
     def _coupled_loss(self, model: nn.Module) -> CoupledLossAdapter | None:
@@ -383,6 +387,7 @@ class MPOptTrainer(StepRecovery, Trainer):
             logs["checkpoint_segments"] = self._memory_config.checkpoint_segments
             if self._step_peak_bytes is not None:
                 logs["peak_memory_mib"] = round(self._step_peak_bytes / 2**20, 1)
+            logs["peak_rss_mib"] = round(process_peak_rss_bytes() / 2**20, 1)
         super().log(logs, start_time)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -114,3 +115,74 @@ def test_checkpoint_segments_within_the_model_still_profile(capsys):
                          "--checkpoint-segments", "4", "--fit-measurements", "0", "--json", "--no-store")
     assert code == 0, err
     assert [r["checkpoint_segments"] for r in json.loads(out)] == [4]
+
+
+# ---------------------------------------------------------------------------- the arguments as a dataclass
+
+
+def parsed(*argv):
+    """`ProfileArguments` as ``mpopt profile ARGV`` builds them, without running the command."""
+    from mpopt_hf.cli import ProfileArguments
+    from mpopt_hf.cli.parsing import dataclass_from
+
+    return dataclass_from(ProfileArguments, build_parser().parse_args(["profile", *argv]))
+
+
+def test_profile_arguments_parse_from_a_json_file_as_from_the_flags(tmp_path):
+    from transformers import HfArgumentParser
+
+    from mpopt_hf.cli import ProfileArguments
+
+    path = tmp_path / "profile.json"
+    path.write_text(json.dumps({"model": "tiny-vit", "input_shape": [3, 32, 32], "batch_size": 8, "budget_mib": 512,
+                                "micro_batch_sizes": [4, 8], "freeze_rates": [0, 1], "precisions": ["fp32"],
+                                "device": "CPU", "no_store": True}))
+    (from_json,) = HfArgumentParser(ProfileArguments).parse_json_file(path)
+    assert from_json == parsed("--model", "tiny-vit", "--input-shape", "3,32,32", "--batch-size", "8",
+                               "--budget-mib", "512", "--micro-batch-sizes", "4,8", "--freeze-rates", "0,1",
+                               "--precisions", "fp32", "--no-store")
+    assert from_json.input_shape == [3, 32, 32] and from_json.freeze_rates == [0.0, 1.0]
+    assert from_json.device == "cpu" and from_json.checkpoint_segments is None
+
+
+def test_list_flags_take_commas_or_spaces_and_flags_their_field_names():
+    from mpopt_hf.cli import ProfileArguments
+
+    commas = parsed("--model", "tiny-vit", "--input-shape", "3,32,32", "--micro-batch-sizes", "1,2,4",
+                    "--checkpoint-segments", "0,2")
+    spaces = parsed("--model", "tiny-vit", "--input_shape", "3", "32", "32", "--micro_batch_sizes", "1", "2", "4",
+                    "--checkpoint-segments", "0", "2")
+    assert commas == spaces
+    assert commas.micro_batch_sizes == [1, 2, 4] and commas.checkpoint_segments == [0, 2]
+    in_python = ProfileArguments(model="tiny-vit", input_shape="3,32,32", micro_batch_sizes="1,2,4",
+                                 checkpoint_segments=[0, 2])  # a comma-separated str is read as the flag's text
+    assert in_python == commas
+
+
+@pytest.mark.parametrize(
+    "changes, raises, message",
+    [
+        ({"batch_size": 0}, ValueError, "--batch-size must be an integer >= 1, got 0"),
+        ({"batch_size": "8"}, TypeError, "--batch-size must be an integer >= 1, got '8' (str)"),
+        ({"budget_mib": float("inf")}, ValueError, "--budget-mib must be a positive number of MiB, got inf"),
+        ({"device": "tpu"}, ValueError, "--device must be one of cpu, cuda, cuda:N"),
+        ({"input_shape": [3, 32]}, ValueError, "--input-shape must be C,H,W"),
+        ({"freeze_rates": [0, 2]}, ValueError, "--freeze-rates '0,2': each freeze_rate must be in [0, 1]; got [2.0]"),
+        ({"micro_batch_sizes": [1.5]}, ValueError, "--micro-batch-sizes must be comma-separated"),
+        ({"store": "x.sqlite", "no_store": True}, ValueError, "--store 'x.sqlite' and --no-store exclude each other"),
+    ],
+)
+def test_a_bad_field_raises_naming_its_flag_and_value(changes, raises, message):
+    from mpopt_hf.cli import ProfileArguments
+
+    with pytest.raises(raises, match=re.escape(message)):
+        ProfileArguments(**{"model": "tiny-vit", "input_shape": [3, 32, 32], **changes})
+
+
+def test_profile_help_lists_each_flag_once_by_its_dashed_name(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["profile", "--help"])
+    out = capsys.readouterr().out
+    assert exc.value.code == 0
+    assert "--micro-batch-sizes LIST" in out and "--batch-size N" in out and "(default: 32)" in out
+    assert "--batch_size" not in out.replace("(--batch_size)", "")

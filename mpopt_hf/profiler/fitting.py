@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -16,8 +16,25 @@ from ..config import PRECISIONS, MemoryConfig
 from ..memory_model import MemoryModel
 from ..microbatch import batch_size_of
 from ..store import ProfileKey, ProfileStore, make_key
-from .measure import Measurement, measure
+from .measure import Measurement, device_type_of, measure
 from .tracing import build_memory_model, model_structure
+
+# What the machine may add to a step's tensor bytes when nothing could be measured: the largest share seen in
+# the prediction-safety benchmark (BENCHMARKS.md) is under 10 % for fp32 and bf16 on CPU at sizes where tensors
+# dominate; 15 % keeps room for kernels no benchmark ran.
+UNMEASURED_UNCERTAINTY = 0.15
+
+
+def measurement_copy_bytes(model: nn.Module, memory_model: MemoryModel, batch_size: int) -> float:
+    """Bytes a measurement adds on the model's device: `restored_after` copies weights, buffers, gradients and
+    optimizer state (as it will be after the warm-up step, every trainable tensor holding its state) to host
+    memory, which is the device's own memory on a CPU (a GPU's copy is off the device)."""
+    if device_type_of(model) != "cpu":
+        return 0.0
+    grads = sum(p.grad.numel() * p.grad.element_size() for p in model.parameters() if p.grad is not None)
+    state = memory_model.predict(MemoryConfig(batch_size), batch_size).optimizer_state
+    return float(memory_model.structure.weights_bytes + grads + state)
+
 
 # ---------------------------------------------------------------------------- profile: fit once, remember
 
@@ -50,9 +67,15 @@ def profile_key(model: nn.Module, batch: Mapping[str, Any], optimizer: torch.opt
     return ProfileKey(**{**key.to_dict(), "input_shape": main, "inputs": inputs})
 
 
-def choose_fit_configs(model: MemoryModel, space: list[MemoryConfig], batch_size: int, k: int = 3) -> list[MemoryConfig]:
+def choose_fit_configs(model: MemoryModel, space: list[MemoryConfig], batch_size: int, k: int = 3,
+                       limit_bytes: float | None = None) -> list[MemoryConfig]:
     """At most ``k`` configurations to measure, spread to pin down what the traces cannot see:
-    the largest activations (workspace per sample), another precision, a small micro-batch (time per op)."""
+    the largest activations (workspace per sample), another precision, a small micro-batch (time per op).
+
+    ``limit_bytes``: only configurations whose traced peak (tensor bytes, the model's calibration as it
+    stands) stays at or under it are candidates, so that profiling never runs what the budget forbids."""
+    if limit_bytes is not None:
+        space = [c for c in space if model.predict(c, batch_size).peak_bytes <= limit_bytes]
     if k <= 0 or not space:
         return []
     ranked = sorted(space, key=lambda c: model.predict(c, batch_size).peak_bytes)
@@ -77,11 +100,20 @@ def fit_profile(
     space: list[MemoryConfig],
     store: ProfileStore | None = None,
     n_measure: int = 3,
-    steps: int = 3,
+    steps: int = 1,
     warmup: int = 1,
+    budget_bytes: float | None = None,
+    margin: float = 0.05,
 ) -> Profile:
     """The memory model of ``model`` for ``space``: from the store when it holds one, else traced,
-    calibrated on at most ``n_measure`` (<= 3) measured configurations, and stored."""
+    calibrated on at most ``n_measure`` (<= 3) measured configurations, and stored.
+
+    With ``budget_bytes``, a configuration is measured only if its traced peak plus what measuring adds (the
+    host copy that puts the model and optimizer back, when that host is the device) is at most
+    ``budget_bytes * (1 - margin)``; when none is, nothing is measured and the fit is the traced tensor bytes
+    with `UNMEASURED_UNCERTAINTY` as its uncertainty (a warning says so). One timed step per configuration:
+    memory needs one step, and the time model is refined from the steps training runs anyway.
+    """
     if not 0 <= n_measure <= 3:
         raise ValueError(f"n_measure must be in 0..3 (the fit uses at most 3 measurements), got {n_measure}.")
     key = profile_key(model, batch, optimizer)
@@ -96,19 +128,31 @@ def fit_profile(
             else:
                 if set(precisions) <= set(memory_model.precisions):
                     # the structure is cheap and exact: take it from the live model (optimizer state may have grown)
-                    memory_model.structure = model_structure(model, batch, optimizer)
+                    memory_model.structure = model_structure(model, batch, optimizer,
+                                                             never_grad=memory_model.structure.never_grad)
                     measured = [Measurement.from_dict(m.data) for m in store.measurements(key)]
                     return Profile(key, memory_model, measured, reused=True)
     memory_model = build_memory_model(model, batch, optimizer, precisions)
     batch_size = batch_size_of(batch)
+    limit = None
+    if budget_bytes is not None:
+        limit = budget_bytes * (1 - margin) - measurement_copy_bytes(model, memory_model, batch_size)
+    chosen = choose_fit_configs(memory_model, space, batch_size, n_measure, limit)
+    if limit is not None and n_measure and not chosen:
+        warnings.warn(
+            f"No configuration's traced peak fits the budget of {budget_bytes / 2**20:.1f} MiB with room to measure it "
+            "safely: nothing is measured, and predictions are the fake-tensor bytes (no kernel workspaces) with "
+            f"{UNMEASURED_UNCERTAINTY:.0%} of the budget kept free for what the machine adds.", stacklevel=2)
     measured = []
-    for config in choose_fit_configs(memory_model, space, batch_size, n_measure):
+    for config in chosen:
         try:
             measured.append(measure(model, batch, config, optimizer, steps=steps, warmup=warmup))
         except torch.OutOfMemoryError as err:  # the device said no: remember it, fit on the others
             if store is not None:
                 store.mark_infeasible(key, config, f"out of memory while profiling: {err}"[:500])
     memory_model.calibrate([(m.config, m.batch_size, m.peak_bytes, m.step_s) for m in measured])
+    if not measured:
+        memory_model.calibration = replace(memory_model.calibration, uncertainty=UNMEASURED_UNCERTAINTY)
     if store is not None:
         for m in measured:
             store.add_measurement(key, m.config, m.to_dict())

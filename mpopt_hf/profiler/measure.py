@@ -17,7 +17,6 @@ optimizer state, RNG state, train/eval mode and knob configuration it found.
 from __future__ import annotations
 
 import contextlib
-import copy
 import statistics
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -26,27 +25,14 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.distributed._tools.mem_tracker import MemTracker
 from torch.utils._pytree import tree_map_only
 
 from ..config import MemoryConfig
 from ..knobs import apply_memory_config, autocast_context, knob_state, remove_knobs
+from ..mem_tracking import CATEGORIES, new_tracker, tracker_peak
 from ..microbatch import batch_size_of, micro_batch_shares, split_batch
 
 MiB = 2**20
-
-# MemTracker reference-type names (its enum values) -> our categories.
-_CATEGORY_OF = {
-    "Parameter": "weights",
-    "Buffer": "weights",
-    "Gradient": "gradients",
-    "Optstate": "optimizer_state",
-    "Activation": "activations",
-    "Temp": "temporaries",
-    "Other": "inputs",
-}
-CATEGORIES = ("weights", "gradients", "optimizer_state", "activations", "temporaries", "inputs")
-
 
 @dataclass
 class Measurement:
@@ -226,57 +212,6 @@ def _tracked_tensors(batch: Mapping[str, Any]) -> list[torch.Tensor]:
     return [v for v in batch.values() if torch.is_tensor(v)]
 
 
-def _tracker_peak(tracker: MemTracker) -> dict[str, int]:
-    """The tracker's peak snapshot (one device) in our categories, plus ``total``."""
-    snap = tracker.get_tracker_snapshot("peak")
-    out = dict.fromkeys(CATEGORIES, 0)
-    out["total"] = 0
-    for dev_snap in snap.values():
-        for ref, nbytes in dev_snap.items():
-            name = getattr(ref, "value", ref)
-            if name in _CATEGORY_OF:
-                out[_CATEGORY_OF[name]] += int(nbytes)
-            elif name == "Total":
-                out["total"] += int(nbytes)
-    return out
-
-
-class _NoHandle:
-    def remove(self) -> None:
-        pass
-
-
-class _StepTracker(MemTracker):
-    """MemTracker keeping the step's peak only.
-
-    MemTracker also keeps a peak per module, walking every module's statistics after every op;
-    the profiler needs the global peak alone, and that walk dominated its cost (about 40%).
-    """
-
-    def _update_peak_stats(self, peak_state: Any) -> None:
-        for dev, dev_snap in self._curr_mem_snap.items():
-            if self._peak_mem.get(dev, 0) < dev_snap["Total"]:
-                self._peak_mem[dev] = dev_snap["Total"]
-                self._peak_mem_snap[dev] = dict(dev_snap)
-
-
-def new_tracker(model: nn.Module) -> MemTracker:
-    """A MemTracker for one step of ``model`` that accepts frozen parameters.
-
-    MemTracker registers a gradient hook on every parameter of a module it first sees, which
-    raises for ``requires_grad=False``; frozen parameters get placeholder handles instead (they
-    never receive a gradient, so the hook would never fire).
-    """
-    needed = ("_param_to_grad_hook_handles", "_curr_mem_snap", "_peak_mem", "_peak_mem_snap")
-    tracker = _StepTracker()
-    if not all(hasattr(tracker, name) for name in needed):  # pragma: no cover - guards against torch changes
-        raise RuntimeError(f"torch {torch.__version__}: MemTracker internals changed; mpopt_hf.profiler needs an update.")
-    for p in model.parameters():
-        if not p.requires_grad:
-            tracker._param_to_grad_hook_handles[p] = (_NoHandle(), _NoHandle())
-    return tracker
-
-
 def _tracked_step(
     model: nn.Module, batch: Mapping[str, Any], config: MemoryConfig, optimizer: torch.optim.Optimizer, scaler: Any,
     max_micro_batches: int | None = None, allocator: bool = False,
@@ -293,7 +228,7 @@ def _tracked_step(
         with context as prof:
             # MemTracker refuses a second call of the root module in one context unless its module stats are reset.
             train_step(model, batch, config, optimizer, scaler, max_micro_batches, lambda _: tracker.reset_mod_stats())
-    out = _tracker_peak(tracker)
+    out = tracker_peak(tracker)
     out["allocator"] = start + _max_allocated(prof) if use_profiler else out["total"]
     return out
 

@@ -42,7 +42,7 @@ from .measure import (
     _device_label,
     _tracked_step,
     _tracked_tensors,
-    _tracker_peak,
+    tracker_peak,
     device_type_of,
     loss_of,
     new_tracker,
@@ -60,6 +60,9 @@ class FakeSetup:
     optimizer: torch.optim.Optimizer
     batch: dict[str, Any]
     initial_state: dict[Any, dict[str, Any]] = field(default_factory=dict)  # the optimizer state copied in
+    # indices (in ``model.parameters()`` order) of parameters that require a gradient but got none in a traced
+    # backward with nothing frozen: the optimizer skips them, so they carry no gradient and no state
+    never_grad: tuple[int, ...] | None = None
 
     def reset_optimizer(self) -> None:
         """Back to the copied-in optimizer state, so that predictions do not depend on their order."""
@@ -250,6 +253,8 @@ def trace_step(
         del output
         loss.backward()
         del loss
+    if config.freeze_rate == 0 and setup.never_grad is None:
+        setup.never_grad = tuple(i for i, p in enumerate(setup.model.parameters()) if p.requires_grad and p.grad is None)
     setup.optimizer.zero_grad(set_to_none=True)
     return probe.records
 
@@ -316,12 +321,21 @@ def _param_group(params: list[nn.Parameter], trainable: dict[int, bool], optimiz
 
 
 def model_structure(
-    model: nn.Module, batch: Mapping[str, Any], optimizer: torch.optim.Optimizer, blocks: ModelBlocks | None = None
+    model: nn.Module, batch: Mapping[str, Any], optimizer: torch.optim.Optimizer, blocks: ModelBlocks | None = None,
+    never_grad: Sequence[int] = (),
 ) -> ModelStructure:
-    """The exact terms: weights, gradients per freezable group, optimizer state, inputs."""
+    """The exact terms: weights, gradients per freezable group, optimizer state, inputs.
+
+    ``never_grad``: indices (in ``model.parameters()`` order) of parameters the traced backward left without a
+    gradient (e.g. a decoder-only load's unused cross-attention); they count as frozen whatever their
+    ``requires_grad``, as the optimizer gives them no state.
+    """
     blocks = blocks or find_blocks(model)
     state = knob_state(model)
     trainable = dict(state.baseline_requires_grad) if state is not None else {id(p): p.requires_grad for p in model.parameters()}
+    params = list(model.parameters())
+    for index in never_grad:
+        trainable[id(params[index])] = False
     held = {id(p) for g in optimizer.param_groups for p in g["params"]}
     stem_params = blocks.stem_params()
     block_params = [blocks.block_params(i) for i in range(blocks.n_blocks)]
@@ -357,6 +371,7 @@ def model_structure(
         optimizer=optimizer_cost(optimizer, device, next(model.parameters()).dtype),
         device_type=device.type,
         optimizer_order=order,
+        never_grad=tuple(never_grad),
     )
 
 
@@ -389,7 +404,7 @@ def optimizer_cost(optimizer: torch.optim.Optimizer, device: torch.device, dtype
             start = tracker.get_tracker_snapshot("current")
             opt.step()
         base = sum(d.get("Total", 0) for d in start.values())
-        return state, _tracker_peak(tracker)["total"] - base, counter.ops
+        return state, tracker_peak(tracker)["total"] - base, counter.ops
 
     try:
         one, _, _ = probe([1])
@@ -451,12 +466,14 @@ def build_memory_model(
     block checkpointed (C) and, when the context changes anything, T and F again.
     """
     blocks = find_blocks(model)
-    structure = model_structure(model, batch, optimizer, blocks)
     setup = fake_setup(model, optimizer, batch)
     fake_blocks = find_blocks(setup.model)
     units, kinds, _ = units_of(fake_blocks)
     n = fake_blocks.n_blocks
     batches = {size: fake_batch(setup, batch, size) for size in sizes}
+    setup.batch = batches[sizes[0]]
+    trace_step(setup, MemoryConfig(sizes[0]), units)  # which parameters a backward reaches (setup.never_grad)
+    structure = model_structure(model, batch, optimizer, blocks, setup.never_grad or ())
 
     def trace(precision: str, rate: float, segments: int, plain: Iterable[nn.Module] = (),
               only: Sequence[int] = sizes) -> list[list]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -42,6 +43,18 @@ def device_name(device: torch.device | str) -> str:
     return device.type
 
 
+def machine_signature(device: torch.device | str = "cpu") -> str:
+    """What decides the bytes a machine adds to a step's tensors (kernel workspaces, allocator rounding):
+    on CPU the instruction set oneDNN may use and the thread count, on CUDA the CUDA and cuDNN versions.
+    Calibrations are kept per signature, never carried to another machine's kernels."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return f"cuda{torch.version.cuda}/cudnn{torch.backends.cudnn.version()}"
+    isa = torch.backends.cpu.get_cpu_capability()
+    cap = os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA")
+    return f"{isa}{f'/onednn<={cap}' if cap else ''}/threads{torch.get_num_threads()}"
+
+
 @dataclass(frozen=True)
 class ProfileKey:
     """Everything that changes what a configuration costs."""
@@ -53,6 +66,7 @@ class ProfileKey:
     torch_version: str = field(default_factory=lambda: torch.__version__)
     optimizer: str = ""
     inputs: str = ""  # every batched input as name:shape:dtype, for models with several
+    machine: str = ""  # machine_signature(): kernels and threads, which change what the machine adds
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "input_shape", tuple(int(d) for d in self.input_shape))
@@ -89,6 +103,7 @@ def make_key(
         dtype=str(dtype).replace("torch.", ""),
         device=device_name(device),
         optimizer=opt,
+        machine=machine_signature(device),
     )
 
 

@@ -1,0 +1,84 @@
+"""What the engine chooses among and what it reports: candidates with their predicted cost, the cost model that
+predicts it, the decisions it logs and the race trials it judges. Plain data: no rule lives here."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any, Protocol
+
+from ..config import MemoryConfig
+
+MIB = 2**20
+
+
+class CostModel(Protocol):
+    """What a configuration costs: ``(peak_bytes, step_seconds)``; either may be None when unknown."""
+
+    def predict(self, config: MemoryConfig) -> tuple[float | None, float | None]: ...
+
+
+class FunctionCostModel:
+    """Adapts any ``config -> (peak_bytes, step_s)`` callable (e.g. a fitted memory model) to `CostModel`."""
+
+    def __init__(self, fn: Callable[[MemoryConfig], tuple[float | None, float | None]]) -> None:
+        self.fn = fn
+
+    def predict(self, config: MemoryConfig) -> tuple[float | None, float | None]:
+        return self.fn(config)
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A configuration with its predicted cost (None = not predicted)."""
+
+    config: MemoryConfig
+    peak_bytes: float | None = None
+    step_s: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"config": self.config.to_dict(), "peak_bytes": self.peak_bytes, "step_s": self.step_s}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Candidate:
+        return cls(MemoryConfig.from_dict(data["config"]), data["peak_bytes"], data["step_s"])
+
+
+@dataclass
+class Decision:
+    """One choice of the engine, as it is logged and written to decisions.json."""
+
+    step: int
+    elapsed_s: float  # training seconds counted by the engine (deterministic under a fake clock)
+    config: dict[str, Any]
+    predicted_peak_bytes: float | None
+    measured_peak_bytes: float | None
+    gain_estimate: float | None
+    reason: str
+    wall_time: float = field(default_factory=time.time)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class RaceTrial:
+    """One race trial's outcome: gain per second, the metric at its end (and that metric's standard error),
+    the training seconds it ran, and the metric projected to the race's horizon (see `project_metric`)."""
+
+    gain: float
+    metric: float
+    seconds: float
+    se: float | None = None
+    projected: float | None = None
+
+
+def config_or_none(data: dict[str, Any] | None) -> MemoryConfig | None:
+    """A saved configuration that may be absent (``None`` in a state dict)."""
+    return None if data is None else MemoryConfig.from_dict(data)
+
+
+def dict_or_none(config: MemoryConfig | None) -> dict[str, Any] | None:
+    """The saved form of a configuration that may be absent."""
+    return None if config is None else config.to_dict()

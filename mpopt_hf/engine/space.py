@@ -1,0 +1,57 @@
+"""The search space: every valid combination of the knobs, and the default values of each knob."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from ..config import MemoryConfig
+
+
+def enumerate_configs(
+    micro_batch_sizes: Iterable[int],
+    freeze_rates: Iterable[float],
+    checkpoint_segments: Iterable[int],
+    precisions: Iterable[str],
+    n_blocks: int,
+) -> list[MemoryConfig]:
+    """Every combination that is valid for a model with ``n_blocks`` blocks (segments <= trainable blocks)."""
+    from ..knobs import n_frozen_blocks  # pure arithmetic; knobs imports torch only for its own functions
+
+    configs = []
+    for precision in precisions:
+        for rate in sorted({float(r) for r in freeze_rates}):
+            trainable = n_blocks - n_frozen_blocks(rate, n_blocks)
+            for segments in sorted(set(checkpoint_segments)):
+                if segments > trainable:
+                    continue
+                for mb in sorted(set(micro_batch_sizes), reverse=True):
+                    configs.append(MemoryConfig(mb, freeze_rate=rate, checkpoint_segments=segments, precision=precision))
+    return configs
+
+
+def default_micro_batch_sizes(effective_batch: int) -> list[int]:
+    """Powers of two below the effective batch, and the effective batch itself."""
+    sizes = {effective_batch}
+    size = 1
+    while size < effective_batch:
+        sizes.add(size)
+        size *= 2
+    return sorted(sizes, reverse=True)
+
+
+def default_freeze_rates(n_blocks: int) -> list[float]:
+    """0, 1/4, 1/2, 3/4, keeping only rates that freeze a distinct number of blocks."""
+    from ..knobs import n_frozen_blocks
+
+    rates, seen = [], set()
+    for rate in (0.0, 0.25, 0.5, 0.75):
+        frozen = n_frozen_blocks(rate, n_blocks)
+        if frozen not in seen and frozen < n_blocks:
+            seen.add(frozen)
+            rates.append(rate)
+    return rates
+
+
+def default_checkpoint_segments(n_blocks: int) -> list[int]:
+    """Off, half the blocks, all blocks (the per-freeze-rate cap is applied by `enumerate_configs`)."""
+    return sorted({0, max(1, n_blocks // 2), n_blocks})

@@ -1,0 +1,12 @@
+"""Search strategies behind one protocol (`Strategy`), built by name from `STRATEGY_TYPES`."""
+
+from __future__ import annotations
+
+from .base import STRATEGY_TYPES, Strategy, register_strategy
+from .race import Race, RaceState
+from .ucb import Bandit
+
+register_strategy("race", Race)
+register_strategy("ucb", Bandit)
+
+__all__ = ["STRATEGY_TYPES", "Bandit", "Race", "RaceState", "Strategy", "register_strategy"]

@@ -1,0 +1,312 @@
+"""The ``race`` strategy: every survivor trains for the same seconds *from the same weights* (the caller
+snapshots and restores them when the engine asks, see `RuleEngine.take_ops`), each is judged by the metric it
+would reach by the race's horizon (`judge_race`), the winner's end state is kept and exploited, and the race is
+re-run from the current weights once its cost has been paid back ``1/search_share`` times over. When the time
+left is known, a race is only run if its estimated cost is at most ``search_share`` of that time; otherwise the
+incumbent goes on, or, with none yet, the least frozen of the fastest candidates, whose accuracy freezing does
+not cap."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from ...config import DEFAULT_SEARCH_SHARE, MemoryConfig
+from ..candidates import MIB, Candidate, RaceTrial, config_or_none, dict_or_none
+from ..scoring import judge_race, payback_seconds, trial_gain
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..engine import RuleEngine
+
+
+@dataclass
+class RaceState:
+    """What a race has done and has left; saved under every strategy (``racing`` stays False under ``ucb``).
+
+    Field names are the keys of the ``"race"`` entry of `RuleEngine.state_dict`.
+    """
+
+    ops: list[str] = field(default_factory=list)  # for the caller, in order, before the next step: `take_ops`
+    queue: list[MemoryConfig] = field(default_factory=list)  # left to trial
+    racing: bool = False
+    trials: dict[MemoryConfig, RaceTrial] = field(default_factory=dict)  # in race order
+    saved: MemoryConfig | None = None  # whose end state the "best" copy holds
+    mid: tuple[float, float] | None = None  # (metric, trial seconds) half-way through this trial
+    want_mid: bool = False
+    start_metric: float | None = None
+    start_search_s: float = 0.0
+    trial_s: float | None = None  # how long each trial of this race lasts (set by its first)
+    exploit_until_s: float | None = None
+    discarded_seconds: float = 0.0  # training time of race trials whose weights were thrown away
+    incumbent: MemoryConfig | None = None  # the last race's winner
+    streak: int = 0  # races in a row that the incumbent won
+    horizon_s: float | None = None  # how far ahead this race's trials are projected
+
+    def to_dict(self, last_se: float | None) -> dict[str, Any]:
+        """The saved form (``last_se``, the engine's, is saved here as it always was)."""
+        return {
+            "ops": list(self.ops), "queue": [c.to_dict() for c in self.queue], "racing": self.racing,
+            "trials": [[c.to_dict(), asdict(t)] for c, t in self.trials.items()],
+            "last_se": last_se,
+            "saved": dict_or_none(self.saved),
+            "mid": None if self.mid is None else list(self.mid), "want_mid": self.want_mid,
+            "start_metric": self.start_metric, "start_search_s": self.start_search_s,
+            "trial_s": self.trial_s, "exploit_until_s": self.exploit_until_s,
+            "discarded_seconds": self.discarded_seconds,
+            "incumbent": dict_or_none(self.incumbent),
+            "streak": self.streak,
+            "horizon_s": self.horizon_s,
+        }
+
+    def load(self, race: dict[str, Any]) -> None:
+        """Read back `to_dict`'s form (``horizon_s`` may be missing: older states)."""
+        self.ops, self.racing = list(race["ops"]), race["racing"]
+        self.queue = [MemoryConfig.from_dict(c) for c in race["queue"]]
+        self.trials = {MemoryConfig.from_dict(c): RaceTrial(**t) for c, t in race["trials"]}
+        self.saved = config_or_none(race["saved"])
+        self.mid = None if race["mid"] is None else (race["mid"][0], race["mid"][1])
+        self.want_mid = race["want_mid"]
+        self.start_metric, self.start_search_s = race["start_metric"], race["start_search_s"]
+        self.trial_s, self.exploit_until_s = race["trial_s"], race["exploit_until_s"]
+        self.discarded_seconds = race["discarded_seconds"]
+        self.incumbent = config_or_none(race["incumbent"])
+        self.streak = race["streak"]
+        self.horizon_s = race.get("horizon_s")
+
+
+def _slow_key(c: Candidate) -> tuple[float, float, int, int]:
+    known = c.step_s if c.step_s is not None else 0.0
+    return (-known, c.config.freeze_rate, c.config.micro_batch_size, -c.config.checkpoint_segments)
+
+
+class Race:
+    """The race's decisions, on the engine's `RaceState` (``engine.race_state``)."""
+
+    def __init__(self, engine: RuleEngine) -> None:
+        self.engine = engine
+
+    @property
+    def state(self) -> RaceState:
+        return self.engine.race_state
+
+    # -------------------------------------------------------------- the strategy protocol
+
+    def start(self, step: int) -> MemoryConfig:
+        return self.begin(step, "start")
+
+    def wants_metric(self, step: int, retuned: bool) -> bool:
+        e, s = self.engine, self.state
+        if not s.racing:
+            if retuned:
+                return True  # the metric that starts the re-opened race
+            if s.exploit_until_s is None or e.elapsed_s < s.exploit_until_s:
+                return False
+            pays, why = self.pays(self.order())
+            if not pays:  # exploit to the end of the horizon; no evaluation is spent on a race not run
+                s.exploit_until_s = None
+                e.decide(step, e.current, f"exploitation over: no new race ({why})")
+                return False
+            return True
+        if e.trial_over(1.0):
+            return True
+        if e.late_gain and s.mid is None and e.trial_over(0.5):
+            s.want_mid = True  # half-way: the metric here starts the second half the trial is judged on
+            return True
+        return False
+
+    def on_metric(self, step: int, metric: float) -> MemoryConfig:
+        e, s = self.engine, self.state
+        if not s.racing:  # the exploitation is over: its gain is one more estimate, then race again
+            e.credit_trial(metric)
+            e.reopen()
+            return self.begin(step, "exploitation over")
+        if s.want_mid:
+            s.want_mid, s.mid = False, (metric, e.trial_seconds)
+            return e.current  # the trial goes on
+        start = s.start_metric if s.start_metric is not None else metric
+        gain, projected = trial_gain(start, metric, e.trial_seconds, s.mid, s.horizon_s, e.metric_ceiling,
+                                     e.last_se or 0.0)
+        self.record_trial(e.current, gain, metric, projected)
+        if s.queue:
+            s.ops.append("restore_start")
+            following = s.queue.pop(0)
+            n = len(s.trials) + len(s.queue) + 1
+            e.restart_trial()
+            return e.decide(step, following, f"trial: race {len(s.trials) + 1}/{n} from the same weights")
+        return self.finish(step)
+
+    def restart(self, step: int, reason: str, new_task: bool = False) -> MemoryConfig:
+        self.abandon()
+        if new_task:
+            self.state.streak = 0
+        return self.begin(step, reason)
+
+    def on_infeasible(self, step: int, config: MemoryConfig, reason: str) -> MemoryConfig:
+        """``config`` (the current trial's) cannot run: the race goes on without it, from its start again."""
+        e, s = self.engine, self.state
+        e.survivors = e.reprune(reason)
+        alive = {c.config for c in e.survivors}
+        s.queue = [c for c in s.queue if c in alive]
+        if not s.racing:
+            return self.begin(step, reason)
+        s.ops.append("restore_start")  # the failed trial's partial steps are undone
+        if s.queue:
+            return e.decide(step, s.queue.pop(0), f"{reason}: next in the race")
+        if s.trials:
+            return self.finish(step)
+        return self.begin(step, reason)
+
+    # -------------------------------------------------------------- a race's course
+
+    def order(self) -> list[MemoryConfig]:
+        """Slowest first, so that the first trial (which sets every trial's length) covers trial_steps of each."""
+        return [c.config for c in sorted(self.engine.survivors, key=_slow_key)]
+
+    def begin(self, step: int, reason: str) -> MemoryConfig:
+        e, s = self.engine, self.state
+        order = self.order()
+        if len(order) == 1:  # nothing to compare: run it until something changes
+            s.racing, s.exploit_until_s = False, None
+            return e.decide(step, order[0], f"{reason}: the only feasible candidate")
+        roomy = e.leave_room_for_copies(order)
+        room_note = ""
+        if len(roomy) < 2:  # the race's two copies do not fit beside any two candidates: no race, and say so
+            s.racing, s.exploit_until_s = False, None
+            choice = self.no_race_choice()
+            return e.decide(step, choice, f"{reason}: no race (the budget leaves no room for its two host copies of "
+                                          f"{e.copy_bytes / MIB:.1f} MiB beside two candidates): "
+                                          "the least frozen, fastest candidate")
+        if len(roomy) < len(order):
+            room_note = f", {len(order) - len(roomy)} left out for the room its two host copies take"
+            order = roomy
+        pays, why = self.pays(order)
+        if not pays:  # run until something changes (a task boundary, an out-of-memory error, drift)
+            s.racing, s.exploit_until_s = False, None
+            choice = self.no_race_choice()
+            kind = "the last race's winner" if choice == s.incumbent else "the least frozen, fastest candidate"
+            return e.decide(step, choice, f"{reason}: no race ({why}): {kind}")
+        s.racing, s.queue = True, order[1:]
+        s.trials = {}
+        s.horizon_s = self.projection_horizon(order)  # before trial_s is reset: it uses the last race's
+        s.saved = None
+        s.start_metric, s.trial_s = e.baseline, None
+        s.start_search_s = e.search_seconds
+        s.ops.append("snapshot")
+        return e.decide(step, order[0], f"{reason}: race 1/{len(order)} from the same weights{room_note}")
+
+    def stop(self, step: int) -> MemoryConfig:
+        """See `RuleEngine.stop_race`."""
+        e, s = self.engine, self.state
+        if not s.racing:
+            return e.current
+        keep = s.saved
+        s.ops = [op for op in s.ops if op == "save_best"] + (["restore_best"] if keep is not None else []) + ["drop"]
+        s.racing, s.queue = False, []
+        s.exploit_until_s = e.elapsed_s
+        choice = keep if keep is not None else e.current
+        if keep is not None:
+            e.baseline = e.last_metric = s.trials[keep].metric
+        e.restart_trial()
+        return e.decide(step, choice, "training stopped mid-race: keep the best trial that ended")
+
+    def abandon(self) -> None:
+        s = self.state
+        if s.racing:
+            s.ops.append("drop")
+        s.racing, s.queue = False, []
+
+    def record_trial(self, config: MemoryConfig, gain: float, metric: float, projected: float | None = None) -> None:
+        e, s = self.engine, self.state
+        s.trials[config] = RaceTrial(gain, metric, e.trial_seconds, e.last_se, projected)
+        if s.trial_s is None:
+            s.trial_s = e.trial_seconds
+        e.arms[config].add(gain)
+        if self.winner()[0] == config:  # the winner so far: keep its end state
+            s.ops.append("save_best")
+            s.saved = config
+
+    def winner(self) -> tuple[MemoryConfig, bool]:
+        """(winner so far, whether it won a tie): see `judge_race`."""
+        return judge_race(self.state.trials, self.state.trial_s, self.engine.significance)
+
+    def finish(self, step: int) -> MemoryConfig:
+        e, s = self.engine, self.state
+        winner, by_tie = self.winner()
+        if winner not in (e.current, s.saved):  # its end state is gone (ties judged on another error)
+            winner, by_tie = s.saved, False
+        if winner != e.current:
+            s.ops.append("restore_best")
+        s.ops.append("drop")
+        discarded = sum(t.seconds for c, t in s.trials.items() if c != winner)
+        s.discarded_seconds += discarded
+        cost = discarded + e.search_seconds - s.start_search_s
+        # exploit until the race's cost is at most search_share of the time since the race began; each
+        # race that confirms the incumbent doubles that (up to 8x): a settled choice is re-checked less often
+        s.streak = s.streak + 1 if winner == s.incumbent else 0
+        s.incumbent = winner
+        kept = s.trials[winner].seconds
+        s.exploit_until_s = e.elapsed_s + max(self.exploitation_s(cost) - kept, 0.0)
+        s.racing = False
+        e.baseline = e.last_metric = s.trials[winner].metric
+        e.restart_trial()
+        tie = f", the least frozen within {e.significance:g} standard errors of the best" if by_tie else ""
+        won = s.trials[winner]
+        ahead = (f"{won.projected:.4g} projected {s.horizon_s:.1f} s ahead, " if won.projected is not None
+                 and s.horizon_s is not None else "")
+        return e.decide(step, winner, f"race won ({ahead}{won.gain:.4g}/s over {len(s.trials)}{tie}): "
+                                      f"exploit for {s.exploit_until_s - e.elapsed_s:.1f} s")
+
+    # -------------------------------------------------------------- what a race costs and buys
+
+    def share(self) -> float:
+        return self.engine.search_share or DEFAULT_SEARCH_SHARE
+
+    def exploitation_s(self, cost: float) -> float:
+        """Training seconds a race costing ``cost`` buys: its payback at ``search_share``, doubled for each race
+        in a row that confirmed the incumbent (up to 8x)."""
+        return payback_seconds(cost, self.share()) * 2 ** min(self.state.streak, 3)
+
+    def cost_s(self, order: Sequence[MemoryConfig]) -> float:
+        """See `RuleEngine.race_cost_s`."""
+        e = self.engine
+        evals = len(order) * (2 if e.late_gain else 1) * (e.last_eval_s or 0.0)
+        return (len(order) - 1) * self.trial_s_estimate(order) + evals
+
+    def trial_s_estimate(self, order: Sequence[MemoryConfig]) -> float:
+        """Training seconds one trial of a race among ``order`` is expected to last."""
+        e = self.engine
+        if self.state.trial_s is not None:
+            return self.state.trial_s
+        slowest = max((e.candidate(c).step_s or 0.0 for c in order), default=0.0)
+        trial = max(e.trial_steps * slowest, e.min_trial_seconds)
+        return trial if e.trial_max_s is None else min(trial, e.trial_max_s)
+
+    def pays(self, order: Sequence[MemoryConfig]) -> tuple[bool, str]:
+        """Whether a race fits in ``search_share`` of the time left (always, when that time is unknown)."""
+        left = self.engine.time_left_s
+        if left is None or len(order) < 2:
+            return True, ""
+        share = self.share()
+        cost = self.cost_s(order)
+        return cost <= share * left, f"a race would cost ~{cost:.2f} s, over {share:g} of the {max(left, 0.0):.1f} s left"
+
+    def projection_horizon(self, order: Sequence[MemoryConfig]) -> float | None:
+        """How long the race's winner will train before anything is decided again: the time left after the
+        race when it is known, else the exploitation the race's cost buys. None when trials are not projected
+        (``late_gain`` off, so no half-way metric)."""
+        e = self.engine
+        if not e.late_gain:
+            return None
+        cost, left = self.cost_s(order), e.time_left_s
+        if left is not None:
+            return max(left - cost - self.trial_s_estimate(order), 0.0)
+        return self.exploitation_s(cost)
+
+    def no_race_choice(self) -> MemoryConfig:
+        """Without a race: the last race's winner while it is still feasible, else the least frozen candidate
+        (the fastest of those), because freezing caps what training can reach."""
+        alive = [c.config for c in self.engine.survivors]
+        if self.state.incumbent in alive:
+            return self.state.incumbent
+        return min(alive, key=lambda c: c.freeze_rate)  # survivors are fastest first: ties keep the fastest

@@ -1,0 +1,54 @@
+"""The ``ucb`` strategy: trials follow each other on the running weights and a discounted UCB bandit picks the
+next. It needs no snapshot, but a trial's gain then depends on what the trial before it did."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from ...config import MemoryConfig
+from ..rules import group_key
+from ..scoring import ucb_choice
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..engine import RuleEngine
+
+
+class Bandit:
+    """Each survivor is measured once (the engine's ``queue``), then UCB on the gain per second picks."""
+
+    def __init__(self, engine: RuleEngine) -> None:
+        self.engine = engine
+
+    def start(self, step: int) -> MemoryConfig:
+        return self.choose(step, "start")
+
+    def wants_metric(self, step: int, retuned: bool) -> bool:
+        return self.engine.trial_over(1.0)
+
+    def on_metric(self, step: int, metric: float) -> MemoryConfig:
+        self.engine.credit_trial(metric)
+        return self.choose(step, "trial")
+
+    def restart(self, step: int, reason: str, new_task: bool = False) -> MemoryConfig:
+        return self.choose(step, reason)
+
+    def on_infeasible(self, step: int, config: MemoryConfig, reason: str) -> MemoryConfig:
+        return self.choose(step, reason, prefer_group_of=config)
+
+    def choose(self, step: int, reason: str, prefer_group_of: MemoryConfig | None = None) -> MemoryConfig:
+        """The next trial; after a configuration was marked infeasible, its group's next fastest."""
+        e = self.engine
+        if prefer_group_of is not None:  # survivors changed: re-prune and keep the arms that remain
+            known = set(e.arms)
+            e.survivors = e.reprune(reason)
+            e.queue = [c for c in e.queue if c in e.arms] + [c for c in e.arms if c not in known]
+            group = group_key(prefer_group_of)
+            same = [c.config for c in e.survivors if group_key(c.config) == group]
+            choice = same[0] if same else (e.best or e.survivors[0].config)
+            if choice in e.queue:
+                e.queue.remove(choice)
+            return e.decide(step, choice, reason)
+        if e.queue:
+            return e.decide(step, e.queue.pop(0), f"{reason}: measure each candidate")
+        choice, is_best = ucb_choice(list(e.arms.items()), e.exploration)
+        return e.decide(step, choice, f"{reason}: {'exploit best' if is_best else 're-measure challenger'}")

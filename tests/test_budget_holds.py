@@ -1,0 +1,75 @@
+"""The budget holds for everything the process does (issue 19): the profiler measures only what is predicted to
+fit, and every measured training step stays inside it, the race's host copies counted."""
+
+from __future__ import annotations
+
+import torch
+from transformers import TrainerCallback
+
+from dist_fakes import StepClock
+from mpopt_hf import MemoryConfig, MPOptArguments, MPOptTrainer
+from mpopt_hf.profiler import fitting, measure
+from mpopt_hf.tiny_models import build_tiny, example_batch
+from trainer_utils import ListDataset, training_args
+
+MIB = 2**20
+BATCH = 16
+
+
+class StepPeaks(TrainerCallback):
+    def __init__(self):
+        self.trainer, self.peaks = None, []
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.peaks.append((state.global_step, self.trainer._step_peak_bytes, self.trainer.memory_config))
+
+
+def _whole_batch_peak() -> float:
+    model = build_tiny("vit", dropout=0.0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    return measure(model, example_batch(model, BATCH), MemoryConfig(BATCH), optimizer, steps=1).peak_bytes
+
+
+def test_no_configuration_over_the_budget_runs_fit_included(tmp_path, monkeypatch):
+    budget = 0.6 * _whole_batch_peak()
+    ran = []  # what the profiler measured, as its own log of what it ran
+    real_measure = fitting.measure
+
+    def logged(model, batch, config, optimizer, **kwargs):
+        result = real_measure(model, batch, config, optimizer, **kwargs)
+        copy = fitting.measurement_copy_bytes(model, logged.memory_model, BATCH) if logged.memory_model else 0
+        ran.append((config, result.peak_bytes, copy))
+        return result
+
+    logged.memory_model = None
+    real_build = fitting.build_memory_model
+
+    def build(*args, **kwargs):
+        logged.memory_model = real_build(*args, **kwargs)
+        return logged.memory_model
+
+    monkeypatch.setattr(fitting, "measure", logged)
+    monkeypatch.setattr(fitting, "build_memory_model", build)
+    model = build_tiny("vit", dropout=0.0)
+    data = ListDataset(example_batch(model, BATCH * 6))
+    space = dict(micro_batch_sizes=[16, 8, 4, 2], freeze_rates=[0.0, 0.5], checkpoint_segments=[0, 1],
+                 trial_steps=1, search_share=None)
+    peaks = StepPeaks()
+    trainer = MPOptTrainer(
+        model=model, args=training_args(tmp_path, BATCH, steps=6), train_dataset=data,
+        eval_dataset=ListDataset(example_batch(model, 8)), callbacks=[peaks], peak_every_steps=1,
+        mpopt_args=MPOptArguments(memory_budget_mib=budget / MIB, **space), clock=StepClock(),
+    )
+    peaks.trainer = trainer
+    trainer.train()
+    assert ran, "the fit measured nothing"
+    assert MemoryConfig(BATCH) not in {config for config, _, _ in ran}
+    for config, peak, copy in ran:
+        assert peak + copy <= budget, (config.short(), (peak + copy) / MIB, budget / MIB)
+    measured = [(step, peak, config) for step, peak, config in peaks.peaks if peak is not None]
+    assert len(measured) == len(peaks.peaks) == 6
+    for step, peak, config in measured:
+        assert peak <= budget, (step, config.short(), peak / MIB, budget / MIB)
+    reasons = " | ".join(d.reason for d in trainer.mpopt_callback.engine.decisions)
+    assert "host copies" in reasons, reasons
+    assert trainer.mpopt_callback.engine.copy_bytes > 0
