@@ -32,6 +32,7 @@ from mpopt_hf.blocks import find_blocks  # noqa: E402
 from mpopt_hf.cli import load_model, synthetic_batch  # noqa: E402
 from mpopt_hf.knobs import apply_memory_config  # noqa: E402
 from mpopt_hf.memory_model import config_space  # noqa: E402
+from mpopt_hf.store.keys import machine_signature  # noqa: E402
 from mpopt_hf.profiler import (  # noqa: E402
     build_memory_model,
     choose_fit_configs,
@@ -265,7 +266,7 @@ def main(argv=None) -> int:
         Path(args.out).write_text(
             "# Profiler accuracy\n\n"
             f"Command: `{command.strip()}` (torch {torch.__version__}, {args.device}, {args.threads} threads, "
-            f"effective batch {args.batch_size}).\n\n"
+            f"effective batch {args.batch_size}; machine {machine_signature(args.device)}).\n\n"
             "Error = predicted / measured - 1 of the step's peak memory, on configurations the fit did not "
             "measure (the fit: fake-tensor traces + at most 3 measured configurations). CPU truth: the torch "
             "profiler's memory timeline (`profile_memory=True`, `export_memory_timeline`); CUDA truth: "
