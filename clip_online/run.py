@@ -8,22 +8,20 @@ budget that the unconstrained configuration exceeds. The real job:
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
 import re
-import shutil
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from mpopt_hf.config import InvalidTypeError, check_bool, check_choice, check_int, check_list, check_number, check_str
+from online_recipe import QUIET_TRAINER_FLAGS, SMALL_SPACE_FLAGS, RunArguments, at_most, cached_model, parse_args
+from online_recipe import resolve_budget, run_and_report, supervised_pretrain
+from online_recipe import default_budget_mib  # noqa: F401  (re-exported: bench/online_baselines.py imports it)
 
 from .loading import TINY, build_classifier
 from .losses import ADAPTATIONS, UNSUPERVISED_LOSSES
@@ -44,17 +42,8 @@ DEFAULT_TRAINING_FLAGS = [
     "--per_device_train_batch_size", "64",
     "--max_steps", "12",
     "--learning_rate", "1e-3",
-    "--lr_scheduler_type", "constant",
-    "--weight_decay", "0.0",
-    "--report_to", "none",
-    "--save_strategy", "no",
-    "--logging_strategy", "no",
-    "--disable_tqdm", "true",
-    "--dataloader_num_workers", "0",
-    # the engine's search space, kept small so the offline default predicts it in seconds
-    "--micro_batch_sizes", "64", "32", "16",
-    "--freeze_rates", "0", "0.5",
-    "--checkpoint_segments", "0", "2",
+    *QUIET_TRAINER_FLAGS,
+    *SMALL_SPACE_FLAGS,
     "--trial_steps", "3",
 ]
 
@@ -157,68 +146,9 @@ class DataArguments:
         self.stream_seed = check_int(where + "stream_seed", self.stream_seed, lambda v: v >= 0, "an int >= 0")
 
 
-@dataclass
-class RunArguments:
-    baseline: str = field(
-        default="mpopt",
-        metadata={"help": "mpopt, none (source model, no adaptation), fixed, auto_find_batch_size, full_checkpointing."},
-    )
-    budget_fraction: float = field(
-        default=0.5,
-        metadata={"help": "Without --memory_budget_mib: the budget is this share of the unconstrained step's predicted peak."},
-    )
-    measure_peak: bool = field(
-        default=True, metadata={"help": "On CPU, measure each configuration's peak (MemTracker and profiler events)."}
-    )
-    fixed_config: str | None = field(
-        default=None,
-        metadata={"help": "The 'fixed' baseline's configuration, e.g. mb32/f0.5/ckpt0/fp32. None: the whole batch, no knobs."},
-    )
-    seconds_per_task: float | None = field(
-        default=None,
-        metadata={"help": "Wall-clock seconds of retraining per task (evaluations and search included); with a large "
-                  "--max_steps it makes every baseline train for equal time. None: --max_steps steps per task."},
-    )
-
-    def __post_init__(self) -> None:
-        from mpopt_hf.config import MemoryConfig
-        from mpopt_hf.online import BASELINES
-
-        where = "RunArguments."
-        check_choice(where + "baseline", self.baseline, BASELINES)
-        self.budget_fraction = check_number(where + "budget_fraction", self.budget_fraction, lambda v: 0 < v <= 1,
-                                            "in (0, 1]")
-        check_bool(where + "measure_peak", self.measure_peak)
-        if self.fixed_config is not None:
-            if not isinstance(self.fixed_config, str):
-                raise InvalidTypeError(f"RunArguments.fixed_config must be a str such as 'mb32/f0.5/ckpt0/fp32' or "
-                                       f"None, got {self.fixed_config!r} ({type(self.fixed_config).__name__}).")
-            try:
-                MemoryConfig.parse(self.fixed_config)  # a malformed flag fails here, naming what is expected
-            except ValueError as err:
-                raise type(err)(f"RunArguments.fixed_config: {err}") from None
-            if self.baseline != "fixed":
-                raise ValueError(f"RunArguments.fixed_config {self.fixed_config!r} is only used by --baseline fixed, "
-                                 f"got --baseline {self.baseline!r}; drop fixed_config or use --baseline fixed.")
-        self.seconds_per_task = check_number(where + "seconds_per_task", self.seconds_per_task, lambda v: v > 0,
-                                             "> 0 (a finite number of seconds) or None", optional=True)
-
-
 def parse(argv: list[str] | None = None):
     """(model, data, run, mpopt, training) arguments; the recipe's defaults go first so any flag overrides them."""
-    from transformers import HfArgumentParser, TrainingArguments
-
-    from mpopt_hf.config import MPOptArguments
-
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if len(argv) == 1 and argv[0].endswith(".json"):
-        if not os.path.isfile(argv[0]):
-            raise ValueError(f"The arguments file {argv[0]!r} does not exist (a single *.json argument is read as "
-                             "a JSON file of the recipe's flags).")
-        return HfArgumentParser(_classes()).parse_json_file(argv[0])
-    flags = DEFAULT_TRAINING_FLAGS + ([] if torch.cuda.is_available() else ["--use_cpu", "true"])
-    parser = HfArgumentParser((ModelArguments, DataArguments, RunArguments, MPOptArguments, TrainingArguments))
-    return parser.parse_args_into_dataclasses(args=flags + argv)
+    return parse_args(_classes(), DEFAULT_TRAINING_FLAGS, argv)
 
 
 def _classes():
@@ -257,21 +187,14 @@ def load_stream(data: DataArguments):
                                              severity=data.severity, max_samples_per_task=cap, seed=data.stream_seed)
     for task in targets if source is None else [source, *targets]:
         if task is not source:
-            task.train = _at_most(task.train, data.train_per_task, data.stream_seed)
-        task.val = _at_most(task.val, data.test_per_task, data.stream_seed + 1)
-        task.test = _at_most(task.test, data.test_per_task, data.stream_seed + 2)
+            task.train = at_most(task.train, data.train_per_task, data.stream_seed)
+        task.val = at_most(task.val, data.test_per_task, data.stream_seed + 1)
+        task.test = at_most(task.test, data.test_per_task, data.stream_seed + 2)
     classes = list(get_info(data.dataset).classes)
     names = list(PROMPT_NAMES.get(data.dataset, classes))
     if len(names) != len(classes):
         raise ValueError(f"PROMPT_NAMES[{data.dataset!r}] has {len(names)} names for {len(classes)} classes.")
     return names, source, targets
-
-
-def _at_most(dataset, n: int, seed: int):
-    """``dataset`` cut to a random ``n`` rows (order kept) when it has more."""
-    if len(dataset) <= n:
-        return dataset
-    return dataset.select(np.sort(np.random.default_rng(seed).choice(len(dataset), n, replace=False)))
 
 
 # ---------------------------------------------------------------------------- the source model
@@ -295,21 +218,15 @@ def source_model(model_args: ModelArguments, class_names: list[str], source, tra
     key = {"model": model_args.model, "classes": class_names, "templates": model_args.templates, "steps": steps,
            "lr": model_args.pretrain_lr, "batch": model_args.pretrain_batch_size, "seed": training_args.seed,
            "source_size": len(source.train), "v": 2}
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     cache_root = Path(model_args.cache_dir or Path.home() / ".cache" / "mpopt_hf" / "clip_online")
-    path = cache_root / f"source-{digest}"
-    if (path / "config.json").exists():
-        model = CLIPClassifier.from_pretrained(path)
-    else:
+
+    def make() -> CLIPClassifier:
         model = build_classifier(model_args.model, class_names, model_args.templates, model_args.local_files_only,
                                  seed=training_args.seed)
         pretrain(model, source.train, steps, model_args.pretrain_lr, model_args.pretrain_batch_size, training_args)
-        tmp = cache_root / f".tmp-{digest}-{os.getpid()}"
-        model.save_pretrained(tmp)  # then renamed: a crash never leaves a half-written checkpoint under the key
-        if path.exists():  # another run cached the same source meanwhile
-            shutil.rmtree(tmp)
-        else:
-            tmp.replace(path)
+        return model
+
+    model = cached_model(key, cache_root, make, CLIPClassifier.from_pretrained)
     for name, value in kwargs.items():
         setattr(model.config, name, value)
     return model
@@ -318,31 +235,7 @@ def source_model(model_args: ModelArguments, class_names: list[str], source, tra
 def pretrain(model: CLIPClassifier, train, steps: int, lr: float, batch: int, training_args) -> None:
     """Supervised training on the source domain with a plain loop (seconds for the tiny CLIP)."""
     model.set_adaptation("supervised")
-    device = training_args.device
-    model.to(device).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    generator = torch.Generator().manual_seed(training_args.seed)
-    rows = train.with_format("torch")[:]
-    images, labels = rows["pixel_values"].to(device), rows["labels"].to(device)
-    for _ in range(steps):
-        pick = torch.randint(len(labels), (batch,), generator=generator).to(device)
-        loss = model(pixel_values=images[pick], labels=labels[pick]).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-    model.eval()
-
-
-def default_budget_mib(model, train, training_args, fraction: float) -> tuple[float, float]:
-    """(budget, unconstrained peak): ``fraction`` of the predicted peak of the whole batch with no knob."""
-    from mpopt_hf.config import MemoryConfig
-    from mpopt_hf.profiler import predict_step
-
-    data = train.with_format("torch")[: training_args.per_device_train_batch_size]
-    batch = {k: v.to(training_args.device) for k, v in data.items()}
-    optimizer = torch.optim.AdamW(model.parameters(), lr=training_args.learning_rate)
-    full = predict_step(model, batch, MemoryConfig(micro_batch_size=len(batch["labels"])), optimizer).peak_mib
-    return round(full * fraction, 2), full
+    supervised_pretrain(model, train, steps, lr, batch, training_args)
 
 
 # ---------------------------------------------------------------------------- main
@@ -350,44 +243,19 @@ def default_budget_mib(model, train, training_args, fraction: float) -> tuple[fl
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Parse, build, run the stream, print the table; returns the results dict (also in results.json)."""
-    from mpopt_hf.config import MemoryConfig
-    from mpopt_hf.online import OnlineRetrainer
-    from mpopt_hf.report import format_table
-
     model_args, data_args, run_args, mpopt_args, training_args = parse(argv)
     started = time.perf_counter()
     torch.manual_seed(training_args.seed)
     class_names, source, targets = load_stream(data_args)
     model = source_model(model_args, class_names, source, training_args).to(training_args.device)
-    budget = mpopt_args.memory_budget_mib
-    unconstrained = None
-    if budget is None:
-        budget, unconstrained = default_budget_mib(model, targets[0].train, training_args, run_args.budget_fraction)
-    mpopt_args.memory_budget_mib = budget
+    budget, unconstrained = resolve_budget(model, targets[0].train, run_args, mpopt_args, training_args)
     print(
         f"clip_cls_online: model={model_args.model} dataset={data_args.dataset} baseline={run_args.baseline} "
         f"adaptation={model_args.adaptation} | effective batch {training_args.per_device_train_batch_size} x "
         f"{training_args.max_steps} steps/task | budget {budget:.2f} MiB"
         + (f" (unconstrained step predicted at {unconstrained:.2f} MiB)" if unconstrained else "")
     )
-    retrainer = OnlineRetrainer(
-        model, training_args, baseline=run_args.baseline, mpopt_args=mpopt_args, budget_mib=budget,
-        measure_peak=run_args.measure_peak, train_with_labels=model_args.adaptation == "supervised",
-        memory_config=None if run_args.fixed_config is None else MemoryConfig.parse(run_args.fixed_config),
-        seconds_per_task=run_args.seconds_per_task,
-    )
-    result = retrainer.run(targets, output_dir=training_args.output_dir)
-    summary = result.summary
-    summary["run_seconds"] = time.perf_counter() - started
-    summary["unconstrained_predicted_peak_mib"] = unconstrained
-    summary["arguments"] = {"model": asdict(model_args), "data": asdict(data_args), "run": asdict(run_args)}
-    from mpopt_hf.report import write_results
-
-    paths = write_results(result.to_dict(), training_args.output_dir)
-    print(format_table([asdict(t) for t in result.tasks]))
-    print(
-        f"mean accuracy {summary['mean_accuracy_before']:.3f} -> {summary['mean_accuracy_after']:.3f}; "
-        f"within budget: {summary['within_budget']}; {summary['run_seconds']:.0f} s\n"
-        f"results: {paths['json']}\nplot:    {paths['png']}"
-    )
-    return result.to_dict()
+    arguments = {"model": asdict(model_args), "data": asdict(data_args), "run": asdict(run_args)}
+    return run_and_report(model, targets, run_args, mpopt_args, training_args, budget=budget,
+                          unconstrained=unconstrained, started=started, arguments=arguments,
+                          train_with_labels=model_args.adaptation == "supervised")

@@ -2,7 +2,8 @@
 
 * a dataset registry (``register``, ``load``, ``available``) with built-in
   sources: ``digits`` and ``sample-images`` (shipped with scikit-learn /
-  scikit-image, no download), ``cifar10``, ``cifar100``, ``cifar10-c``,
+  scikit-image, no download), ``digits-domains`` (MNIST-M-, SVHN- and
+  USPS-style targets built from those digits), ``cifar10``, ``cifar100``, ``cifar10-c``,
   ``office31`` (from their standard folders) and ``hf`` (any ``datasets``
   image dataset);
 * the CIFAR-10-C corruptions (``corrupt``, ``CORRUPTIONS``, ``EXTRA_CORRUPTIONS``);

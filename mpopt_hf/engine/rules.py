@@ -83,7 +83,7 @@ def prune(
         smallest = min(allowed, key=lambda c: c.peak_bytes)  # all predicted, else they would fit
         raise ValueError(
             f"MPOptArguments.memory_budget_mib={budget_bytes / MIB:.1f} (usable {usable_bytes(budget_bytes, margin) / MIB:.1f} "
-            f"MiB after safety_margin={margin}) is below the minimum feasible peak {smallest.peak_bytes / MIB:.1f} MiB, "
+            f"MiB after a margin of {margin:.3g}: safety_margin, or the cost model's uncertainty when larger) is below the minimum feasible peak {smallest.peak_bytes / MIB:.1f} MiB, "
             f"reached by {smallest.config.short()}; raise memory_budget_mib to at least "
             f"{smallest.peak_bytes / (1 - margin) / MIB:.1f} or widen the search space."
         )

@@ -1,0 +1,77 @@
+"""The configuration space of the knob grid, and the check that some configuration of it fits a budget."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+
+from ..config import MemoryConfig
+from ..knobs import plan_knobs
+from .model import MemoryModel, Prediction
+
+
+class BudgetTooSmallError(ValueError):
+    """No configuration of the space fits the memory budget."""
+
+    def __init__(self, budget_mib: float, min_peak_mib: float, config: MemoryConfig) -> None:
+        self.budget_mib, self.min_peak_mib, self.config = budget_mib, min_peak_mib, config
+        super().__init__(
+            f"A memory budget of {budget_mib:.1f} MiB is below the smallest predicted peak of this configuration "
+            f"space, {min_peak_mib:.1f} MiB (reached by {config.short()}); raise the budget to at least "
+            f"{math.ceil(min_peak_mib)} MiB or shrink the model/batch."
+        )
+
+
+def _powers_of_two_upto(n: int) -> list[int]:
+    out, v = [], 1
+    while v < n:
+        out.append(v)
+        v *= 2
+    return out + [n]
+
+
+def config_space(
+    batch_size: int,
+    n_blocks: int,
+    precisions: Sequence[str] = ("fp32", "bf16"),
+    micro_batch_sizes: Sequence[int] | None = None,
+    freeze_rates: Sequence[float] = (0.0, 0.25, 0.5, 0.75, 1.0),
+    checkpoint_segments: Sequence[int] = (0, 1, 2, 4),
+) -> list[MemoryConfig]:
+    """Every valid configuration of the knob grid (segments above the trainable block count are skipped)."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+    sizes = sorted(set(micro_batch_sizes or _powers_of_two_upto(batch_size)))
+    bad = [s for s in sizes if not 1 <= s <= batch_size]
+    if bad:
+        raise ValueError(f"micro_batch_sizes {bad} are outside 1..{batch_size} (the effective batch).")
+    space = []
+    for precision in precisions:
+        for rate in freeze_rates:
+            for segments in checkpoint_segments:
+                for size in sizes:
+                    cfg = MemoryConfig(size, rate, segments, precision)
+                    try:
+                        plan_knobs(cfg, n_blocks)
+                    except ValueError:
+                        continue
+                    space.append(cfg)
+    return list(dict.fromkeys(space))
+
+
+def min_peak(model: MemoryModel, space: Iterable[MemoryConfig], batch_size: int) -> Prediction:
+    """The configuration with the smallest predicted peak."""
+    predictions = [model.predict(cfg, batch_size) for cfg in space]
+    if not predictions:
+        raise ValueError("The configuration space is empty.")
+    return min(predictions, key=lambda p: p.peak_bytes)
+
+
+def check_budget(model: MemoryModel, space: Iterable[MemoryConfig], batch_size: int, budget_mib: float) -> Prediction:
+    """Raise `BudgetTooSmallError` (naming the minimum and its configuration) if nothing fits the budget."""
+    if not budget_mib > 0:
+        raise ValueError(f"The memory budget must be a positive number of MiB, got {budget_mib}.")
+    best = min_peak(model, space, batch_size)
+    if best.peak_mib > budget_mib:
+        raise BudgetTooSmallError(budget_mib, best.peak_mib, best.config)
+    return best

@@ -1,0 +1,105 @@
+"""What is exact about a model: parameter groups, optimizer state, the unit structure and each unit's status."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from ..config import MemoryConfig
+from ..knobs import plan_knobs
+
+STATUSES = ("T", "C", "F")  # trainable, checkpointed, frozen
+
+
+@dataclass(frozen=True)
+class ParamGroup:
+    """Parameters that freeze together: the stem, one block, or the rest (head, always trainable)."""
+
+    grad_bytes: int = 0  # bytes of gradients (= parameters that can train)
+    tensors: int = 0
+    max_tensor_bytes: int = 0
+    fresh_tensors: int = 0  # trainable, held by the optimizer, no state yet
+    fresh_bytes: int = 0
+
+
+@dataclass(frozen=True)
+class OptimizerCost:
+    """Optimizer state bytes per parameter tensor (``state_a + state_b * bytes``) and the step's transient:
+    ``largest * largest_bytes + second * second_bytes + total * all_bytes`` of the trainable tensors
+    (single-tensor loops hit the first two, foreach/fused implementations the last)."""
+
+    state_a: float = 0.0
+    state_b: float = 0.0
+    largest: float = 0.0
+    second: float = 0.0
+    total: float = 0.0
+    ops_per_tensor: float = 0.0
+
+    def transient(self, sizes: Sequence[float]) -> float:
+        """Transient of one step over the trainable tensors' bytes, in the optimizer's order (a
+        single-tensor loop keeps the previous tensor's temporaries while it works on the next)."""
+        peak, previous = 0.0, 0.0
+        for size in sizes:
+            peak = max(peak, self.largest * size + self.second * previous)
+            previous = size
+        return peak + self.total * sum(sizes)
+
+
+@dataclass(frozen=True)
+class ModelStructure:
+    """What is exact: sizes from parameter shapes, the block structure and the batch."""
+
+    n_blocks: int
+    unit_kinds: tuple[str, ...]  # "stem", "block", "head" per unit
+    unit_blocks: tuple[int, ...]  # block index per unit (-1 for stem/head)
+    weights_bytes: int
+    input_bytes_per_sample: float
+    input_bytes_const: float
+    existing_state_bytes: int
+    stem: ParamGroup
+    blocks: tuple[ParamGroup, ...]
+    rest: ParamGroup
+    optimizer: OptimizerCost
+    device_type: str = "cpu"
+    # every trainable tensor the optimizer holds, in its order: (group, bytes); group -1 stem, -2 rest, i block i
+    optimizer_order: tuple[tuple[int, int], ...] = ()
+    never_grad: tuple[int, ...] = ()  # parameters (by index) the traced backward gave no gradient
+
+    def groups(self, config: MemoryConfig) -> list[ParamGroup]:
+        """The parameter groups that train under ``config``."""
+        n_frozen = plan_knobs(config, self.n_blocks).n_frozen
+        return ([] if n_frozen else [self.stem]) + list(self.blocks[n_frozen:]) + [self.rest]
+
+    def trainable_in_optimizer_order(self, config: MemoryConfig) -> list[int]:
+        n_frozen = plan_knobs(config, self.n_blocks).n_frozen
+        return [size for group, size in self.optimizer_order
+                if group == -2 or (group == -1 and not n_frozen) or group >= n_frozen]
+
+    def body_bytes(self, config: MemoryConfig) -> dict[str, float]:
+        """Bytes of stem and block parameters by status (T, C, F) under ``config``."""
+        return body_bytes_of(self.statuses(config), self.unit_kinds, self.unit_blocks, self.stem, self.blocks)
+
+    def statuses(self, config: MemoryConfig) -> list[str]:
+        """Status per unit, then the forward glue's (frozen with the stem) as the last element."""
+        plan = plan_knobs(config, self.n_blocks)
+        ckpt = set(plan.checkpointed)
+        out = []
+        for kind, block in zip(self.unit_kinds, self.unit_blocks):
+            if kind == "stem":
+                out.append("F" if plan.n_frozen else "T")
+            elif kind == "block":
+                out.append("F" if block < plan.n_frozen else "C" if block in ckpt else "T")
+            else:
+                out.append("T")
+        return out + ["F" if plan.n_frozen else "T"]
+
+
+def body_bytes_of(statuses: Sequence[str], kinds: Sequence[str], block_of: Sequence[int], stem: ParamGroup,
+                  blocks: Sequence[ParamGroup]) -> dict[str, float]:
+    out = {"T": 0.0, "C": 0.0, "F": 0.0}
+    stem_status = next((st for st, kind in zip(statuses, kinds) if kind == "stem"), statuses[-1])
+    out[stem_status] += stem.grad_bytes
+    for st, kind, block in zip(statuses, kinds, block_of):
+        if kind == "block":
+            out[st] += blocks[block].grad_bytes
+    return out
