@@ -81,7 +81,7 @@ def one_run(name: str, store: str, steps: int) -> dict:
     torch.manual_seed(0)
     batch = ARCHS[name]
     model, make = build(name)
-    space = dict(micro_batch_sizes=[batch // 2, batch // 4, batch // 8], freeze_rates=[0.0, 0.5],
+    space = dict(micro_batch_sizes=sorted({max(1, batch // k) for k in (2, 4, 8)}, reverse=True), freeze_rates=[0.0, 0.5],
                  checkpoint_segments=[0, 2], trial_steps=2, search_share=None)
     fake = FakeTensorCostModel(model, make(batch))
     whole = fake.peak_mib(MemoryConfig(batch))

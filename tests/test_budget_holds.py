@@ -37,19 +37,10 @@ def test_no_configuration_over_the_budget_runs_fit_included(tmp_path, monkeypatc
 
     def logged(model, batch, config, optimizer, **kwargs):
         result = real_measure(model, batch, config, optimizer, **kwargs)
-        copy = fitting.measurement_copy_bytes(model, logged.memory_model, BATCH) if logged.memory_model else 0
-        ran.append((config, result.peak_bytes, copy))
+        ran.append((config, result.peak_bytes, kwargs.get("spill_dir")))
         return result
 
-    logged.memory_model = None
-    real_build = fitting.build_memory_model
-
-    def build(*args, **kwargs):
-        logged.memory_model = real_build(*args, **kwargs)
-        return logged.memory_model
-
     monkeypatch.setattr(fitting, "measure", logged)
-    monkeypatch.setattr(fitting, "build_memory_model", build)
     model = build_tiny("vit", dropout=0.0)
     data = ListDataset(example_batch(model, BATCH * 6))
     space = dict(micro_batch_sizes=[16, 8, 4, 2], freeze_rates=[0.0, 0.5], checkpoint_segments=[0, 1],
@@ -64,8 +55,8 @@ def test_no_configuration_over_the_budget_runs_fit_included(tmp_path, monkeypatc
     trainer.train()
     assert ran, "the fit measured nothing"
     assert MemoryConfig(BATCH) not in {config for config, _, _ in ran}
-    for config, peak, copy in ran:
-        assert peak + copy <= budget, (config.short(), (peak + copy) / MIB, budget / MIB)
+    for config, peak, spill_dir in ran:  # the isolation copy went to disk: nothing beside the step
+        assert peak <= budget and spill_dir is not None, (config.short(), peak / MIB, budget / MIB)
     measured = [(step, peak, config) for step, peak, config in peaks.peaks if peak is not None]
     assert len(measured) == len(peaks.peaks) == 6
     for step, peak, config in measured:
@@ -73,3 +64,21 @@ def test_no_configuration_over_the_budget_runs_fit_included(tmp_path, monkeypatc
     reasons = " | ".join(d.reason for d in trainer.mpopt_callback.engine.decisions)
     assert "host copies" in reasons, reasons
     assert trainer.mpopt_callback.engine.copy_bytes > 0
+
+
+def test_a_measurement_spilled_to_disk_puts_everything_back(tmp_path):
+    model = build_tiny("vit", dropout=0.0)
+    batch = example_batch(model, 8)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    measure(model, batch, MemoryConfig(8), optimizer, steps=1)  # optimizer state exists
+    model.classifier.weight.grad = torch.ones_like(model.classifier.weight)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    state = {i: {k: v.clone() for k, v in s.items()} for i, s in optimizer.state_dict()["state"].items()}
+    rng = torch.get_rng_state()
+    measure(model, batch, MemoryConfig(4, 0.5, 1), optimizer, steps=1, spill_dir=str(tmp_path))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    after = optimizer.state_dict()["state"]
+    assert all(torch.equal(state[i][k], after[i][k]) for i in state for k in state[i])
+    assert torch.equal(model.classifier.weight.grad, torch.ones_like(model.classifier.weight))
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert list(tmp_path.iterdir()) == []  # the file is gone

@@ -4,6 +4,7 @@ remember it in the profile store, so the next run on the same model and device m
 
 from __future__ import annotations
 
+import tempfile
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
@@ -23,17 +24,6 @@ from .tracing import build_memory_model, model_structure
 # the prediction-safety benchmark (BENCHMARKS.md) is under 10 % for fp32 and bf16 on CPU at sizes where tensors
 # dominate; 15 % keeps room for kernels no benchmark ran.
 UNMEASURED_UNCERTAINTY = 0.15
-
-
-def measurement_copy_bytes(model: nn.Module, memory_model: MemoryModel, batch_size: int) -> float:
-    """Bytes a measurement adds on the model's device: `restored_after` copies weights, buffers, gradients and
-    optimizer state (as it will be after the warm-up step, every trainable tensor holding its state) to host
-    memory, which is the device's own memory on a CPU (a GPU's copy is off the device)."""
-    if device_type_of(model) != "cpu":
-        return 0.0
-    grads = sum(p.grad.numel() * p.grad.element_size() for p in model.parameters() if p.grad is not None)
-    state = memory_model.predict(MemoryConfig(batch_size), batch_size).optimizer_state
-    return float(memory_model.structure.weights_bytes + grads + state)
 
 
 # ---------------------------------------------------------------------------- profile: fit once, remember
@@ -108,9 +98,9 @@ def fit_profile(
     """The memory model of ``model`` for ``space``: from the store when it holds one, else traced,
     calibrated on at most ``n_measure`` (<= 3) measured configurations, and stored.
 
-    With ``budget_bytes``, a configuration is measured only if its traced peak plus what measuring adds (the
-    host copy that puts the model and optimizer back, when that host is the device) is at most
-    ``budget_bytes * (1 - margin)``; when none is, nothing is measured and the fit is the traced tensor bytes
+    With ``budget_bytes``, a configuration is measured only if its traced peak is at most
+    ``budget_bytes * (1 - margin)``, and on a CPU the copy that puts the model and optimizer back afterwards is
+    written to a file in the temporary folder (``TMPDIR``) instead of host memory; when none is, nothing is measured and the fit is the traced tensor bytes
     with `UNMEASURED_UNCERTAINTY` as its uncertainty (a warning says so). One timed step per configuration:
     memory needs one step, and the time model is refined from the steps training runs anyway.
     """
@@ -134,19 +124,21 @@ def fit_profile(
                     return Profile(key, memory_model, measured, reused=True)
     memory_model = build_memory_model(model, batch, optimizer, precisions)
     batch_size = batch_size_of(batch)
-    limit = None
+    limit = spill_dir = None
     if budget_bytes is not None:
-        limit = budget_bytes * (1 - margin) - measurement_copy_bytes(model, memory_model, batch_size)
+        limit = budget_bytes * (1 - margin)
+        # on a CPU the host is the budgeted device: the isolation copy goes to disk, not beside the step
+        spill_dir = tempfile.gettempdir() if device_type_of(model) == "cpu" else None
     chosen = choose_fit_configs(memory_model, space, batch_size, n_measure, limit)
     if limit is not None and n_measure and not chosen:
         warnings.warn(
-            f"No configuration's traced peak fits the budget of {budget_bytes / 2**20:.1f} MiB with room to measure it "
-            "safely: nothing is measured, and predictions are the fake-tensor bytes (no kernel workspaces) with "
+            f"No configuration's traced peak fits the budget of {budget_bytes / 2**20:.1f} MiB less its "
+            f"margin: nothing is measured, and predictions are the fake-tensor bytes (no kernel workspaces) with "
             f"{UNMEASURED_UNCERTAINTY:.0%} of the budget kept free for what the machine adds.", stacklevel=2)
     measured = []
     for config in chosen:
         try:
-            measured.append(measure(model, batch, config, optimizer, steps=steps, warmup=warmup))
+            measured.append(measure(model, batch, config, optimizer, steps=steps, warmup=warmup, spill_dir=spill_dir))
         except torch.OutOfMemoryError as err:  # the device said no: remember it, fit on the others
             if store is not None:
                 store.mark_infeasible(key, config, f"out of memory while profiling: {err}"[:500])

@@ -19,17 +19,17 @@ from __future__ import annotations
 import contextlib
 import statistics
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import torch
 from torch import nn
-from torch.utils._pytree import tree_map_only
 
 from ..config import MemoryConfig
-from ..knobs import apply_memory_config, autocast_context, knob_state, remove_knobs
+from ..knobs import apply_memory_config, autocast_context
 from ..mem_tracking import CATEGORIES, new_tracker, tracker_peak
+from .isolation import restored_after
 from ..microbatch import batch_size_of, micro_batch_shares, split_batch
 
 MiB = 2**20
@@ -138,73 +138,6 @@ def train_step(
     optimizer.zero_grad(set_to_none=True)
 
 
-# ---------------------------------------------------------------------------- snapshot / restore
-
-
-def _to_cpu(value: Any) -> Any:
-    return tree_map_only(torch.Tensor, lambda t: t.detach().to("cpu", copy=True), value)
-
-
-@dataclass
-class _Snapshot:
-    """What a measurement may change, copied to host memory so that it can be put back exactly."""
-
-    params: list[torch.Tensor]
-    buffers: list[torch.Tensor]
-    grads: list[torch.Tensor | None]
-    optimizer: dict[str, Any]
-    scaler: dict[str, Any] | None
-    rng: torch.Tensor
-    cuda_rng: list[torch.Tensor] | None
-    training: bool
-    config: MemoryConfig | None
-
-    @classmethod
-    def take(cls, model: nn.Module, optimizer: torch.optim.Optimizer, scaler: Any) -> "_Snapshot":
-        state = knob_state(model)
-        return cls(
-            params=[p.detach().to("cpu", copy=True) for p in model.parameters()],
-            buffers=[b.detach().to("cpu", copy=True) for b in model.buffers()],
-            grads=[None if p.grad is None else p.grad.detach().to("cpu", copy=True) for p in model.parameters()],
-            optimizer=_to_cpu(optimizer.state_dict()),
-            scaler=None if scaler is None else _to_cpu(scaler.state_dict()),
-            rng=torch.get_rng_state(),
-            cuda_rng=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-            training=model.training,
-            config=None if state is None else state.config,
-        )
-
-    def restore(self, model: nn.Module, optimizer: torch.optim.Optimizer, scaler: Any) -> None:
-        if self.config is None:
-            remove_knobs(model)
-        else:
-            apply_memory_config(model, self.config)
-        with torch.no_grad():
-            for p, saved, grad in zip(model.parameters(), self.params, self.grads):
-                p.copy_(saved)
-                p.grad = None if grad is None else grad.to(p.device)
-            for b, saved in zip(model.buffers(), self.buffers):
-                b.copy_(saved)
-        optimizer.load_state_dict(self.optimizer)
-        if scaler is not None and self.scaler is not None:
-            scaler.load_state_dict(self.scaler)
-        torch.set_rng_state(self.rng)
-        if self.cuda_rng is not None:
-            torch.cuda.set_rng_state_all(self.cuda_rng)
-        model.train(self.training)
-
-
-@contextlib.contextmanager
-def restored_after(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: Any = None) -> Iterator[None]:
-    """Run a block that trains ``model`` and leave model, optimizer and RNG exactly as they were."""
-    snapshot = _Snapshot.take(model, optimizer, scaler)
-    optimizer.zero_grad(set_to_none=True)
-    try:
-        yield
-    finally:
-        snapshot.restore(model, optimizer, scaler)
-
-
 # ---------------------------------------------------------------------------- measuring
 
 
@@ -270,8 +203,10 @@ def measure(
     steps: int = 3,
     warmup: int = 1,
     scaler: Any = None,
+    spill_dir: str | None = None,
 ) -> Measurement:
-    """Run ``warmup + steps`` real steps of ``config`` (plus one tracked step) and put everything back.
+    """Run ``warmup + steps`` real steps of ``config`` (plus one tracked step) and put everything back
+    (from a copy in host memory, or in a file in ``spill_dir``: `isolation.StateCopy`).
 
     The step time is the median of the ``steps`` timed steps; memory comes from a step after the
     warm-up, so optimizer state exists as it will in training.
@@ -279,7 +214,7 @@ def measure(
     if steps < 1 or warmup < 0:
         raise ValueError(f"measure needs steps >= 1 and warmup >= 0, got steps={steps}, warmup={warmup}.")
     device = next(model.parameters()).device
-    with restored_after(model, optimizer, scaler):
+    with restored_after(model, optimizer, scaler, spill_dir):
         apply_memory_config(model, config)
         model.train()
         _timed_steps(model, batch, config, optimizer, scaler, max(warmup, 1))
