@@ -86,6 +86,10 @@ class RunArguments:
 # ---------------------------------------------------------------------------- parsing
 
 
+# the recipe module and argv that parse_args parsed last: the model card's command that reproduces the run
+_LAST_PARSED: dict[str, Any] = {"module": None, "argv": None}
+
+
 def parse_args(classes: Sequence[type], default_flags: Sequence[str], argv: list[str] | None = None) -> tuple:
     """``classes`` (dataclasses, e.g. ... MPOptArguments, TrainingArguments) parsed from ``argv``.
 
@@ -94,6 +98,7 @@ def parse_args(classes: Sequence[type], default_flags: Sequence[str], argv: list
     from transformers import HfArgumentParser
 
     argv = list(sys.argv[1:] if argv is None else argv)
+    _LAST_PARSED.update(module=classes[0].__module__ if classes else None, argv=argv)
     if len(argv) == 1 and argv[0].endswith(".json"):
         if not os.path.isfile(argv[0]):
             raise ValueError(f"The arguments file {argv[0]!r} does not exist (a single *.json argument is read as "
@@ -189,13 +194,17 @@ def cached_model(key: dict[str, Any], cache_root: str | Path, make: Callable[[],
 def run_and_report(model, targets: Sequence, run_args: RunArguments, mpopt_args, training_args, *, budget: float,
                    unconstrained: float | None, started: float, arguments: dict[str, Any],
                    train_with_labels: bool = True, extra_summary: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Retrain ``model`` over ``targets`` with `OnlineRetrainer`, write results.json/.csv/.png, print the table.
+    """Retrain ``model`` over ``targets`` with `OnlineRetrainer`, write results.json/.csv/.png and the model card
+    (README.md), print the table.
 
     Returns the results dict; its summary adds ``run_seconds`` (since ``started``), the unconstrained predicted
-    peak, the recipe's ``arguments`` and ``extra_summary``."""
+    peak, the recipe's ``arguments`` (with the retraining figures under ``"training"``), ``extra_summary``, and for
+    the card the recipe script, the command line that reproduces the run and the environment."""
     from mpopt_hf.config import MemoryConfig
     from mpopt_hf.online import OnlineRetrainer
     from mpopt_hf.report import format_table, write_results
+
+    from . import model_card
 
     retrainer = OnlineRetrainer(
         model, training_args, baseline=run_args.baseline, mpopt_args=mpopt_args, budget_mib=budget,
@@ -207,13 +216,16 @@ def run_and_report(model, targets: Sequence, run_args: RunArguments, mpopt_args,
     summary = result.summary
     summary["run_seconds"] = time.perf_counter() - started
     summary["unconstrained_predicted_peak_mib"] = unconstrained
-    summary["arguments"] = arguments
+    summary["arguments"] = {**arguments, "training": model_card.training_facts(training_args)}
     summary.update(extra_summary or {})
+    summary.update(model_card.provenance(_LAST_PARSED["module"], _LAST_PARSED["argv"]))
+    summary["environment"] = model_card.environment(training_args.device)
     paths = write_results(result.to_dict(), training_args.output_dir)
+    paths["card"] = str(model_card.write_card(result, Path(training_args.output_dir) / model_card.CARD_NAME))
     print(format_table([asdict(t) for t in result.tasks]))
     print(
         f"mean accuracy {summary['mean_accuracy_before']:.3f} -> {summary['mean_accuracy_after']:.3f}; "
         f"within budget: {summary['within_budget']}; {summary['run_seconds']:.0f} s\n"
-        f"results: {paths['json']}\nplot:    {paths['png']}"
+        f"results: {paths['json']}\nplot:    {paths['png']}\ncard:    {paths['card']}"
     )
     return result.to_dict()

@@ -1,0 +1,357 @@
+"""Model cards of the online-retraining recipes, built with huggingface_hub's `ModelCard`, and the check that a card's
+per-task table is the one its results render.
+
+A card is made from a run's results (an `OnlineResult` or the ``results.json`` dict) and the run's arguments:
+YAML metadata (library, tags, data set, a model-index with the stream's mean accuracy before and after retraining)
+and a markdown body (what was run and the command that reproduces it, the per-task table, the environment, the
+limitations). One function renders the per-task table (:func:`render_table`) for the card and for the reproduce
+scripts; :func:`check_card` parses a card's table back and names the rows that differ from a fresh rendering.
+``reproduce/*.py`` are thin scripts over :func:`reproduce_main`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import platform
+import re
+import shlex
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+CARD_NAME = "README.md"
+TAGS = ("mpopt_hf", "online-learning", "domain-shift", "memory-budget", "image-classification")
+# recipe module -> (the script a user launches, the script that regenerates its card)
+RECIPES = {
+    "clip_online.run": ("recipes/clip_cls_online.py", "reproduce/clip_cls_online.py"),
+    "cnn_online.run": ("recipes/cnn_retrain.py", "reproduce/cnn_retrain_digits.py"),
+}
+BASELINES = {
+    "mpopt": "mpopt_hf's rule engine chooses the memory configuration online, within the budget",
+    "none": "the source model, never adapted",
+    "fixed": "one fixed memory configuration for the whole stream",
+    "auto_find_batch_size": "transformers' auto_find_batch_size: halve the batch until it fits",
+    "full_checkpointing": "every block checkpointed, the largest micro-batch that fits",
+}
+TRAINING_FIELDS = ("per_device_train_batch_size", "max_steps", "num_train_epochs", "learning_rate", "seed")
+LIMITATIONS = (
+    "The offline defaults (a tiny randomly initialised CLIP, or a narrow ResNet pre-trained for seconds, on "
+    "scikit-learn's 8x8 digits and digit domains rendered from them) exist so that a recipe runs anywhere without a "
+    "download; their accuracies are not comparable to published numbers on CIFAR-10-C, MNIST-M, SVHN or USPS. "
+    "Seconds depend on the machine (CPU or GPU, threads, other load), and so may the configurations the engine "
+    "chooses, since it weighs gain per second; peaks measured on a CPU come from mpopt_hf's tracker, not from a "
+    "device allocator. `--check` compares every column but the seconds."
+)
+
+
+# ---------------------------------------------------------------------------- what a run records for its card
+
+
+def provenance(module: str | None, argv: Sequence[str] | None) -> dict[str, str | None]:
+    """``{"recipe", "command"}``: the recipe script of ``module`` and the command line that runs it with ``argv``."""
+    if module is None or argv is None:
+        return {"recipe": None, "command": None}
+    script = RECIPES[module][0] if module in RECIPES else sys.argv[0]
+    return {"recipe": script, "command": shlex.join(["python", script, *argv])}
+
+
+def training_facts(training_args) -> dict[str, Any]:
+    """The retraining figures a card states, from `TrainingArguments`."""
+    return {name: getattr(training_args, name) for name in TRAINING_FIELDS}
+
+
+def environment(device) -> dict[str, Any]:
+    """Versions, device, CPU/GPU name and threads of this process: what the card's timings depend on."""
+    import huggingface_hub
+    import torch
+    import transformers
+
+    device = torch.device(device)
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "huggingface_hub": huggingface_hub.__version__,
+        "platform": platform.platform(),
+        "device": str(device),
+        "cpu": _cpu_name(),
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        "torch_threads": torch.get_num_threads(),
+    }
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+# ---------------------------------------------------------------------------- the per-task table
+
+
+def _number(digits: int) -> Callable[[Any], str]:
+    return lambda value: "-" if value is None else f"{value:.{digits}f}"
+
+
+def _configs(configs: Sequence[dict[str, Any]] | None) -> str:
+    from mpopt_hf.config import MemoryConfig
+
+    return " -> ".join(MemoryConfig.from_dict(c).short() for c in configs or []) or "-"
+
+
+def _within(task: dict[str, Any]) -> str:
+    peak, budget = task.get("measured_peak_mib"), task.get("budget_mib")
+    return "-" if peak is None or budget is None else ("yes" if peak <= budget else "no")
+
+
+# header -> cell of a task record; accuracies are compared to 3 decimals, seconds not at all (they vary)
+COLUMNS: dict[str, Callable[[dict[str, Any]], str]] = {
+    "task": lambda t: str(t["task"]),
+    "accuracy before": lambda t: _number(3)(t["accuracy_before"]),
+    "accuracy after": lambda t: _number(3)(t["accuracy_after"]),
+    "configurations": lambda t: _configs(t.get("configs")),
+    "predicted peak MiB": lambda t: _number(2)(t.get("predicted_peak_mib")),
+    "measured peak MiB": lambda t: _number(2)(t.get("measured_peak_mib")),
+    "budget MiB": lambda t: _number(2)(t.get("budget_mib")),
+    "within budget": _within,
+    "seconds": lambda t: _number(1)(t.get("seconds")),
+}
+ACCURACY_COLUMNS = ("accuracy before", "accuracy after")
+UNCHECKED_COLUMNS = ("seconds",)
+
+
+def table_rows(tasks: Sequence[dict[str, Any]]) -> list[dict[str, str]]:
+    """One ``{header: cell}`` row per task record, in stream order."""
+    return [{header: cell(task) for header, cell in COLUMNS.items()} for task in tasks]
+
+
+def render_table(tasks: Sequence[dict[str, Any]]) -> str:
+    """The per-task markdown table of the card and of the reproduce scripts (numbers right-aligned)."""
+    def line(cells: Sequence[str]) -> str:
+        return "| " + " | ".join(c.replace("|", r"\|") for c in cells) + " |"
+
+    align = ["---" if h in ("task", "configurations", "within budget") else "---:" for h in COLUMNS]
+    return "\n".join([line(list(COLUMNS)), line(align), *(line(list(r.values())) for r in table_rows(tasks))])
+
+
+def parse_table(markdown: str) -> list[dict[str, str]]:
+    """The rows of the per-task table in ``markdown`` (a card's body), as :func:`table_rows` makes them."""
+    def cells(line: str) -> list[str]:
+        return [c.strip().replace(r"\|", "|") for c in re.split(r"(?<!\\)\|", line.strip())[1:-1]]
+
+    lines = markdown.splitlines()
+    header = list(COLUMNS)
+    for start, text in enumerate(lines):
+        if text.startswith("|") and cells(text) == header:
+            break
+    else:
+        raise ValueError(f"No per-task table found: expected a markdown table with the columns {header}.")
+    rows = []
+    for text in lines[start + 2:]:
+        if not text.startswith("|"):
+            break
+        values = cells(text)
+        if len(values) != len(header):
+            raise ValueError(f"A row of the per-task table has {len(values)} cells, expected {len(header)}: {text!r}")
+        rows.append(dict(zip(header, values)))
+    return rows
+
+
+def diff_tables(expected: Sequence[dict[str, str]], found: Sequence[dict[str, str]]) -> list[str]:
+    """What differs between a freshly rendered table (``expected``) and a card's (``found``), one line per task and
+    column; accuracies to 3 decimals, seconds not compared. Empty: the tables agree."""
+    def same(header: str, a: str, b: str) -> bool:
+        if header in ACCURACY_COLUMNS:
+            try:
+                return round(float(a), 3) == round(float(b), 3)
+            except ValueError:
+                pass
+        return a == b
+
+    run, card = {r["task"]: r for r in expected}, {r["task"]: r for r in found}
+    differences = [f"task {t!r}: in the run, missing from the card" for t in run if t not in card]
+    differences += [f"task {t!r}: in the card, not in the run" for t in card if t not in run]
+    for task in (t for t in run if t in card):
+        for header in COLUMNS:
+            if header not in UNCHECKED_COLUMNS and not same(header, run[task][header], card[task][header]):
+                differences.append(f"task {task!r}: {header} is {card[task][header]} in the card, "
+                                   f"{run[task][header]} in the run")
+    return differences
+
+
+# ---------------------------------------------------------------------------- the card
+
+
+def results_dict(result) -> dict[str, Any]:
+    """The ``results.json`` dict of an `OnlineResult` (a dict is returned as it is)."""
+    return result if isinstance(result, dict) else result.to_dict()
+
+
+def build_card(result, arguments: dict[str, Any] | None = None, *, recipe: str | None = None,
+               command: str | None = None, env: dict[str, Any] | None = None):
+    """The `ModelCard` of a run: ``result`` (an `OnlineResult` or its dict) and the run's ``arguments`` (the recipe's
+    ``{"model": ..., "data": ..., "run": ..., "training": ...}``); each left out is read from the result's summary,
+    where the recipes record it."""
+    from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+    results = results_dict(result)
+    tasks, summary = results["tasks"], results["summary"]
+    arguments = arguments if arguments is not None else summary.get("arguments") or {}
+    recipe = recipe or summary.get("recipe")
+    command = command or summary.get("command")
+    env = env if env is not None else summary.get("environment")
+    model = arguments.get("model", {}).get("model", "unknown")
+    dataset = arguments.get("data", {}).get("dataset", "unknown")
+    baseline = summary.get("baseline", "unknown")
+    name = f"{Path(recipe).stem if recipe else 'online'}-{Path(model).name}-{dataset}-{baseline}"
+    stream = ", ".join(str(t["task"]) for t in tasks)
+    evals = [
+        EvalResult(task_type="image-classification", dataset_type=dataset, dataset_name=f"{dataset}: {stream}",
+                   dataset_split="test", metric_type="accuracy", metric_name=f"mean accuracy {when} retraining",
+                   metric_value=float(summary[f"mean_accuracy_{when}"]))
+        for when in ("before", "after")
+    ]
+    data = ModelCardData(library_name="transformers", pipeline_tag="image-classification", metrics=["accuracy"],
+                         tags=[*TAGS, f"baseline-{baseline}"], datasets=[dataset], model_name=name,
+                         eval_results=evals)
+    body = "\n\n".join([
+        f"# {name}",
+        (f"`{model}` retrained online over a stream of {len(tasks)} domain-shifted tasks of `{dataset}` under a "
+         "memory budget, with mpopt_hf choosing how each step uses memory (micro-batch, frozen blocks, activation "
+         "checkpointing, precision)."),
+        _what_was_run(summary, arguments, recipe, command, model, dataset, stream),
+        "## Results per task",
+        render_table(tasks),
+        _means(summary),
+        "## Environment",
+        _environment_lines(env),
+        "## Limitations",
+        LIMITATIONS,
+    ])
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}\n")
+
+
+def _what_was_run(summary, arguments, recipe, command, model, dataset, stream) -> str:
+    training = arguments.get("training") or {}
+    width = arguments.get("model", {}).get("width_multiplier")
+    steps = None
+    if training:
+        count, unit = ((training["max_steps"], "step") if training.get("max_steps", -1) > 0
+                       else (training["num_train_epochs"], "epoch"))
+        steps = f"{count:g} {unit}" + ("" if count == 1 else "s")
+    rows = [
+        ("recipe", f"`{recipe}`" if recipe else "not recorded"),
+        ("model", f"`{model}`" + (f" (width x{width:g})" if width not in (None, 1.0) else "")),
+        ("data set, stream", f"`{dataset}`: {stream}"
+         + (f" (source accuracy {summary['source_accuracy']:.3f})" if summary.get("source_accuracy") is not None
+            else "")),
+        ("budget", _budget(summary)),
+        ("baseline", f"`{summary.get('baseline')}`: {BASELINES.get(summary.get('baseline'), '')}"),
+        ("retraining", "not recorded" if not training else
+         f"effective batch {training['per_device_train_batch_size']}, {steps} per task, learning rate "
+         f"{training['learning_rate']:g}, seed {training['seed']}"),
+        ("run time", "not recorded" if summary.get("run_seconds") is None else f"{summary['run_seconds']:.0f} s"),
+    ]
+    table = "\n".join(["| | |", "| --- | --- |", *(f"| {k} | {v} |" for k, v in rows)])
+    reproduce = next((again for script, again in RECIPES.values() if script == recipe), None)
+    how = [f"The command that reproduces it:\n\n```bash\n{command}\n```" if command else "Command: not recorded."]
+    if reproduce:
+        how.append(f"Check this card's table against the run's results: `python {reproduce} --from_results "
+                   f"results.json --check {CARD_NAME}` (without `--from_results` it runs the recipe's offline "
+                   "default again; see reproduce/README.md).")
+    return "\n\n".join(["## What was run", table, *how])
+
+
+def _budget(summary: dict[str, Any]) -> str:
+    budget, full = summary.get("budget_mib"), summary.get("unconstrained_predicted_peak_mib")
+    if budget is None:
+        return "none"
+    text = f"{budget:.2f} MiB"
+    if full:
+        text += f" (the whole batch with no knob is predicted at {full:.2f} MiB)"
+    if summary.get("max_measured_peak_mib") is not None:
+        text += (f"; highest measured peak {summary['max_measured_peak_mib']:.2f} MiB, within budget: "
+                 f"{'yes' if summary['within_budget'] else 'no'}")
+    return text
+
+
+def _means(summary: dict[str, Any]) -> str:
+    text = (f"Mean accuracy over the stream: {summary['mean_accuracy_before']:.3f} before retraining, "
+            f"{summary['mean_accuracy_after']:.3f} after "
+            f"({summary['mean_accuracy_after'] - summary['mean_accuracy_before']:+.3f}).")
+    if summary.get("mce") is not None:
+        text += f" mCE {summary['mce']:.3f} (reference: {summary.get('mce_reference')})."
+    return text
+
+
+def _environment_lines(env: dict[str, Any] | None) -> str:
+    if not env:
+        return "Not recorded."
+    versions = ", ".join(f"{k} {env[k]}" for k in ("python", "torch", "transformers", "huggingface_hub") if k in env)
+    processor = f"GPU {env['gpu']}" if env.get("gpu") else f"CPU {env.get('cpu')}"
+    threads = env.get("torch_threads")
+    device = f"- device `{env.get('device')}`: {processor}, {threads} torch thread{'' if threads == 1 else 's'}"
+    return "\n".join([f"- {versions}", device, f"- {env.get('platform')}"])
+
+
+def write_card(result, path: str | Path, arguments: dict[str, Any] | None = None, **recorded) -> Path:
+    """Build the card (:func:`build_card`) and write it atomically to ``path`` (a recipe: ``output_dir/README.md``)."""
+    from mpopt_hf.report import atomic_write_bytes
+
+    return atomic_write_bytes(path, str(build_card(result, arguments, **recorded)).encode("utf-8"))
+
+
+def check_card(result, card_path: str | Path) -> list[str]:
+    """The differences between ``result``'s table and the card at ``card_path`` (empty: they agree)."""
+    from huggingface_hub import ModelCard
+
+    # ModelCard(text), never ModelCard.load: a path that does not exist would be taken for a hub id and downloaded
+    card = ModelCard(Path(card_path).read_text(encoding="utf-8"))
+    return diff_tables(table_rows(results_dict(result)["tasks"]), parse_table(card.text))
+
+
+# ---------------------------------------------------------------------------- reproduce/*.py
+
+
+def reproduce_main(module: str, argv: Sequence[str] | None = None, description: str | None = None) -> int:
+    """A reproduce script: run the recipe ``module``'s offline default (any flag it does not know goes to the recipe)
+    or read ``--from_results``, print the table, write the card, and with ``--check`` compare it; 0 when it agrees."""
+    parser = argparse.ArgumentParser(description=description, epilog="Other flags go to the recipe.",
+                                     allow_abbrev=False)  # an abbreviation must never swallow a recipe flag
+    parser.add_argument("--from_results", metavar="PATH", help="Read this results.json instead of running the recipe.")
+    parser.add_argument("--check", metavar="CARD.md", help="Compare the table against this card's; exit 1 naming "
+                        "the rows that differ (accuracies to 3 decimals, seconds not compared). Writes no card.")
+    parser.add_argument("--card", metavar="PATH", help="Write the regenerated card here (default with "
+                        "--from_results: README.md next to the results; a fresh run writes it into its output_dir).")
+    args, recipe_flags = parser.parse_known_args(argv)
+    if args.check is not None and not Path(args.check).is_file():
+        parser.error(f"--check {args.check}: no such card file.")
+    if args.from_results is not None:
+        if recipe_flags:
+            parser.error(f"--from_results reads a finished run; the recipe flags {recipe_flags} have no effect.")
+        if not Path(args.from_results).is_file():
+            parser.error(f"--from_results {args.from_results}: no such results file.")
+        results = json.loads(Path(args.from_results).read_text(encoding="utf-8"))
+    else:
+        results = importlib.import_module(module).main(recipe_flags)
+    print(render_table(results["tasks"]))
+    card_path = args.card or (None if args.check or args.from_results is None
+                              else Path(args.from_results).parent / CARD_NAME)
+    if card_path is not None:
+        print(f"card: {write_card(results, card_path)}")
+    if args.check is None:
+        return 0
+    differences = check_card(results, args.check)
+    for line in differences:
+        print(f"{args.check}: {line}")
+    print(f"{args.check}: {'differs from' if differences else 'agrees with'} the run "
+          f"({len(results['tasks'])} tasks; accuracies to 3 decimals, seconds not compared)")
+    return 1 if differences else 0
