@@ -7,6 +7,7 @@ out-of-memory (the training configuration is not touched).
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -57,6 +58,23 @@ def resolve_metric(metric: str, example: dict[str, Any] | None) -> str:
     return "val_accuracy" if example is not None and ("labels" in example or "label" in example) else "entropy"
 
 
+PROBE_ROWS = 256  # training rows scored as the gain metric when no evaluation data is given
+_probes: dict[int, Any] = {}
+
+
+def _train_probe(train_dataset: Any) -> Any:
+    """The first `PROBE_ROWS` rows of ``train_dataset`` (the same object every time for one dataset)."""
+    if id(train_dataset) not in _probes:
+        n = min(PROBE_ROWS, len(train_dataset))
+        warnings.warn(
+            f"MPOptCallback: no eval_dataset, so the gain metric scores the first {n} training rows (how well the "
+            "model fits what it trains on); pass eval_dataset=... for a held-out signal.", stacklevel=3)
+        select = getattr(train_dataset, "select", None)
+        _probes[id(train_dataset)] = (train_dataset, select(range(n)) if callable(select)
+                                      else torch.utils.data.Subset(train_dataset, range(n)))
+    return _probes[id(train_dataset)][1]
+
+
 class GainMeter:
     """Scores a model on evaluation data with ``metric``; ``eval_chunk`` is the evaluation batch it fell back
     to after an out-of-memory error (None: the loader's)."""
@@ -67,9 +85,13 @@ class GainMeter:
 
     @staticmethod
     def eval_data(trainer: Any, fallback: Any) -> Any:
-        """The trainer's eval_dataset, else ``fallback`` (the callback's)."""
+        """The trainer's eval_dataset, else ``fallback`` (the callback's), else the first `PROBE_ROWS` rows of the
+        training data: a user without a probe set still gets a gain signal (how well the model fits what it
+        trains on, which rises as training gains), with a warning that says so."""
         data = trainer.eval_dataset if trainer is not None and trainer.eval_dataset is not None else None
         data = data if data is not None else fallback
+        if data is None and trainer is not None and getattr(trainer, "train_dataset", None) is not None:
+            data = _train_probe(trainer.train_dataset)
         if data is None:
             raise ValueError(
                 "MPOptCallback needs evaluation data for the gain metric: give the Trainer an eval_dataset (labelled "

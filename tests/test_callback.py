@@ -206,3 +206,17 @@ def test_training_that_stops_mid_race_keeps_the_best_ended_trial_and_can_go_on(t
     trainer.train()  # a later run on the same callback races again from there, its copies taken afresh
     reasons = [d.reason for d in engine.decisions]
     assert "exploitation over: race 1/2 from the same weights" in reasons and reasons[-1].startswith("race won")
+
+
+def test_without_eval_data_the_gain_metric_scores_training_rows(tmp_path):
+    """The one-line path: MPOptTrainer(..., mpopt_args=MPOptArguments()) with only a train_dataset trains, and
+    the warning says what the gain metric scores instead of a probe set."""
+    model = build_tiny("vit", dropout=0.0)
+    trainer = MPOptTrainer(model=model, args=training_args(tmp_path, 8, steps=3), train_dataset=_data(model, 24),
+                           mpopt_args=MPOptArguments(micro_batch_sizes=[8, 4], freeze_rates=[0.0], checkpoint_segments=[0],
+                                                     trial_steps=1, search_share=None), clock=StepClock())
+    with pytest.warns(UserWarning, match=r"no eval_dataset, so the gain metric scores the first 24 training rows"):
+        trainer.train()
+    engine = trainer.mpopt_callback.engine
+    assert engine.baseline is not None and engine.decisions
+    assert trainer.state.global_step == 3
