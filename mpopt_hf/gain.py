@@ -59,20 +59,6 @@ def resolve_metric(metric: str, example: dict[str, Any] | None) -> str:
 
 
 PROBE_ROWS = 256  # training rows scored as the gain metric when no evaluation data is given
-_probes: dict[int, Any] = {}
-
-
-def _train_probe(train_dataset: Any) -> Any:
-    """The first `PROBE_ROWS` rows of ``train_dataset`` (the same object every time for one dataset)."""
-    if id(train_dataset) not in _probes:
-        n = min(PROBE_ROWS, len(train_dataset))
-        warnings.warn(
-            f"MPOptCallback: no eval_dataset, so the gain metric scores the first {n} training rows (how well the "
-            "model fits what it trains on); pass eval_dataset=... for a held-out signal.", stacklevel=3)
-        select = getattr(train_dataset, "select", None)
-        _probes[id(train_dataset)] = (train_dataset, select(range(n)) if callable(select)
-                                      else torch.utils.data.Subset(train_dataset, range(n)))
-    return _probes[id(train_dataset)][1]
 
 
 class GainMeter:
@@ -82,16 +68,16 @@ class GainMeter:
     def __init__(self, metric: str, eval_chunk: int | None = None) -> None:
         self.metric = metric
         self.eval_chunk = eval_chunk
+        self._probe: tuple[Any, Any] | None = None  # (training data, its first rows) when no eval data is given
 
-    @staticmethod
-    def eval_data(trainer: Any, fallback: Any) -> Any:
+    def eval_data(self, trainer: Any, fallback: Any) -> Any:
         """The trainer's eval_dataset, else ``fallback`` (the callback's), else the first `PROBE_ROWS` rows of the
         training data: a user without a probe set still gets a gain signal (how well the model fits what it
         trains on, which rises as training gains), with a warning that says so."""
         data = trainer.eval_dataset if trainer is not None and trainer.eval_dataset is not None else None
         data = data if data is not None else fallback
         if data is None and trainer is not None and getattr(trainer, "train_dataset", None) is not None:
-            data = _train_probe(trainer.train_dataset)
+            data = self._train_probe(trainer.train_dataset)
         if data is None:
             raise ValueError(
                 "MPOptCallback needs evaluation data for the gain metric: give the Trainer an eval_dataset (labelled "
@@ -99,9 +85,20 @@ class GainMeter:
             )
         return data
 
-    @classmethod
-    def first_row(cls, trainer: Any, fallback: Any) -> dict[str, Any] | None:
-        data = cls.eval_data(trainer, fallback)
+    def _train_probe(self, train_dataset: Any) -> Any:
+        """The first `PROBE_ROWS` rows of ``train_dataset``, selected (and warned about) once per dataset."""
+        if self._probe is None or self._probe[0] is not train_dataset:
+            n = min(PROBE_ROWS, len(train_dataset))
+            warnings.warn(
+                f"MPOptCallback: no eval_dataset, so the gain metric scores the first {n} training rows (how well "
+                "the model fits what it trains on); pass eval_dataset=... for a held-out signal.", stacklevel=3)
+            select = getattr(train_dataset, "select", None)
+            rows = select(range(n)) if callable(select) else torch.utils.data.Subset(train_dataset, range(n))
+            self._probe = (train_dataset, rows)
+        return self._probe[1]
+
+    def first_row(self, trainer: Any, fallback: Any) -> dict[str, Any] | None:
+        data = self.eval_data(trainer, fallback)
         return data[0] if len(data) else None
 
     def measure(self, model: nn.Module, trainer: Any, fallback: Any,

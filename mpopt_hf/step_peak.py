@@ -1,7 +1,7 @@
 """The measured peak memory of a training step, on every device, cheaply enough to run while training.
 
-* CUDA: the caching allocator's own counters (``max_memory_allocated`` and ``max_memory_reserved``), reset at
-  each step's start: every step, at no cost.
+* CUDA: the caching allocator's own counter (``max_memory_allocated``), reset at each step's start: every
+  step, at no cost.
 * CPU has no allocator counter. The step's tensor bytes (weights, gradients, optimizer state, activations,
   temporaries: what the budget covers there) are measured with ``torch.distributed._tools.mem_tracker``'s
   MemTracker on sampled steps: the first step of every configuration and every ``every``-th step after it.

@@ -20,9 +20,9 @@ from ..store import ProfileKey, ProfileStore, make_key
 from .measure import Measurement, device_type_of, measure
 from .tracing import build_memory_model, model_structure
 
-# What the machine may add to a step's tensor bytes when nothing could be measured: the largest share seen in
-# the prediction-safety benchmark (BENCHMARKS.md) is under 10 % for fp32 and bf16 on CPU at sizes where tensors
-# dominate; 15 % keeps room for kernels no benchmark ran.
+# What the machine may add to a step's tensor bytes when nothing could be measured. A judgement, not a measured
+# bound: it is four times the largest under-prediction of a calibrated fit in the prediction-safety benchmark
+# (3.6 %, BENCHMARKS.md); an uncalibrated prediction's miss was not benchmarked.
 UNMEASURED_UNCERTAINTY = 0.15
 
 

@@ -471,9 +471,7 @@ def build_memory_model(
     units, kinds, _ = units_of(fake_blocks)
     n = fake_blocks.n_blocks
     batches = {size: fake_batch(setup, batch, size) for size in sizes}
-    setup.batch = batches[sizes[0]]
-    trace_step(setup, MemoryConfig(sizes[0]), units)  # which parameters a backward reaches (setup.never_grad)
-    structure = model_structure(model, batch, optimizer, blocks, setup.never_grad or ())
+    structure: ModelStructure | None = None  # after the first all-trainable trace: it finds `setup.never_grad`
 
     def trace(precision: str, rate: float, segments: int, plain: Iterable[nn.Module] = (),
               only: Sequence[int] = sizes) -> list[list]:
@@ -492,6 +490,8 @@ def build_memory_model(
 
     for precision in precisions:
         t = trace(precision, 0.0, 0)
+        if structure is None:  # which parameters a backward reaches is known now
+            structure = model_structure(model, batch, optimizer, blocks, setup.never_grad or ())
         f = trace(precision, 1.0, 0)
         c = trace(precision, 0.0, n)
         # the library's own checkpointing switches the whole model into a context (e.g. no KV cache);
@@ -517,4 +517,4 @@ def build_memory_model(
         ckpt_traces += fallback
         spans[f"{precision}/ckpt"] = combine_traces(ckpt_traces, sizes)
     remove_knobs(setup.model)
-    return MemoryModel(structure, spans)
+    return MemoryModel(structure or model_structure(model, batch, optimizer, blocks), spans)
