@@ -43,7 +43,7 @@ from .engine_state import (
     restore_engine,
 )
 from .engine_state import atomic_write as _atomic_write  # noqa: F401
-from .gain import METRIC_CEILING, GainMeter, item_scores, metric_from_logits, resolve_metric
+from .gain import METRIC_CEILING, PROXY_METRICS, GainMeter, item_scores, metric_from_logits, resolve_metric
 from .knobs import apply_memory_config
 from .ranks import reduce_sums, reduce_value
 from .wall_clock import WallClockLimit
@@ -204,7 +204,7 @@ class MPOptCallback(TrainerCallback, ExportableState):
         timed = not (meter is not None and meter.slowed)  # the same on every rank: sampling follows steps and configs
         if self.engine.observe_step(state.global_step, step_s, peak, timed=timed):
             metric, se = self._measure_metric(model)
-            proxy = self.metric != "val_accuracy"
+            proxy = self.metric in PROXY_METRICS
             self._apply(self.engine.observe_metric(state.global_step, metric, proxy=proxy, se=se))
         elif self.engine.current != self._applied:
             self._apply(self.engine.current)  # over budget: the engine already chose another
@@ -292,7 +292,7 @@ class MPOptCallback(TrainerCallback, ExportableState):
             self._copies = copies
             self._apply(self.engine.current)
             return
-        self.metric = resolve_metric(self.mpopt_args.gain_metric, self._first_eval_row())
+        self._gain.resolve(self.mpopt_args.gain_metric, model, self.trainer, self.eval_dataset)
         self.engine.metric_ceiling = METRIC_CEILING.get(self.metric)
         self.engine.set_horizon(self._wall_clock_left())
         self._apply(self.engine.start(state.global_step, *self._measure_metric(model)))
@@ -372,9 +372,6 @@ class MPOptCallback(TrainerCallback, ExportableState):
         return 0 if self.trainer is None else self.trainer.state.global_step
 
     # -------------------------------------------------------------- the gain metric
-
-    def _first_eval_row(self) -> dict[str, Any] | None:
-        return self._gain.first_row(self.trainer, self.eval_dataset)
 
     def _measure_metric(self, model: nn.Module) -> tuple[float, float]:
         """(mean score, its standard error) over the evaluation data and all ranks (`GainMeter.measure`). Its time

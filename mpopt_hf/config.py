@@ -220,7 +220,7 @@ class MemoryConfig:
             raise type(err)(f"In the memory configuration {text!r}: {err}") from None
 
 
-GAIN_METRICS = ("auto", "val_accuracy", "entropy", "confidence")
+GAIN_METRICS = ("auto", "val_accuracy", "entropy", "confidence", "loss")
 COST_PREDICTORS = ("profile", "fake")
 STRATEGIES = ("race", "ucb")
 DEFAULT_SEARCH_SHARE = 0.05
@@ -301,7 +301,9 @@ class MPOptArguments:
         metadata={
             "help": f"What a trial's gain is measured on, one of {list(GAIN_METRICS)}. 'val_accuracy' needs labelled "
             "evaluation data; 'entropy' (mean prediction entropy, lower is better) and 'confidence' (mean top "
-            "probability) need none. 'auto': val_accuracy when the evaluation data have labels, else entropy."
+            "probability) need none; 'loss': the model's own loss on the evaluation data (lower is better), for "
+            "models without classification logits (CLIP, causal LMs, SAM). 'auto': for an output with classification "
+            "logits, val_accuracy when the evaluation data have labels, else entropy; for any other output, loss."
         },
     )
     strategy: str = field(
