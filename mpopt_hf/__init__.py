@@ -21,12 +21,14 @@ _LAZY = {
     "apply_memory_config": "mpopt_hf.knobs",
     "find_blocks": "mpopt_hf.blocks",
     "WallClockLimit": "mpopt_hf.wall_clock",
+    "BudgetTrace": "mpopt_hf.budget",
 }
 
 __all__ = ["MemoryConfig", *_LAZY]
 
 if TYPE_CHECKING:  # pragma: no cover
     from .blocks import find_blocks
+    from .budget import BudgetTrace
     from .knobs import apply_memory_config
     from .trainer import MPOptTrainer
     from .wall_clock import WallClockLimit

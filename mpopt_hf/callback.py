@@ -25,6 +25,7 @@ from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 
 from .blocks import find_blocks
+from .budget import BudgetReader
 from .config import MemoryConfig, MPOptArguments
 from .cost import first_batch
 from .engine import MIB, CostModel, RuleEngine
@@ -99,6 +100,7 @@ class MPOptCallback(TrainerCallback, ExportableState):
         self._applied: MemoryConfig | None = None
         self._checkpoint = EngineCheckpoint()  # race snapshots: "start" and "best", on the CPU
         self._refs: tuple[Any, Any, Any] | None = None  # plain Trainer: the (args, state, control) last seen
+        self._budget: BudgetReader | None = None  # re-reads a budget that may change ('auto', a callable)
 
     @property
     def metric(self) -> str:
@@ -190,6 +192,10 @@ class MPOptCallback(TrainerCallback, ExportableState):
         elif self._needs_baseline:
             self.engine.set_baseline(*self._measure_metric(model))
             self._needs_baseline = False
+        budget = self._budget.changed(state.global_step, lambda v: self._reduce(v, "min")) if self._budget else None
+        if budget is not None:  # another process took memory or gave it back: re-plan before this step runs
+            self._apply(self.engine.set_budget(state.global_step, budget))
+            self._flush_decisions()
         self._run_state_ops(self.engine.take_ops())
         self._step_start = self.clock()
 
@@ -278,6 +284,8 @@ class MPOptCallback(TrainerCallback, ExportableState):
         self.engine = build_engine(self.mpopt_args, args, model, space, effective, self.cost_model, self.store,
                                    self.store_key, self._mark_infeasible)
         self.engine.copy_bytes = host_copy_bytes(model, self.cost_model, effective)
+        self._budget = BudgetReader(self.mpopt_args.memory_budget_mib, args.device, self.mpopt_args.budget_every_steps)
+        self._budget.last_bytes, self._budget.last_step = self.engine.budget_bytes, state.global_step
         resume = self._resume_dir
         if resume is None and state.global_step > 0:  # a plain Trainer resumed: the folder follows the convention
             resume = checkpoint_folder(args, state)
@@ -354,7 +362,8 @@ class MPOptCallback(TrainerCallback, ExportableState):
         new = self.engine.decisions[self._logged :]
         self._logged = len(self.engine.decisions)
         for d in new:
-            logger.info("mpopt decision at step %d: %s (%s)", d.step, MemoryConfig.from_dict(d.config).short(), d.reason)
+            logger.info("mpopt decision at step %d [%s]: %s (%s)", d.step, d.kind, MemoryConfig.from_dict(d.config).short(),
+                        d.reason)
             if self.trainer is not None:
                 entry = {
                     "mpopt/micro_batch_size": d.config["micro_batch_size"],
@@ -362,6 +371,8 @@ class MPOptCallback(TrainerCallback, ExportableState):
                     "mpopt/checkpoint_segments": d.config["checkpoint_segments"],
                     "mpopt/decision": len(self.engine.decisions) - len(new) + new.index(d),
                 }
+                if d.budget_bytes is not None:
+                    entry["mpopt/budget_mib"] = round(d.budget_bytes / MIB, 2)
                 if d.predicted_peak_bytes is not None:
                     entry["mpopt/predicted_peak_mib"] = round(d.predicted_peak_bytes / MIB, 2)
                 if d.gain_estimate is not None:

@@ -115,6 +115,19 @@ def is_number(v: Any) -> bool:
     return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(float(v))
 
 
+def check_budget(where: str, value: Any) -> float | str | Callable[[], float] | None:
+    """A memory budget: None, a finite number of MiB > 0 (also as a string, from a flag), 'auto' or a callable."""
+    if value is None or value == "auto" or callable(value):
+        return value
+    allowed = "> 0 MiB (a finite number), 'auto', a callable returning bytes, or None"
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            raise ValueError(f"{where} must be {allowed}, got {value!r}.") from None
+    return check_number(where, value, lambda v: v > 0, allowed)
+
+
 @dataclass(frozen=True)
 class MemoryConfig:
     """The memory-related hyperparameters of one training step."""
@@ -234,12 +247,20 @@ class MPOptArguments:
     Search-space fields left as None are derived from the model's blocks and the effective batch at train begin.
     """
 
-    memory_budget_mib: float | None = field(
+    memory_budget_mib: float | str | None = field(
         default=None,
         metadata={
-            "help": "Peak memory the training step may use, in MiB. None: on CUDA the device's total memory; on CPU "
-            "no budget (only out-of-memory errors steer the search)."
+            "help": "Peak memory the training step may use: a number of MiB; 'auto': what this process could hold "
+            "now (CUDA: free memory plus what it reserves; CPU: MemAvailable plus its resident set), re-read every "
+            "budget_every_steps steps; in Python also a callable returning bytes (e.g. mpopt_hf.BudgetTrace). A "
+            "lower budget is applied at the next step boundary, before any out-of-memory error. None: on CUDA the "
+            "device's total memory; on CPU no budget (only out-of-memory errors steer the search)."
         },
+    )
+    budget_every_steps: int = field(
+        default=10,
+        metadata={"help": "With memory_budget_mib='auto' or a callable: read the budget again every this many "
+                  "optimizer steps (>= 1)."},
     )
     safety_margin: float = field(
         default=0.05,
@@ -361,8 +382,9 @@ class MPOptArguments:
         # InvalidTypeError (a TypeError and a ValueError), range errors ValueError; each names field, value, allowed.
         where = "MPOptArguments."
         positive = lambda v: v > 0
-        self.memory_budget_mib = check_number(where + "memory_budget_mib", self.memory_budget_mib, positive,
-                                              "> 0 MiB (a finite number) or None", optional=True)
+        self.memory_budget_mib = check_budget(where + "memory_budget_mib", self.memory_budget_mib)
+        self.budget_every_steps = check_int(where + "budget_every_steps", self.budget_every_steps, lambda v: v >= 1,
+                                            "an int >= 1")
         self.safety_margin = check_number(where + "safety_margin", self.safety_margin, lambda v: 0.0 <= v < 0.5,
                                           "in [0, 0.5)")
         self.micro_batch_sizes = check_list(where + "micro_batch_sizes", self.micro_batch_sizes,

@@ -23,14 +23,16 @@ from .engine import (
     default_micro_batch_sizes,
     enumerate_configs,
 )
+from .budget import read_budget_bytes
 from .ranks import distributed
 
 logger = logging.getLogger("mpopt_hf.callback")  # its messages were the callback's, and stay under its name
 
 
 def budget_bytes(a: MPOptArguments, args) -> float | None:
+    """The budget now (`mpopt_hf.budget`: a number, 'auto' or a callable), or on CUDA without one the device's memory."""
     if a.memory_budget_mib is not None:
-        return a.memory_budget_mib * MIB
+        return read_budget_bytes(a.memory_budget_mib, args.device)
     if args.device.type == "cuda":  # the device's memory; the margin is applied by the feasibility rule
         return float(torch.cuda.get_device_properties(args.device).total_memory)
     return None

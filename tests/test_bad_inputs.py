@@ -140,8 +140,8 @@ CASES = {
     "memory/parse no mb": call(lambda: MemoryConfig.parse("f0.5/bf16"), ValueError, "'f0.5/bf16'", "micro-batch"),
     "memory/from_dict list": call(lambda: MemoryConfig.from_dict([8]), TypeError, "MemoryConfig.from_dict", "[8]"),
     # ------------------------------------------------------------------ MPOptArguments
-    "mpopt/memory_budget_mib='2048'": call(mpopt(memory_budget_mib="2048"), TypeError,
-                                           "MPOptArguments.memory_budget_mib", "'2048'", "str"),
+    "mpopt/memory_budget_mib='lots'": call(mpopt(memory_budget_mib="lots"), ValueError,
+                                           "MPOptArguments.memory_budget_mib", "'lots'", "'auto'"),
     "mpopt/memory_budget_mib=True": call(mpopt(memory_budget_mib=True), TypeError, "memory_budget_mib", "True", "bool"),
     "mpopt/memory_budget_mib=inf": call(mpopt(memory_budget_mib=INF), ValueError, "memory_budget_mib", "inf", "> 0"),
     "mpopt/micro_batch_sizes=8": call(mpopt(micro_batch_sizes=8), TypeError, "MPOptArguments.micro_batch_sizes", "8",

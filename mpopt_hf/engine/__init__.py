@@ -22,7 +22,7 @@ numbers in and applies the configurations that come out.
 
 from __future__ import annotations
 
-from .candidates import MIB, Candidate, CostModel, Decision, FunctionCostModel, RaceTrial
+from .candidates import MIB, Candidate, CostModel, Decision, DecisionKind, FunctionCostModel, RaceTrial
 from .clock import SearchClock
 from .engine import RuleEngine
 from .rules import _speed_key as _speed_key  # importable from here before the split
@@ -38,6 +38,7 @@ __all__ = [
     "Candidate",
     "CostModel",
     "Decision",
+    "DecisionKind",
     "FunctionCostModel",
     "RaceTrial",
     "RuleEngine",

@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from enum import Enum
 from typing import Any, Protocol
 
 from ..config import MemoryConfig
@@ -45,6 +46,20 @@ class Candidate:
         return cls(MemoryConfig.from_dict(data["config"]), data["peak_bytes"], data["step_s"])
 
 
+class DecisionKind(str, Enum):
+    """What caused a decision: the event the engine was answering (tests and reports read this, not the prose)."""
+
+    START = "start"  # before the first step
+    TRIAL = "trial"  # a trial (or an exploitation) ended with its metric: next trial, race won, new race
+    RETUNE = "retune"  # retune_every_steps re-opened the search
+    DRIFT = "drift"  # the unsupervised proxy jumped
+    TASK = "task"  # the online loop moved to a new task
+    OOM = "oom"  # the step ran out of memory
+    OVER_BUDGET = "over_budget"  # the step's measured peak exceeded the usable budget
+    BUDGET = "budget"  # the memory budget changed
+    STOP = "stop"  # training stopped mid-race
+
+
 @dataclass
 class Decision:
     """One choice of the engine, as it is logged and written to decisions.json."""
@@ -57,6 +72,8 @@ class Decision:
     gain_estimate: float | None
     reason: str
     wall_time: float = field(default_factory=time.time)
+    kind: str = DecisionKind.START.value  # a `DecisionKind` value
+    budget_bytes: float | None = None  # the memory budget when it was taken
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

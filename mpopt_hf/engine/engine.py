@@ -6,38 +6,18 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, replace
-from typing import Any, Generic, TypeVar
+from dataclasses import replace
+from typing import Any
 
 from ..config import STRATEGIES, MemoryConfig
-from .candidates import MIB, Candidate, Decision, RaceTrial, config_or_none, dict_or_none
+from .candidates import MIB, Candidate, Decision, DecisionKind, RaceTrial
 from .clock import SearchClock
-from .rules import at_least_as_large, prune, usable_bytes
+from .rules import at_least_as_large, batchnorm_filter, prune, usable_bytes
 from .scoring import ArmStats, payback_seconds, relative_change
+from .forwarding import forwarded, mib_text
+from .persistence import engine_state_dict, load_engine_state
 from .step_times import StepTimeLearner
 from .strategies import STRATEGY_TYPES, Race, RaceState
-
-T = TypeVar("T")
-
-
-class forwarded(Generic[T]):
-    """An engine attribute that lives on one of its parts (``part``, under ``name``): callers and saved states
-    still see one engine with the attributes it always had."""
-
-    def __init__(self, part: str, name: str | None = None) -> None:
-        self.part, self.name = part, name
-
-    def __set_name__(self, owner: type, name: str) -> None:
-        self.name = self.name or name
-
-    def __get__(self, obj: Any, objtype: type | None = None) -> T:
-        if obj is None:
-            return self  # type: ignore[return-value]
-        return getattr(getattr(obj, self.part), self.name)
-
-    def __set__(self, obj: Any, value: T) -> None:
-        setattr(getattr(obj, self.part), self.name, value)
-
 
 class RuleEngine:
     """Chooses among pruned candidates by measured gain per second; reacts to drift and out-of-memory.
@@ -103,11 +83,15 @@ class RuleEngine:
         self.copy_bytes = 0.0
         # e.g. from the profile store: what ran out of memory in an earlier run on this model and device
         self.infeasible: dict[MemoryConfig, str] = dict(known_infeasible or {})
+        # the budget under which each mark was made (None: unknown, e.g. the store's): a larger budget lifts it
+        self.marked_under: dict[MemoryConfig, float | None] = {c: None for c in self.infeasible}
+        self.cause = DecisionKind.START  # the event being answered: each decision's kind
+        self.below_minimum = False  # the budget left no candidate: the smallest runs until it grows
         self.step_times = StepTimeLearner({c.config: c.step_s for c in self.candidates})
+        self.current: MemoryConfig | None = None
         self.survivors = self._prune()  # raises ValueError when the budget is below the minimum
         self.arms: dict[MemoryConfig, ArmStats] = {c.config: ArmStats() for c in self.survivors}
         self.queue: list[MemoryConfig] = [c.config for c in self.survivors]
-        self.current: MemoryConfig | None = None
         self.baseline: float | None = None
         self.last_metric: float | None = None
         self.last_se: float | None = None
@@ -123,14 +107,22 @@ class RuleEngine:
     # -------------------------------------------------------------- queries
 
     def _prune(self) -> list[Candidate]:
-        return prune(
-            [self.candidate(c.config) for c in self.candidates if c.config not in self.infeasible],
-            self.budget_bytes,
-            self.margin,
-            has_batchnorm=self.has_batchnorm,
-            bn_min_micro_batch=self.bn_min_micro_batch,
-            effective_batch=self.effective_batch,
-        )
+        """The survivors under the current budget. Before training, a budget below every candidate is the user's
+        error (raised, naming the minimum); once training runs (the budget fell), the smallest candidate runs."""
+        allowed = [self.candidate(c.config) for c in self.candidates if c.config not in self.infeasible]
+        rules = dict(has_batchnorm=self.has_batchnorm, bn_min_micro_batch=self.bn_min_micro_batch,
+                     effective_batch=self.effective_batch)
+        self.below_minimum = False
+        try:
+            return prune(allowed, self.budget_bytes, self.margin, **rules)
+        except ValueError:
+            if self.current is None or not allowed:
+                raise
+        if self.has_batchnorm:
+            allowed = batchnorm_filter(allowed, self.bn_min_micro_batch, self.effective_batch) or allowed
+        smallest = min(allowed, key=lambda c: c.peak_bytes or 0.0)
+        self.below_minimum = True
+        return [smallest]
 
     def candidate(self, config: MemoryConfig) -> Candidate:
         """``config`` with its predicted peak and its step seconds as learned so far (`StepTimeLearner`)."""
@@ -207,6 +199,7 @@ class RuleEngine:
         standard error over the evaluation items, when known)."""
         self.baseline = self.last_metric = metric
         self.last_se = se
+        self.cause = DecisionKind.START
         return self.policy.start(step)
 
     def observe_step(self, step: int, step_s: float, peak_bytes: float | None = None, timed: bool = True) -> bool:
@@ -220,16 +213,50 @@ class RuleEngine:
         self.trial_steps_done += 1
         self.last_peak = peak_bytes
         limit = usable_bytes(self.budget_bytes, self.margin)
-        if peak_bytes is not None and limit is not None and peak_bytes > limit and self.current is not None:
+        over = peak_bytes is not None and limit is not None and peak_bytes > limit
+        if over and self.current is not None and not self.below_minimum:
+            self.cause = DecisionKind.OVER_BUDGET
             self._mark(self.current, f"measured peak {peak_bytes / MIB:.1f} MiB > usable budget {limit / MIB:.1f} MiB")
             self.restart_trial()
             self.policy.on_infeasible(step, self.current, "over budget")
             return False
         retuned = bool(self.retune_every_steps) and step - self.last_retune_step >= self.retune_every_steps
+        self.cause = DecisionKind.RETUNE if retuned else DecisionKind.TRIAL
         if retuned:
             self.last_retune_step = step
             self.reopen()
         return self.policy.wants_metric(step, retuned)
+
+    def set_budget(self, step: int, budget_bytes: float | None) -> MemoryConfig:
+        """The memory budget is now ``budget_bytes`` (another process took memory or gave it back): re-plan from
+        the predicted peaks at this step boundary, before an out-of-memory error can happen. A lower budget
+        moves off a configuration that no longer fits; a higher one lifts the marks made under a smaller budget
+        and, when faster configurations fit again, re-opens the search. Returns the configuration to run."""
+        old, self.budget_bytes = self.budget_bytes, budget_bytes
+        self.cause = DecisionKind.BUDGET
+        if budget_bytes is None or (old is not None and budget_bytes > old):
+            for config in [c for c, b in self.marked_under.items() if b is not None and (budget_bytes is None or b < budget_bytes)]:
+                del self.infeasible[config], self.marked_under[config]
+        before = {c.config for c in self.survivors}
+        self.survivors = self.reprune("a budget change")
+        after = {c.config for c in self.survivors}
+        self.queue = [c for c in self.queue if c in after]
+        self.race_state.queue = [c for c in self.race_state.queue if c in after]
+        note = f"budget {mib_text(old)} -> {mib_text(budget_bytes)}"
+        if self.below_minimum:
+            note += f", below every candidate's predicted peak: the smallest ({mib_text(self.survivors[0].peak_bytes)}) runs"
+        if self.current is None:
+            return self.current
+        limit = usable_bytes(budget_bytes, self.margin)
+        peak = self.candidate(self.current).peak_bytes
+        if self.current not in after and (self.below_minimum or (limit is not None and (peak or 0.0) > limit)):
+            self.restart_trial()
+            return self.policy.on_infeasible(step, self.current, f"{note}: {self.current.short()} no longer fits")
+        if after - before:
+            self.reopen()
+            self.restart_trial()
+            return self.policy.restart(step, f"{note}: {len(after - before)} more candidate(s) fit")
+        return self.decide(step, self.current, f"{note}: {self.current.short()} still fits")
 
     def add_search_time(self, seconds: float) -> None:
         """The caller spent ``seconds`` measuring the gain metric (it sets how long the next trials last)."""
@@ -240,9 +267,11 @@ class RuleEngine:
         when known; returns the configuration for the next one."""
         previous = self.last_metric
         self.last_metric, self.last_se = metric, se
+        self.cause = DecisionKind.TRIAL
         if proxy and self.drift_threshold is not None and previous is not None:
             jump = relative_change(metric, previous)
             if jump > self.drift_threshold:
+                self.cause = DecisionKind.DRIFT
                 self.reopen()
                 self.baseline = metric
                 self.restart_trial()
@@ -252,6 +281,7 @@ class RuleEngine:
     def task_boundary(self, step: int, horizon_s: float | None = None) -> MemoryConfig:
         """The data changed: discount what was learned, trial every survivor again (when the new task's
         ``horizon_s`` seconds, if known, pay for a race), re-measure the baseline."""
+        self.cause = DecisionKind.TASK
         self.set_horizon(horizon_s)
         self.reopen()
         self.baseline = None  # the caller's next `observe_metric` sets it on the new data
@@ -280,10 +310,12 @@ class RuleEngine:
         """Training stopped in the middle of a race: keep the best trial that ended (``restore_best`` in
         `take_ops`; with none ended, the weights stay as they are), drop the race, and exploit that
         configuration; the next step end asks for the metric that begins a new race."""
+        self.cause = DecisionKind.STOP
         return self._race.stop(step)
 
     def on_oom(self, step: int, config: MemoryConfig) -> MemoryConfig:
         """``config`` ran out of memory: it and every configuration predicted at least as large are infeasible."""
+        self.cause = DecisionKind.OOM
         failed = self.candidate(config)
         self._mark(config, "out of memory")
         for c in self.candidates:
@@ -298,6 +330,7 @@ class RuleEngine:
         if config in self.infeasible:
             return
         self.infeasible[config] = reason
+        self.marked_under[config] = self.budget_bytes
         if self.on_infeasible is not None:
             self.on_infeasible(config, reason)
 
@@ -353,8 +386,10 @@ class RuleEngine:
                 config=choice.to_dict(),
                 predicted_peak_bytes=cand.peak_bytes,
                 measured_peak_bytes=self.last_peak,
-                gain_estimate=self.arms[choice].mean,
+                gain_estimate=self.arms[choice].mean if choice in self.arms else None,
                 reason=why,
+                kind=DecisionKind(self.cause).value,
+                budget_bytes=self.budget_bytes,
             )
         )
         return choice
@@ -362,44 +397,7 @@ class RuleEngine:
     # -------------------------------------------------------------- persistence
 
     def state_dict(self) -> dict[str, Any]:
-        return {
-            "candidates": [c.to_dict() for c in self.candidates],
-            "infeasible": [[c.to_dict(), r] for c, r in self.infeasible.items()],
-            "arms": [[c.to_dict(), asdict(s)] for c, s in self.arms.items()],
-            "queue": [c.to_dict() for c in self.queue],
-            "current": dict_or_none(self.current),
-            "baseline": self.baseline,
-            "last_metric": self.last_metric,
-            "trial_seconds": self.trial_seconds,
-            "trial_steps_done": self.trial_steps_done,
-            "elapsed_s": self.elapsed_s,
-            "last_retune_step": self.last_retune_step,
-            "last_peak": self.last_peak,
-            "search_seconds": self.search_seconds,
-            "last_eval_s": self.last_eval_s,
-            "race": self.race_state.to_dict(self.last_se),
-            "horizon": {"seconds": self.horizon_s, "from": self.horizon_from},
-            "decisions": [d.to_dict() for d in self.decisions],
-            "step_times": self.step_times.state_dict(),
-        }
+        return engine_state_dict(self)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.candidates = [Candidate.from_dict(c) for c in state["candidates"]]
-        self.infeasible = {MemoryConfig.from_dict(c): r for c, r in state["infeasible"]}
-        self.step_times = StepTimeLearner({c.config: c.step_s for c in self.candidates})
-        if "step_times" in state:  # saved before step times were learned: they are learned afresh
-            self.step_times.load_state_dict(state["step_times"])
-        self.survivors = self._prune()
-        self.arms = {MemoryConfig.from_dict(c): ArmStats(**s) for c, s in state["arms"]}
-        self.queue = [MemoryConfig.from_dict(c) for c in state["queue"]]
-        self.current = config_or_none(state["current"])
-        for name in ("baseline", "last_metric", "trial_seconds", "trial_steps_done", "elapsed_s", "last_retune_step", "last_peak"):
-            setattr(self, name, state[name])
-        self.search_seconds, self.last_eval_s = state.get("search_seconds", 0.0), state.get("last_eval_s")
-        race = state.get("race")
-        if race is not None:
-            self.race_state.load(race)
-            self.last_se = race["last_se"]
-        horizon = state.get("horizon") or {}
-        self.horizon_s, self.horizon_from = horizon.get("seconds"), horizon.get("from", 0.0)
-        self.decisions = [Decision(**d) for d in state["decisions"]]
+        load_engine_state(self, state)
