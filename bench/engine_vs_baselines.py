@@ -13,11 +13,16 @@ search included. Peaks are predicted by the profiler on fake tensors (CPU has no
 * full_ckpt:        every trainable block checkpointed, the largest micro-batch that fits;
 * head_only:        freeze_rate=1.0 (only the classifier trains), the largest micro-batch that fits.
 
+With ``--batches 64 16 8`` the batch is a knob too (``MPOptArguments.effective_batch_sizes``, learning rate
+scaled by ``--lr-scaling``): the engine chooses among them, and the fixed rows cover the grid including the
+batch (each smaller batch run through the same knob: the loader yields 64, split into equal updates).
+
 A row whose configuration another row already runs is not run twice: it names that row. Every run stops
 at the first step end after ``--seconds`` (`mpopt_hf.WallClockLimit`); the engine plans its search for
 that slot (a race that would cost more than its search share of the time left is not run).
 
-    python bench/engine_vs_baselines.py [--seconds 20] [--corruption fog] [--severity 5] [--out bench/results]
+    python bench/engine_vs_baselines.py [--seconds 20] [--corruption fog] [--severity 5] [--batches 64 16 8]
+                                        [--seeds 5] [--out bench/results]
 """
 
 from __future__ import annotations
@@ -33,8 +38,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
-from report import write_report  # noqa: E402
-from transformers import Trainer, TrainingArguments  # noqa: E402
+from report import mean_interval, write_report  # noqa: E402
+from transformers import Trainer, TrainerCallback, TrainingArguments  # noqa: E402
 
 import small_cnn  # noqa: E402
 import vision  # noqa: E402
@@ -58,6 +63,17 @@ class FakePeakCostModel:
             self.cache[config] = predict_step(self.model, self.batch, config, self.optimizer).peak_bytes
             self.seconds += time.perf_counter() - start
         return float(self.cache[config]), None
+
+
+class UpdateCounter(TrainerCallback):
+    """Optimizer updates made: a Trainer step under a smaller batch per update holds several."""
+
+    def __init__(self):
+        self.trainer, self.updates = None, 0
+
+    def on_step_end(self, args, state, control, **kwargs):
+        config = self.trainer.memory_config
+        self.updates += args.per_device_train_batch_size // (config.batch_size or args.per_device_train_batch_size)
 
 
 def _args(out, steps, seed=0, batch=BATCH, **kw):
@@ -111,6 +127,9 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=3, help="runs per row (different data order), interleaved")
     parser.add_argument("--trial-steps", type=int, default=4)
     parser.add_argument("--search-share", type=float, default=0.1, help="the issue's search-cost target")
+    parser.add_argument("--batches", type=int, nargs="+", default=[BATCH],
+                        help="batches per update the engine may choose (the loader's is 64); default: only 64")
+    parser.add_argument("--lr-scaling", default="sqrt", choices=["none", "linear", "sqrt"])
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     ns = parser.parse_args()
     torch.manual_seed(0)
@@ -137,13 +156,14 @@ def main() -> None:
     micro = [64, 32, 16, 8]
     rates = [0.0, 0.5, 1.0]
     segments = sorted({0, n_blocks // 2, n_blocks})
-    space = enumerate_configs(micro, rates, segments, ["fp32"], n_blocks)
-    cands = [Candidate(c, *cost.predict(c)) for c in space]
+    update_batches = [None] + sorted({b for b in ns.batches if b != BATCH}, reverse=True)
+    space = enumerate_configs(micro, rates, segments, ["fp32"], n_blocks, batch_sizes=update_batches)
+    cands = [Candidate(c, *cost.predict(c.without_batch())) for c in space]
     survivors = prune(cands, budget_mib * MIB, 0.05, has_batchnorm=True, bn_min_micro_batch=8, effective_batch=BATCH)
     usable = budget_mib * MIB * 0.95
 
     def fits(c):
-        return cost.predict(c)[0] <= usable
+        return cost.predict(c.without_batch())[0] <= usable
 
     auto = default
     while not fits(auto) and auto.micro_batch_size > 1:
@@ -165,35 +185,42 @@ def main() -> None:
         model.load_state_dict(pretrained)
         limit = WallClockLimit(ns.seconds)
         trainer = MPOptTrainer(model=model, args=_args(tmp, 10**6, seed=seed, batch=batch), train_dataset=s_train,
-                               memory_config=config, callbacks=[limit])
+                               memory_config=config, callbacks=[limit], lr_scaling=ns.lr_scaling)
         t0 = time.perf_counter()
         limit.start()  # the slot counts what runs before the first step too (the engine's setup)
         trainer.train()
-        runs[name].append({"config": config.short(), "batch": batch, "steps": trainer.state.global_step,
+        updates = trainer.state.global_step * (batch // (config.batch_size or batch))
+        runs[name].append({"config": config.short(), "batch": config.batch_size or batch, "steps": updates,
                            "wall_s": time.perf_counter() - t0, "accuracy": accuracy(model, s_test),
-                           "predicted_peak_mib": cost.predict(config)[0] / MIB})
+                           "predicted_peak_mib": cost.predict(config.without_batch())[0] / MIB})
 
     def run_mpopt(seed):
         model.load_state_dict(pretrained)
         limit = WallClockLimit(ns.seconds)
         mpopt = MPOptArguments(memory_budget_mib=budget_mib, micro_batch_sizes=micro, freeze_rates=rates,
                                checkpoint_segments=segments, precisions=["fp32"], trial_steps=ns.trial_steps,
+                               effective_batch_sizes=ns.batches if len(ns.batches) > 1 else None,
+                               lr_scaling=ns.lr_scaling if len(ns.batches) > 1 else None,
                                trial_max_s=ns.seconds / 15, search_share=ns.search_share, gain_metric="val_accuracy")
+        counter = UpdateCounter()
         trainer = MPOptTrainer(model=model, args=_args(tmp, 10**6, seed=seed), train_dataset=s_train,
                                eval_dataset=s_val, mpopt_args=mpopt, cost_model=cost,
-                               callbacks=[limit])
+                               callbacks=[limit, counter])
+        counter.trainer = trainer
         t0 = time.perf_counter()
         limit.start()  # the slot counts what runs before the first step too (the engine's setup)
         trainer.train()
         wall = time.perf_counter() - t0
         engine = trainer.mpopt_callback.engine
         ran = [MemoryConfig.from_dict(d.config) for d in engine.decisions]
+        updates = counter.updates
         runs["mpopt"].append({
-            "config": "online", "batch": BATCH, "steps": trainer.state.global_step, "wall_s": wall, "accuracy": accuracy(model, s_test),
+            "config": "online", "batch": "chosen" if len(ns.batches) > 1 else BATCH,
+            "steps": updates or trainer.state.global_step, "wall_s": wall, "accuracy": accuracy(model, s_test),
             "search_share": (engine.search_seconds + engine.discarded_seconds) / wall,
             "eval_share": engine.search_seconds / wall, "discarded_share": engine.discarded_seconds / wall,
             "decisions": len(ran), "final": engine.current.short(),
-            "max_predicted_peak_mib": max(cost.predict(c)[0] for c in ran) / MIB,
+            "max_predicted_peak_mib": max(cost.predict(c.without_batch())[0] for c in ran) / MIB,
             "sequence": [f"{d.step}:{MemoryConfig.from_dict(d.config).short()}:{d.reason}" for d in engine.decisions],
         })
 
@@ -210,13 +237,13 @@ def main() -> None:
         return statistics.fmean(r[field] for r in runs[name])
 
     def spread(name):
-        values = [r["accuracy"] for r in runs[name]]
-        return f"{statistics.fmean(values):.3f} ± {statistics.pstdev(values):.3f}" if len(values) > 1 else f"{values[0]:.3f}"
+        return mean_interval([r["accuracy"] for r in runs[name]])
 
     best_fixed = max((k for k in runs if k.startswith("fixed/")), key=lambda k: mean(k, "accuracy"))
     summary = {
         "seconds": ns.seconds, "seeds": ns.seeds, "corruption": f"{ns.corruption}/{ns.severity}", "budget_mib": budget_mib,
-        "default_peak_mib": cost.predict(default)[0] / MIB, "clean_acc_before": clean_acc,
+        "default_peak_mib": cost.predict(default)[0] / MIB, "clean_acc_before": clean_acc, "batches": ns.batches,
+        "lr_scaling": ns.lr_scaling,
         "shifted_acc_before": shifted_acc, "best_fixed": best_fixed, "prediction_s": cost.seconds,
         "n_configs_predicted": len(space), "same_as": same_as, "runs": runs, "torch": torch.__version__, "threads": torch.get_num_threads(),
     }
@@ -229,12 +256,12 @@ def main() -> None:
         f"{torch.get_num_threads()} threads).",
         "",
         f"budget {budget_mib:.2f} MiB (default mb{BATCH}/f0/ckpt0 needs {summary['default_peak_mib']:.2f} MiB, predicted on "
-        f"fake tensors); {ns.seconds:.0f} s wall-clock per run, {ns.seeds} seed(s) per row (mean ± std); shift "
+        f"fake tensors); {ns.seconds:.0f} s wall-clock per run, {ns.seeds} seed(s) per row (mean ± 95 % interval); shift "
         f"{ns.corruption}/{ns.severity}; source model pre-trained {ns.pretrain_steps} steps; the engine's probe: "
         f"{ns.probe} shifted images held out of training; accuracy before retraining: clean {clean_acc:.3f}, "
         f"shifted {shifted_acc:.3f}",
         "",
-        "| run | configuration | batch | optimizer steps (mean) | shifted test accuracy | predicted peak MiB |",
+        "| run | configuration | batch | optimizer updates (mean) | shifted test accuracy | predicted peak MiB |",
         "| --- | --- | ---: | ---: | ---: | ---: |",
     ]
     for name, rows in runs.items():

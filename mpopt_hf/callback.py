@@ -373,6 +373,10 @@ class MPOptCallback(TrainerCallback, ExportableState):
                 }
                 if d.budget_bytes is not None:
                     entry["mpopt/budget_mib"] = round(d.budget_bytes / MIB, 2)
+                config = MemoryConfig.from_dict(d.config)
+                if config.batch_size is not None:  # the batch as a knob: the update's batch and learning rate
+                    entry["mpopt/update_batch_size"] = config.batch_size
+                    entry["mpopt/learning_rate_scale"] = self.trainer.learning_rate_scale(config)
                 if d.predicted_peak_bytes is not None:
                     entry["mpopt/predicted_peak_mib"] = round(d.predicted_peak_bytes / MIB, 2)
                 if d.gain_estimate is not None:

@@ -9,8 +9,6 @@ step time. That is what lets the engine switch between them online.
 from __future__ import annotations
 
 import json
-import math
-import numbers
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
@@ -18,101 +16,18 @@ from typing import Any
 PRECISIONS = ("fp32", "bf16", "fp16")
 
 
-# ----------------------------------------------------------------------------- input checks
-# Shared by the dataclasses here, the ``mpopt`` CLI and the recipes: every message names the field (``where``), the
-# value and what is allowed. A bool is not a number, a str is not a number, a scalar is not a list; NaN and inf are
-# refused wherever a number is expected.
-
-
-class InvalidTypeError(TypeError, ValueError):
-    """A value of the wrong type. A `TypeError`, and a `ValueError` too, so that callers that catch the
-    validation errors of a configuration (``except ValueError``) also catch it."""
-
-
-def _got(value: Any) -> str:
-    return f"{value!r} ({type(value).__name__})"
-
-
-def check_int(where: str, value: Any, ok: Callable[[int], bool], allowed: str, optional: bool = False) -> int | None:
-    """``value`` as an int if it is an integer (not a bool) for which ``ok`` holds; ``allowed`` says what is."""
-    if value is None and optional:
-        return None
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise InvalidTypeError(f"{where} must be {allowed}, got {_got(value)}.")
-    if not ok(int(value)):
-        raise ValueError(f"{where} must be {allowed}, got {value!r}.")
-    return int(value)
-
-
-def check_number(where: str, value: Any, ok: Callable[[float], bool], allowed: str,
-                 optional: bool = False) -> float | None:
-    """``value`` as a float if it is a finite real number (not a bool, not a str) for which ``ok`` holds."""
-    if value is None and optional:
-        return None
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise InvalidTypeError(f"{where} must be {allowed}, got {_got(value)}.")
-    number = float(value)
-    if not math.isfinite(number) or not ok(number):
-        raise ValueError(f"{where} must be {allowed}, got {value!r}.")
-    return number
-
-
-def check_choice(where: str, value: Any, choices: tuple[str, ...] | list[str], optional: bool = False) -> str | None:
-    """``value`` if it is one of the strings ``choices``."""
-    if value is None and optional:
-        return None
-    allowed = f"one of {list(choices)}" + (" or None" if optional else "")
-    if not isinstance(value, str):
-        raise InvalidTypeError(f"{where} must be {allowed}, got {_got(value)}.")
-    if value not in choices:
-        raise ValueError(f"{where} must be {allowed}, got {value!r}.")
-    return value
-
-
-def check_bool(where: str, value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise InvalidTypeError(f"{where} must be True or False, got {_got(value)}.")
-    return value
-
-
-def check_str(where: str, value: Any, allowed: str, optional: bool = False) -> str | None:
-    """``value`` if it is a non-empty str (or None when ``optional``)."""
-    if value is None and optional:
-        return None
-    if not isinstance(value, str):
-        raise InvalidTypeError(f"{where} must be {allowed}, got {_got(value)}.")
-    if not value.strip():
-        raise ValueError(f"{where} must be {allowed}, got {value!r} (empty).")
-    return value
-
-
-def check_list(where: str, values: Any, ok: Callable[[Any], bool], allowed: str, optional: bool = False) -> list | None:
-    """``values`` as a list if it is a non-empty list or tuple whose every item passes ``ok``."""
-    if values is None and optional:
-        return None
-    if isinstance(values, (str, bytes)) or not isinstance(values, (list, tuple)):
-        raise InvalidTypeError(
-            f"{where} must be a list of {allowed}{' or None' if optional else ''}, got {_got(values)}"
-            + (f": write [{values!r}] for a single value." if not isinstance(values, (set, frozenset, dict)) else ".")
-        )
-    if len(values) == 0:
-        default = ", or None for the default." if optional else "."
-        raise ValueError(f"{where} is empty: give at least one of {allowed}{default}")
-    bad = [v for v in values if not ok(v)]
-    if bad:
-        note = "" if not any(isinstance(v, bool) for v in bad) else " (True/False are bools, not numbers)"
-        raise ValueError(f"{where} holds {bad}; allowed: {allowed}{note}.")
-    return list(values)
-
-
-def is_int(v: Any) -> bool:
-    """An integer that is not a bool."""
-    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
-
-
-def is_number(v: Any) -> bool:
-    """A finite real number that is not a bool."""
-    return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(float(v))
+from .validation import (  # noqa: F401  (re-exported: the recipes and the CLI import the checks from here)
+    InvalidTypeError,
+    _got,
+    check_bool,
+    check_choice,
+    check_int,
+    check_list,
+    check_number,
+    check_str,
+    is_int,
+    is_number,
+)
 
 
 def check_budget(where: str, value: Any) -> float | str | Callable[[], float] | None:
@@ -156,6 +71,13 @@ class MemoryConfig:
         default="fp32",
         metadata={"help": f"Autocast precision, one of {PRECISIONS}. fp16 needs CUDA and uses a loss scaler."},
     )
+    batch_size: int | None = field(
+        default=None,
+        metadata={"help": "Samples per optimizer update (per device), when smaller than the loader's batch: each "
+                  "loader batch is then split into updates of this many samples, every sample used once. Unlike the "
+                  "other knobs it changes what is learned (opt in through MPOptArguments.effective_batch_sizes). "
+                  "None: the loader's batch."},
+    )
 
     def __post_init__(self) -> None:
         # type errors raise InvalidTypeError (a TypeError and a ValueError), range errors ValueError
@@ -167,6 +89,8 @@ class MemoryConfig:
         set_(self, "checkpoint_segments", check_int("MemoryConfig.checkpoint_segments", self.checkpoint_segments,
                                                     lambda v: v >= 0, "an int >= 0 (0 = off)"))
         check_choice("MemoryConfig.precision", self.precision, PRECISIONS)
+        set_(self, "batch_size", check_int("MemoryConfig.batch_size", self.batch_size, lambda v: v >= 1,
+                                           "an int >= 1 or None", optional=True))
 
     def replace(self, **changes: Any) -> "MemoryConfig":
         """A copy with some fields changed (validated again)."""
@@ -195,7 +119,20 @@ class MemoryConfig:
 
     def short(self) -> str:
         """A compact label for tables and logs, e.g. ``mb8/f0.50/ckpt2/bf16``."""
-        return f"mb{self.micro_batch_size}/f{self.freeze_rate:.2f}/ckpt{self.checkpoint_segments}/{self.precision}"
+        text = f"mb{self.micro_batch_size}/f{self.freeze_rate:.2f}/ckpt{self.checkpoint_segments}/{self.precision}"
+        return text if self.batch_size is None else f"bs{self.batch_size}/{text}"
+
+    @property
+    def step_micro_batch(self) -> int:
+        """The micro-batch a step really runs: never more than its update's batch."""
+        return self.micro_batch_size if self.batch_size is None else min(self.micro_batch_size, self.batch_size)
+
+    def without_batch(self) -> "MemoryConfig":
+        """The same step on the loader's whole batch: what a cost model prices (the batch knob adds only
+        optimizer updates, not memory)."""
+        if self.batch_size is None:
+            return self
+        return self.replace(batch_size=None, micro_batch_size=self.step_micro_batch)
 
     @classmethod
     def parse(cls, text: str) -> "MemoryConfig":
@@ -205,7 +142,8 @@ class MemoryConfig:
         if not isinstance(text, str):
             raise InvalidTypeError(f"MemoryConfig.parse expects a str such as 'mb8/f0.5/ckpt2/bf16', got {_got(text)}.")
         values: dict[str, Any] = {}
-        prefixes = (("mb", "micro_batch_size", int), ("ckpt", "checkpoint_segments", int), ("f", "freeze_rate", float))
+        prefixes = (("mb", "micro_batch_size", int), ("ckpt", "checkpoint_segments", int), ("bs", "batch_size", int),
+                    ("f", "freeze_rate", float))
         for part in filter(None, text.strip().split("/")):
             if part in PRECISIONS:
                 if "precision" in values:
@@ -223,7 +161,8 @@ class MemoryConfig:
             except ValueError:
                 raise ValueError(
                     f"Cannot read {part!r} in the memory configuration {text!r}: expected parts like 'mb8/f0.5/ckpt2/bf16' "
-                    f"(micro-batch, freeze rate, checkpoint segments, one of {list(PRECISIONS)}), 'mb' required."
+                    f"(micro-batch, freeze rate, checkpoint segments, one of {list(PRECISIONS)}; optionally 'bs16', the "
+                    "batch per update), 'mb' required."
                 ) from None
         if "micro_batch_size" not in values:
             raise ValueError(f"The memory configuration {text!r} has no micro-batch size: start it with e.g. 'mb8'.")
@@ -236,6 +175,7 @@ class MemoryConfig:
 GAIN_METRICS = ("auto", "val_accuracy", "entropy", "confidence", "loss")
 COST_PREDICTORS = ("profile", "fake")
 STRATEGIES = ("race", "ucb")
+LR_SCALINGS = ("none", "linear", "sqrt")
 DEFAULT_SEARCH_SHARE = 0.05
 
 
@@ -269,6 +209,18 @@ class MPOptArguments:
     micro_batch_sizes: list[int] | None = field(
         default=None,
         metadata={"help": "Micro-batch sizes to consider. None: powers of two up to the effective batch, and it."},
+    )
+    effective_batch_sizes: list[int] | None = field(
+        default=None,
+        metadata={"help": "Batches per optimizer update the engine may choose (the batch as a knob, opt in): each "
+                  "must divide per_device_train_batch_size, which the loader yields; a smaller batch makes several "
+                  "updates per Trainer step, each sample used once. None: only the user's batch."},
+    )
+    lr_scaling: str | None = field(
+        default=None,
+        metadata={"help": f"How the learning rate follows the batch, one of {list(LR_SCALINGS)}: lr x (batch / "
+                  "per_device_train_batch_size), its square root, or unchanged; applied at each optimizer step "
+                  "(the scheduler is untouched). None: 'sqrt' when effective_batch_sizes is given."},
     )
     freeze_rates: list[float] | None = field(
         default=None,
@@ -389,6 +341,13 @@ class MPOptArguments:
                                           "in [0, 0.5)")
         self.micro_batch_sizes = check_list(where + "micro_batch_sizes", self.micro_batch_sizes,
                                             lambda v: is_int(v) and v >= 1, "ints >= 1", optional=True)
+        self.effective_batch_sizes = check_list(where + "effective_batch_sizes", self.effective_batch_sizes,
+                                                lambda v: is_int(v) and v >= 1, "ints >= 1", optional=True)
+        if self.effective_batch_sizes is not None:
+            self.effective_batch_sizes = sorted({int(v) for v in self.effective_batch_sizes}, reverse=True)
+        check_choice(where + "lr_scaling", self.lr_scaling, LR_SCALINGS, optional=True)
+        if self.lr_scaling is None and self.effective_batch_sizes is not None:
+            self.lr_scaling = "sqrt"
         self.freeze_rates = check_list(where + "freeze_rates", self.freeze_rates,
                                        lambda v: is_number(v) and 0.0 <= v <= 1.0, "numbers in [0, 1]", optional=True)
         self.checkpoint_segments = check_list(where + "checkpoint_segments", self.checkpoint_segments,

@@ -61,6 +61,7 @@ def search_space(a: MPOptArguments, args, n_blocks: int, effective: int, plain: 
         a.checkpoint_segments if a.checkpoint_segments is not None else default_checkpoint_segments(n_blocks),
         precisions,
         n_blocks,
+        batch_sizes=[None] if plain else update_batches(a, args, effective),
     )
     if not configs:
         raise ValueError(
@@ -68,6 +69,24 @@ def search_space(a: MPOptArguments, args, n_blocks: int, effective: int, plain: 
             f"(each must be <= the trainable blocks) and freeze_rates."
         )
     return configs
+
+
+def update_batches(a: MPOptArguments, args, effective: int) -> list[int | None]:
+    """The batches per update the engine may choose: None (the loader's, the user's batch), and each of
+    ``effective_batch_sizes`` below it, which must divide it (every update then has the same size)."""
+    sizes = a.effective_batch_sizes or []
+    bad = [b for b in sizes if b > effective or effective % b]
+    if bad:
+        raise ValueError(
+            f"MPOptArguments.effective_batch_sizes holds {bad}: each must divide per_device_train_batch_size="
+            f"{effective} (the loader yields that batch and a smaller one splits it into equal updates); set "
+            f"per_device_train_batch_size to the largest batch you allow.")
+    if sizes and args.gradient_accumulation_steps > 1:
+        raise ValueError(
+            f"MPOptArguments.effective_batch_sizes needs gradient_accumulation_steps=1 (got "
+            f"{args.gradient_accumulation_steps}): micro-batching already accumulates inside the step; set "
+            "per_device_train_batch_size to your whole batch instead.")
+    return [None] + [b for b in sizes if b != effective]
 
 
 def default_cost_model(a: MPOptArguments, model: nn.Module, batch: dict[str, Any], optimizer: Any,
@@ -84,6 +103,7 @@ def default_cost_model(a: MPOptArguments, model: nn.Module, batch: dict[str, Any
     if store is None and a.profile_store is not None:
         store = open_store(None if a.profile_store == "default" else a.profile_store)
         store_key = profile_key(model, batch, plain_optimizer(optimizer))
+    space = list(dict.fromkeys(c.without_batch() for c in space))  # what the fit prices: the batch adds no memory
     cost = ProfileCostModel.fit(model, batch, optimizer, space, store, budget_bytes=budget_bytes(a, args),
                                 margin=a.safety_margin)
     cost.price_grad_caching(model, batch)
@@ -102,7 +122,8 @@ def build_engine(a: MPOptArguments, args, model: nn.Module, configs: list[Memory
             "cost_model=... (e.g. the profiler's fitted memory model) or a train_dataloader to predict from, or leave memory_budget_mib=None and let "
             "out-of-memory errors steer the search."
         )
-    candidates = [Candidate(c, *cost_model.predict(c)) if cost_model is not None else Candidate(c) for c in configs]
+    candidates = [Candidate(c, *price(cost_model, c, effective)) if cost_model is not None else Candidate(c)
+                  for c in configs]
     candidates = same_on_every_rank(candidates)
     has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
     return RuleEngine(
@@ -126,6 +147,13 @@ def build_engine(a: MPOptArguments, args, model: nn.Module, configs: list[Memory
         on_infeasible=on_infeasible,
         known_infeasible=store.infeasible(store_key) if store is not None else None,
     )
+
+
+def price(cost_model: CostModel, config: MemoryConfig, effective: int) -> tuple[float | None, float | None]:
+    """(peak, seconds per loader batch) of ``config``. The batch knob adds no memory (the micro-batch is what is
+    held) and, per loader batch, more optimizer updates: priced as the same step (the updates' own time is learned
+    from the steps that run, `StepTimeLearner`)."""
+    return cost_model.predict(config.without_batch())
 
 
 def engine_margin(safety_margin: float, cost_model: CostModel | None) -> float:
@@ -165,4 +193,4 @@ def same_on_every_rank(candidates: list[Candidate]) -> list[Candidate]:
 
 
 __all__ = ["budget_bytes", "build_engine", "default_cost_model", "default_precisions", "engine_margin", "host_copy_bytes",
-           "search_space"]
+           "price", "search_space", "update_batches"]

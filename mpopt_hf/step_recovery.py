@@ -21,6 +21,7 @@ from torch import nn
 
 from .config import MemoryConfig
 from .oom import free_memory, is_out_of_memory
+from .batch_updates import scaled_learning_rate
 from .step_guard import OptimizerRollback
 
 logger = logging.getLogger("mpopt_hf.trainer")
@@ -183,7 +184,7 @@ class StepRecovery:
 
         def step_once() -> Any:
             self._rollback = OptimizerRollback(optimizer)
-            with self.peak_meter.window(model, optimizer):
+            with self.peak_meter.window(model, optimizer), scaled_learning_rate(optimizer, self.learning_rate_scale()):
                 return original(closure)
 
         try:

@@ -20,16 +20,17 @@ import torch
 from torch import nn
 from transformers import Trainer
 
+from .batch_updates import BatchUpdates
+from .eval_halving import HalvingEvaluation
 from .blocks import ModelBlocks, find_blocks, unwrap_model
 from .checkpoint_compat import reload_renamed_weights
-from .config import MemoryConfig, MPOptArguments, check_int
+from .config import LR_SCALINGS, MemoryConfig, MPOptArguments, check_choice, check_int
 from .coupled_loss import CoupledLossAdapter
 from .coupling_check import resolve_coupled_loss
 from .grad_cache import RngState, device_anchors, grad_cache_backward
 from .knobs import apply_memory_config, autocast_context, check_precision, knob_state, plan_knobs
 from .loss_items import IGNORE_INDEX, LossItemCounter, count_loss_items
-from .microbatch import batch_size_of, split_batch
-from .oom import free_memory, is_out_of_memory
+from .microbatch import split_batch
 from .step_guard import NonFiniteSteps, OptimizerRollback
 from .step_peak import StepPeakMeter, process_peak_rss_bytes
 from .step_recovery import StepRecovery
@@ -43,7 +44,7 @@ OOMHandler = Callable[[MemoryConfig, int], MemoryConfig]
 logger = logging.getLogger(__name__)
 
 
-class MPOptTrainer(StepRecovery, Trainer):
+class MPOptTrainer(BatchUpdates, HalvingEvaluation, StepRecovery, Trainer):
     """A Trainer that trains under a `MemoryConfig` (micro-batching, freezing, checkpointing, precision).
 
     ``memory_config`` is the configuration to start with; ``mpopt_args`` attaches an `MPOptCallback` that lets
@@ -72,6 +73,7 @@ class MPOptTrainer(StepRecovery, Trainer):
         max_nonfinite_steps: int = 3,
         log_memory_config: bool = False,
         peak_every_steps: int = 10,
+        lr_scaling: str | None = None,
         **kwargs: Any,
     ) -> None:
         self.oom_handler: OOMHandler | None = None
@@ -80,6 +82,9 @@ class MPOptTrainer(StepRecovery, Trainer):
         self.nonfinite = NonFiniteSteps(max_nonfinite_steps)
         self.loss_items = loss_items
         self.log_memory_config = log_memory_config
+        # how the learning rate follows a MemoryConfig.batch_size smaller than the loader's (`batch_updates`)
+        self.lr_scaling = check_choice("MPOptTrainer.lr_scaling", lr_scaling or getattr(mpopt_args, "lr_scaling", None)
+                                       or "sqrt", LR_SCALINGS)
         if mpopt_args is not None:
             from .callback import MPOptCallback
 
@@ -142,6 +147,12 @@ class MPOptTrainer(StepRecovery, Trainer):
             raise ValueError(f"memory_config must be a MemoryConfig, got {type(config).__name__}.")
         if _uses_blocks(config):
             plan_knobs(config, self._model_blocks().n_blocks)
+        loader_batch = self.args.per_device_train_batch_size
+        if config.batch_size is not None and (loader_batch % config.batch_size or self.args.gradient_accumulation_steps > 1):
+            raise ValueError(
+                f"MemoryConfig.batch_size={config.batch_size} must divide per_device_train_batch_size={loader_batch} "
+                f"(the loader's batch, split into equal updates) with gradient_accumulation_steps=1 (got "
+                f"{self.args.gradient_accumulation_steps}).")
         device_type = self.args.device.type
         for flag, precision in (("fp16", "fp16"), ("bf16", "bf16")):
             if getattr(self.args, flag) and config.precision != precision:
@@ -171,11 +182,15 @@ class MPOptTrainer(StepRecovery, Trainer):
             check_precision(config.precision, self.args.device.type)
         self._memory_config = config
         loader_batch = self.args.per_device_train_batch_size
-        micro_steps = -(-loader_batch // config.micro_batch_size) * self.args.gradient_accumulation_steps
+        update = (config.batch_size or loader_batch) * self.args.gradient_accumulation_steps
+        micro_steps = -(-update // config.step_micro_batch)
+        updates = "" if config.batch_size is None else (
+            f", {loader_batch // config.batch_size} updates per step at learning rate x{self.learning_rate_scale(config):.3g}"
+            f" ({self.lr_scaling})")
         message = (
-            f"memory config {config.short()}: effective batch {loader_batch * self.args.gradient_accumulation_steps * self.args.world_size}"
-            f" = micro-batch {min(config.micro_batch_size, loader_batch)} x {micro_steps} micro-steps x "
-            f"{self.args.world_size} processes"
+            f"memory config {config.short()}: effective batch {update * self.args.world_size}"
+            f" = micro-batch {min(config.step_micro_batch, loader_batch)} x {micro_steps} micro-steps x "
+            f"{self.args.world_size} processes{updates}"
         )
         logger.info(message if previous is None else f"switched {previous.short()} -> {message}")
 
@@ -212,7 +227,7 @@ class MPOptTrainer(StepRecovery, Trainer):
         self._step_batches, self._loader_batches = self._loader_batches, []
         random = RngState.capture(device_anchors(model.parameters()))
         self._step_model, self._step_random, self._skip_reason = model, random, None
-        loss = self._gradients(model)
+        loss = self._step_gradients(model)
         if not torch.isfinite(loss):
             self._flag_nonfinite("loss")
         return loss
@@ -333,26 +348,6 @@ class MPOptTrainer(StepRecovery, Trainer):
             return super().autocast_smart_context_manager(cache_enabled)
         return autocast_context(config, self.args.device.type)
 
-    # ------------------------------------------------------------------ evaluation: its own batch handling
-
-    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):  # type: ignore[override]
-        """Evaluate; with knobs active, on out-of-memory split the batch in halves (recursively)."""
-        try:
-            return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
-        except Exception as exc:  # noqa: BLE001
-            if not self.knobs_active or not is_out_of_memory(exc):
-                raise
-            size = batch_size_of(inputs)
-            if size <= 1:
-                raise
-        free_memory()
-        halves = split_batch(inputs, -(-size // 2))
-        results = [self.prediction_step(model, half, prediction_loss_only, ignore_keys) for half in halves]
-        sizes = [self._count_items(half) for half in halves]  # each half's loss is a mean over its items
-        losses = [r[0] for r in results]
-        loss = None if any(x is None for x in losses) else sum(x * n for x, n in zip(losses, sizes)) / max(sum(sizes), 1)
-        return loss, _concat([r[1] for r in results]), _concat([r[2] for r in results])
-
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
         super()._load_from_checkpoint(resume_from_checkpoint, model)
         reload_renamed_weights(unwrap_model(model if model is not None else self.model), resume_from_checkpoint)
@@ -385,6 +380,9 @@ class MPOptTrainer(StepRecovery, Trainer):
             logs["micro_batch_size"] = self._memory_config.micro_batch_size
             logs["freeze_rate"] = self._memory_config.freeze_rate
             logs["checkpoint_segments"] = self._memory_config.checkpoint_segments
+            if self._memory_config.batch_size is not None:
+                logs["update_batch_size"] = self._memory_config.batch_size
+                logs["learning_rate_scale"] = self.learning_rate_scale()
             if self._step_peak_bytes is not None:
                 logs["peak_memory_mib"] = round(self._step_peak_bytes / 2**20, 1)
             logs["peak_rss_mib"] = round(process_peak_rss_bytes() / 2**20, 1)
@@ -393,12 +391,3 @@ class MPOptTrainer(StepRecovery, Trainer):
 
 def _uses_blocks(config: MemoryConfig) -> bool:
     return config.freeze_rate > 0 or config.checkpoint_segments > 0
-
-
-def _concat(parts: list[Any]) -> Any:
-    """Concatenate per-half predictions (tensors, or tuples/lists of them) along the batch dimension."""
-    if parts[0] is None:
-        return None
-    if torch.is_tensor(parts[0]):
-        return torch.cat(parts, dim=0)
-    return type(parts[0])(_concat(list(items)) for items in zip(*parts))

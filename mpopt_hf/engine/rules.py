@@ -22,10 +22,10 @@ def feasible(candidates: Iterable[Candidate], budget_bytes: float | None, margin
     return [c for c in candidates if limit is None or c.peak_bytes is None or c.peak_bytes <= limit]
 
 
-def group_key(config: MemoryConfig) -> tuple[float, str]:
-    """What a configuration learns: its trainable set and precision (micro-batching and checkpointing change
-    only what it costs)."""
-    return (config.freeze_rate, config.precision)
+def group_key(config: MemoryConfig) -> tuple[float, str, int | None]:
+    """What a configuration learns: its trainable set, precision and batch per update (micro-batching and
+    checkpointing change only what it costs)."""
+    return (config.freeze_rate, config.precision, config.batch_size)
 
 
 def _speed_key(c: Candidate) -> tuple[float, int, int]:
@@ -34,12 +34,12 @@ def _speed_key(c: Candidate) -> tuple[float, int, int]:
 
 
 def dominance_prune(candidates: Iterable[Candidate]) -> list[Candidate]:
-    """Keep, per (freeze_rate, precision), only the fastest candidate.
+    """Keep, per (freeze_rate, precision, batch per update), only the fastest candidate.
 
     Micro-batch size and checkpointing change cost, not what is learned (same gradient for the same effective
     batch), so within one trainable set and precision a slower candidate can never gain more per second.
     """
-    best: dict[tuple[float, str], Candidate] = {}
+    best: dict[tuple[float, str, int | None], Candidate] = {}
     for c in candidates:
         group = group_key(c.config)
         if group not in best or _speed_key(c) < _speed_key(best[group]):
@@ -58,7 +58,7 @@ def batchnorm_filter(candidates: Iterable[Candidate], min_micro_batch: int, effe
         c
         for c in candidates
         if c.config.micro_batch_size >= min_micro_batch
-        or (effective_batch is not None and c.config.micro_batch_size >= effective_batch)
+        or c.config.micro_batch_size >= (c.config.batch_size or effective_batch or min_micro_batch)
     ]
 
 

@@ -13,19 +13,26 @@ def enumerate_configs(
     checkpoint_segments: Iterable[int],
     precisions: Iterable[str],
     n_blocks: int,
+    batch_sizes: Iterable[int | None] = (None,),
 ) -> list[MemoryConfig]:
-    """Every combination that is valid for a model with ``n_blocks`` blocks (segments <= trainable blocks)."""
+    """Every combination that is valid for a model with ``n_blocks`` blocks (segments <= trainable blocks).
+
+    ``batch_sizes``: the batches per update (None: the loader's); under a batch ``b`` a micro-batch above ``b``
+    would run as ``b``, so it is listed as ``b``, once."""
     from ..knobs import n_frozen_blocks  # pure arithmetic; knobs imports torch only for its own functions
 
     configs = []
-    for precision in precisions:
-        for rate in sorted({float(r) for r in freeze_rates}):
-            trainable = n_blocks - n_frozen_blocks(rate, n_blocks)
-            for segments in sorted(set(checkpoint_segments)):
-                if segments > trainable:
-                    continue
-                for mb in sorted(set(micro_batch_sizes), reverse=True):
-                    configs.append(MemoryConfig(mb, freeze_rate=rate, checkpoint_segments=segments, precision=precision))
+    for batch in batch_sizes:
+        micro = sorted({m if batch is None else min(m, batch) for m in micro_batch_sizes}, reverse=True)
+        for precision in precisions:
+            for rate in sorted({float(r) for r in freeze_rates}):
+                trainable = n_blocks - n_frozen_blocks(rate, n_blocks)
+                for segments in sorted(set(checkpoint_segments)):
+                    if segments > trainable:
+                        continue
+                    for mb in micro:
+                        configs.append(MemoryConfig(mb, freeze_rate=rate, checkpoint_segments=segments,
+                                                    precision=precision, batch_size=batch))
     return configs
 
 
