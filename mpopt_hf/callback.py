@@ -47,6 +47,7 @@ from .engine_state import atomic_write as _atomic_write  # noqa: F401
 from .gain import METRIC_CEILING, PROXY_METRICS, GainMeter, item_scores, metric_from_logits, resolve_metric
 from .knobs import apply_memory_config
 from .ranks import reduce_sums, reduce_value
+from .train_loss_gain import TrainLossGain
 from .wall_clock import WallClockLimit
 
 logger = logging.getLogger(__name__)
@@ -101,6 +102,7 @@ class MPOptCallback(TrainerCallback, ExportableState):
         self._checkpoint = EngineCheckpoint()  # race snapshots: "start" and "best", on the CPU
         self._refs: tuple[Any, Any, Any] | None = None  # plain Trainer: the (args, state, control) last seen
         self._budget: BudgetReader | None = None  # re-reads a budget that may change ('auto', a callable)
+        self._train_loss = TrainLossGain()  # gain_metric 'train_loss': the steps' own losses
 
     @property
     def metric(self) -> str:
@@ -189,7 +191,7 @@ class MPOptCallback(TrainerCallback, ExportableState):
         self._optimizer_ref, self._scheduler_ref = kwargs.get("optimizer"), kwargs.get("lr_scheduler")
         if self.engine is None:
             self._setup(args, state, model, kwargs.get("train_dataloader"), kwargs.get("optimizer"))
-        elif self._needs_baseline:
+        elif self._needs_baseline and self.metric != "train_loss":  # the training loss comes with the step
             self.engine.set_baseline(*self._measure_metric(model))
             self._needs_baseline = False
         budget = self._budget.changed(state.global_step, lambda v: self._reduce(v, "min")) if self._budget else None
@@ -208,6 +210,8 @@ class MPOptCallback(TrainerCallback, ExportableState):
             peak = self._reduce(float(peak), "max")
         meter = getattr(self.trainer, "peak_meter", None)
         timed = not (meter is not None and meter.slowed)  # the same on every rank: sampling follows steps and configs
+        if self.metric == "train_loss":
+            self._observe_train_loss()
         if self.engine.observe_step(state.global_step, step_s, peak, timed=timed):
             metric, se = self._measure_metric(model)
             proxy = self.metric in PROXY_METRICS
@@ -388,9 +392,22 @@ class MPOptCallback(TrainerCallback, ExportableState):
 
     # -------------------------------------------------------------- the gain metric
 
-    def _measure_metric(self, model: nn.Module) -> tuple[float, float]:
+    def _observe_train_loss(self) -> None:
+        """This step's training loss (the mean over ranks); the first step of a race (or of a task) sets its start,
+        measured on the start weights before their first update."""
+        loss = self.trainer.last_step_loss
+        self._train_loss.add(None if loss is None else self._reduce(loss, "sum") / self.trainer.args.world_size)
+        starting = self.engine.racing and self.engine.race_state.start_metric is None
+        if (starting or self._needs_baseline or self.engine.baseline is None) and self._train_loss.last is not None:
+            self.engine.set_baseline(-self._train_loss.last)
+            self._needs_baseline = False
+
+    def _measure_metric(self, model: nn.Module) -> tuple[float | None, float | None]:
         """(mean score, its standard error) over the evaluation data and all ranks (`GainMeter.measure`). Its time
-        (the slowest rank's, so that every rank's engine sizes its trials alike) is search cost."""
+        (the slowest rank's, so that every rank's engine sizes its trials alike) is search cost. For
+        'train_loss', the current trial's later steps' losses: no evaluation, no search time."""
+        if self.metric == "train_loss":
+            return self._train_loss.metric(self.engine.trial_steps_done if self.engine is not None else 0)
         start = self.clock()
         result = self._gain.measure(model, self.trainer, self.eval_dataset, self._reduce_sums)
         seconds = self._reduce(self.clock() - start, "max")

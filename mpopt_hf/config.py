@@ -172,7 +172,7 @@ class MemoryConfig:
             raise type(err)(f"In the memory configuration {text!r}: {err}") from None
 
 
-GAIN_METRICS = ("auto", "val_accuracy", "entropy", "confidence", "loss")
+GAIN_METRICS = ("auto", "val_accuracy", "entropy", "confidence", "loss", "train_loss")
 COST_PREDICTORS = ("profile", "fake")
 STRATEGIES = ("race", "ucb")
 LR_SCALINGS = ("none", "linear", "sqrt")
@@ -275,8 +275,10 @@ class MPOptArguments:
             "help": f"What a trial's gain is measured on, one of {list(GAIN_METRICS)}. 'val_accuracy' needs labelled "
             "evaluation data; 'entropy' (mean prediction entropy, lower is better) and 'confidence' (mean top "
             "probability) need none; 'loss': the model's own loss on the evaluation data (lower is better), for "
-            "models without classification logits (CLIP, causal LMs, SAM). 'auto': for an output with classification "
-            "logits, val_accuracy when the evaluation data have labels, else entropy; for any other output, loss."
+            "models without classification logits (CLIP, causal LMs, SAM); 'train_loss': the training loss the steps "
+            "compute anyway (no evaluation data, no extra forward pass; MPOptTrainer only). 'auto': without "
+            "evaluation data train_loss; with them, for an output with classification logits val_accuracy when the "
+            "evaluation data have labels, else entropy; for any other output, loss."
         },
     )
     strategy: str = field(

@@ -45,7 +45,7 @@ def item_scores(logits: torch.Tensor, labels: torch.Tensor | None, metric: str) 
 
 
 # the best value of each gain metric's item score: the engine caps its projections there
-METRIC_CEILING = {"val_accuracy": 1.0, "confidence": 1.0, "entropy": 0.0, "loss": 0.0}
+METRIC_CEILING = {"val_accuracy": 1.0, "confidence": 1.0, "entropy": 0.0, "loss": 0.0, "train_loss": 0.0}
 # metrics that need no labels: a jump of one between two measurements may be drift (the engine re-opens its search)
 PROXY_METRICS = ("entropy", "confidence")
 LOGIT_METRICS = ("val_accuracy", "entropy", "confidence")
@@ -142,7 +142,16 @@ class GainMeter:
 
     def resolve(self, requested: str, model: nn.Module, trainer: Any, fallback: Any) -> str:
         """Set and return the metric for ``requested`` (see `resolve_for_output`), from the model's output on the
-        first evaluation batch (a couple of rows, without gradients)."""
+        first evaluation batch (a couple of rows, without gradients). Without evaluation data, 'auto' is the
+        training loss where the trainer reports it (`MPOptTrainer`)."""
+        reports_loss = hasattr(trainer, "last_step_loss")
+        has_eval = fallback is not None or getattr(trainer, "eval_dataset", None) is not None
+        if requested == "train_loss" or (requested == "auto" and not has_eval and reports_loss):
+            if not reports_loss:
+                raise ValueError("gain_metric='train_loss' reads the loss of each training step, which only "
+                                 "MPOptTrainer reports; give a plain Trainer an eval_dataset and another gain_metric.")
+            self.metric = "train_loss"
+            return self.metric
         batch = next(iter(self._loader(trainer, fallback)), None)
         if batch is None:
             self.metric = resolve_metric(requested, None)

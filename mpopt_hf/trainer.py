@@ -80,6 +80,7 @@ class MPOptTrainer(BatchUpdates, HalvingEvaluation, StepRecovery, Trainer):
         self.oom_events: list[tuple[int, MemoryConfig]] = []
         self.mpopt_callback: MPOptCallback | None = None
         self.nonfinite = NonFiniteSteps(max_nonfinite_steps)
+        self.last_step_loss: float | None = None  # the last optimizer step's training loss
         self.loss_items = loss_items
         self.log_memory_config = log_memory_config
         # how the learning rate follows a MemoryConfig.batch_size smaller than the loader's (`batch_updates`)
@@ -230,6 +231,7 @@ class MPOptTrainer(BatchUpdates, HalvingEvaluation, StepRecovery, Trainer):
         loss = self._step_gradients(model)
         if not torch.isfinite(loss):
             self._flag_nonfinite("loss")
+        self.last_step_loss = float(loss.detach())  # read by the engine's 'train_loss' gain (no probe set)
         return loss
 
     def _gradients(self, model: nn.Module) -> torch.Tensor:

@@ -208,15 +208,34 @@ def test_training_that_stops_mid_race_keeps_the_best_ended_trial_and_can_go_on(t
     assert "exploitation over: race 1/2 from the same weights" in reasons and reasons[-1].startswith("race won")
 
 
-def test_without_eval_data_the_gain_metric_scores_training_rows(tmp_path):
-    """The one-line path: MPOptTrainer(..., mpopt_args=MPOptArguments()) with only a train_dataset trains, and
-    the warning says what the gain metric scores instead of a probe set."""
+def test_without_eval_data_the_gain_is_the_training_loss(tmp_path):
+    """The one-line path: MPOptTrainer(..., mpopt_args=MPOptArguments()) with only a train_dataset trains on the
+    training loss the steps compute anyway: no evaluation runs (no search time), each race trial is scored by its
+    later steps' losses, and the race's start by its first step's loss."""
     model = build_tiny("vit", dropout=0.0)
-    trainer = MPOptTrainer(model=model, args=training_args(tmp_path, 8, steps=3), train_dataset=_data(model, 24),
-                           mpopt_args=MPOptArguments(micro_batch_sizes=[8, 4], freeze_rates=[0.0], checkpoint_segments=[0],
-                                                     trial_steps=1, search_share=None), clock=StepClock())
-    with pytest.warns(UserWarning, match=r"no eval_dataset, so the gain metric scores the first 24 training rows"):
+    forwards = []
+    model.register_forward_pre_hook(lambda m, a: forwards.append(m.training))
+    trainer = MPOptTrainer(model=model, args=training_args(tmp_path, 8, steps=6), train_dataset=_data(model, 48),
+                           mpopt_args=MPOptArguments(micro_batch_sizes=[8], freeze_rates=[0.0, 0.5],
+                                                     checkpoint_segments=[0], trial_steps=2, search_share=None),
+                           clock=StepClock())
+    trainer.train()
+    callback, engine = trainer.mpopt_callback, trainer.mpopt_callback.engine
+    assert callback.metric == "train_loss" and engine.search_seconds == 0.0
+    assert all(forwards), "an evaluation forward ran"
+    losses = list(callback._train_loss.losses)
+    assert len(losses) == 6 and all(v > 0 for v in losses)
+    # the race: trial 1 = steps 1-2, trial 2 = steps 3-4 from the same weights, each scored by its later half (one
+    # step); the race starts from step 1's loss, computed on the start weights
+    assert sorted(t.metric for t in engine.race_trials.values()) == sorted([-losses[1], -losses[3]])
+    assert engine.race_state.start_metric == -losses[0]
+    assert [d.kind for d in engine.decisions][:3] == ["start", "trial", "trial"]
+
+
+def test_gain_metric_train_loss_needs_mpopt_trainer(tmp_path):
+    model = build_tiny("vit", dropout=0.0)
+    callback = MPOptCallback(MPOptArguments(freeze_rates=[0.5], checkpoint_segments=[1], trial_steps=1,
+                                            gain_metric="train_loss"))
+    trainer = Trainer(model=model, args=training_args(tmp_path, 8, steps=1), train_dataset=_data(model), callbacks=[callback])
+    with pytest.raises(ValueError, match="gain_metric='train_loss' reads the loss of each training step"):
         trainer.train()
-    engine = trainer.mpopt_callback.engine
-    assert engine.baseline is not None and engine.decisions
-    assert trainer.state.global_step == 3
