@@ -129,6 +129,9 @@ def main() -> None:
     parser.add_argument("--search-share", type=float, default=0.1, help="the issue's search-cost target")
     parser.add_argument("--batches", type=int, nargs="+", default=[BATCH],
                         help="batches per update the engine may choose (the loader's is 64); default: only 64")
+    parser.add_argument("--rates", type=float, nargs="+", default=[0.0, 0.5, 1.0], help="freeze rates searched")
+    parser.add_argument("--gain", default="val_accuracy", choices=["val_accuracy", "train_loss"],
+                        help="the engine's gain signal: accuracy on the probe, or the training loss (no evaluation)")
     parser.add_argument("--lr-scaling", default="sqrt", choices=["none", "linear", "sqrt"])
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     ns = parser.parse_args()
@@ -154,7 +157,7 @@ def main() -> None:
     default = MemoryConfig(BATCH)
     budget_mib = ns.budget_share * cost.predict(default)[0] / MIB
     micro = [64, 32, 16, 8]
-    rates = [0.0, 0.5, 1.0]
+    rates = ns.rates
     segments = sorted({0, n_blocks // 2, n_blocks})
     update_batches = [None] + sorted({b for b in ns.batches if b != BATCH}, reverse=True)
     space = enumerate_configs(micro, rates, segments, ["fp32"], n_blocks, batch_sizes=update_batches)
@@ -170,6 +173,8 @@ def main() -> None:
         auto = auto.replace(micro_batch_size=auto.micro_batch_size // 2)
     full = next(MemoryConfig(m, checkpoint_segments=n_blocks) for m in micro if fits(MemoryConfig(m, checkpoint_segments=n_blocks)))
     head = next(MemoryConfig(m, freeze_rate=1.0) for m in micro if fits(MemoryConfig(m, freeze_rate=1.0)))
+    head_same = next((c.config for c in survivors if c.config.freeze_rate == 1.0 and c.config.batch_size is None), None)
+    head = head_same or head
 
     # (configuration, batch): auto_find_batch trains at its halved batch; every other row keeps BATCH
     plan = {f"fixed/{c.config.short()}": (c.config, BATCH) for c in survivors}
@@ -201,7 +206,7 @@ def main() -> None:
                                checkpoint_segments=segments, precisions=["fp32"], trial_steps=ns.trial_steps,
                                effective_batch_sizes=ns.batches if len(ns.batches) > 1 else None,
                                lr_scaling=ns.lr_scaling if len(ns.batches) > 1 else None,
-                               trial_max_s=ns.seconds / 15, search_share=ns.search_share, gain_metric="val_accuracy")
+                               trial_max_s=ns.seconds / 15, search_share=ns.search_share, gain_metric=ns.gain)
         counter = UpdateCounter()
         trainer = MPOptTrainer(model=model, args=_args(tmp, 10**6, seed=seed), train_dataset=s_train,
                                eval_dataset=s_val, mpopt_args=mpopt, cost_model=cost,

@@ -184,10 +184,12 @@ def _classes() -> tuple:
 
 
 def parse(argv: list[str] | None = None):
-    """(model, data, seed, run, mpopt, training) arguments, the seed's flags already applied."""
-    model, data, seed, run, mpopt, training = parse_args(_classes(), DEFAULT_TRAINING_FLAGS, argv)
+    """(model, data, seed, run, mpopt, training) arguments, the seed's flags already applied (a `ParsedArgs`: its
+    ``provenance`` goes to run_and_report)."""
+    parsed = parse_args(_classes(), DEFAULT_TRAINING_FLAGS, argv)
+    _, _, seed, run, mpopt, training = parsed
     apply_seed_flags(seed, run, mpopt, training, given_flags(argv))
-    return model, data, seed, run, mpopt, training
+    return parsed
 
 
 # ---------------------------------------------------------------------------- the source model
@@ -239,7 +241,8 @@ def _source_accuracy(model, source) -> float | None:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Parse, pre-train (or load) the source model, run the stream, print the table; returns the results dict."""
-    model_args, data_args, seed_args, run_args, mpopt_args, training_args = parse(argv)
+    parsed = parse(argv)
+    model_args, data_args, seed_args, run_args, mpopt_args, training_args = parsed
     started = time.perf_counter()
     classes, source, targets = load_stream(data_args, with_source=model_args.pretrain_steps > 0)
     model = source_model(model_args, data_args, classes, source, training_args).to(training_args.device)
@@ -263,4 +266,4 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                  "run": asdict(run_args)}
     return run_and_report(model, targets, run_args, mpopt_args, training_args, budget=budget,
                           unconstrained=unconstrained, started=started, arguments=arguments,
-                          extra_summary={"source_accuracy": source_accuracy})
+                          provenance=parsed.provenance, extra_summary={"source_accuracy": source_accuracy})

@@ -101,6 +101,8 @@ class BudgetReader:
     def changed(self, step: int, reduce_min: Callable[[float], float] = lambda v: v) -> float | None:
         """The new budget in bytes when it is due to be read at ``step`` and has changed; else None. ``reduce_min``
         makes every rank see the smallest rank's reading, so that all decide alike."""
+        if self.last_step is not None and step < self.last_step:
+            self.last_step = None  # a new trainer (the online loop's next task) counts its steps from 0 again
         if not self.dynamic or (self.last_step is not None and step - self.last_step < self.every):
             return None
         self.last_step = step

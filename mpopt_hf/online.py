@@ -5,7 +5,7 @@
 (optionally ``val``, ``corruption``, ``severity``). The baselines share one loop,
 so their records are comparable field for field:
 
-* ``none``: the source model, never adapted (accuracy_after == accuracy_before);
+* ``none``: the source model, never adapted (metric_after == metric_before);
 * ``fixed``: one given `MemoryConfig` for the whole stream;
 * ``full_checkpointing``: every block checkpointed, the whole batch at once, or under a budget the largest
   micro-batch (with accumulation) whose predicted peak fits;
@@ -16,6 +16,11 @@ so their records are comparable field for field:
   ``task_boundary()`` called between tasks; its cost model is the one ``MPOptArguments.cost_predictor``
   names (the profiler's fitted memory model by default). The baselines' budget checks predict peaks on
   fake tensors (`mpopt_hf.profiler.predict_step`).
+
+A task is scored by classification accuracy unless ``evaluate_fn`` gives another metric (perplexity for a
+language model: ``metric_name="perplexity", higher_is_better=False``). Every record names its metric and its
+direction; ``metric_before``/``metric_after`` hold the values, and for accuracy ``accuracy_before``/
+``accuracy_after`` hold them too (None for another metric), so results written before the hook read as they did.
 """
 
 from __future__ import annotations
@@ -23,9 +28,10 @@ from __future__ import annotations
 import copy
 import inspect
 import logging
+import math
+import numbers
 import time
-from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -37,42 +43,16 @@ from .blocks import find_blocks
 from .config import InvalidTypeError, MemoryConfig, check_bool, check_int, check_number, check_str
 from .cost import FakeTensorCostModel, plain_optimizer
 from .metrics import load_metric
+from .online_eval import accuracy_on, predict_labels  # noqa: F401  (importable from here, as before)
+from .online_records import ACCURACY, OnlineResult, TaskRecord, summarise
+from .budget import BudgetTrace, is_dynamic
+from .online_timeline import StepLog, StreamSteps, task_decisions
 from .wall_clock import WallClockLimit
 
 logger = logging.getLogger(__name__)
 
 BASELINES = ("mpopt", "none", "fixed", "auto_find_batch_size", "full_checkpointing")
 MiB = 2**20
-
-
-@dataclass
-class TaskRecord:
-    """What happened on one task; sizes in MiB, times in seconds."""
-
-    task: str
-    accuracy_before: float
-    accuracy_after: float
-    configs: list[dict[str, Any]] = field(default_factory=list)
-    measured_peak_mib: float | None = None
-    measured_peak_source: str | None = None
-    predicted_peak_mib: float | None = None
-    budget_mib: float | None = None
-    seconds: float = 0.0
-    search_seconds: float = 0.0
-    train_samples: int = 0
-    steps: int = 0
-    corruption: str | None = None
-    severity: int | None = None
-
-
-@dataclass
-class OnlineResult:
-    tasks: list[TaskRecord]
-    summary: dict[str, Any]
-    paths: dict[str, str] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"tasks": [asdict(t) for t in self.tasks], "summary": self.summary}
 
 
 def engine_available() -> bool:
@@ -82,41 +62,16 @@ def engine_available() -> bool:
     return "mpopt_args" in inspect.signature(MPOptTrainer.__init__).parameters
 
 
-# ---------------------------------------------------------------------------- evaluation
-
-
-@torch.no_grad()
-def predict_labels(model: nn.Module, dataset, batch_size: int = 256, label_column: str = "labels") -> list[int]:
-    """Argmax predictions of ``model`` over ``dataset`` (every column but the labels goes to the model)."""
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    data = dataset.with_format("torch")
-    inputs = [c for c in data.column_names if c != label_column]
-    predictions: list[int] = []
-    for start in range(0, len(data), batch_size):
-        rows = data[start : start + batch_size]
-        logits = model(**{k: rows[k].to(device) for k in inputs}).logits
-        predictions.extend(logits.argmax(dim=-1).tolist())
-    model.train(was_training)
-    return predictions
-
-
-def accuracy_on(model: nn.Module, dataset, metric, batch_size: int = 256, label_column: str = "labels") -> float:
-    if label_column not in dataset.column_names:
-        raise ValueError(f"Evaluation data need a {label_column!r} column; columns are {dataset.column_names}.")
-    predictions = predict_labels(model, dataset, batch_size, label_column)
-    return float(metric.compute(predictions=predictions, references=list(dataset[label_column]))["accuracy"])
-
-
 # ---------------------------------------------------------------------------- the loop
 
 
 class OnlineRetrainer:
-    """Evaluate -> retrain -> evaluate over a stream of tasks, recording accuracy, memory and time per task.
+    """Evaluate -> retrain -> evaluate over a stream of tasks, recording the metric, memory and time per task.
 
     ``args`` are the `TrainingArguments` of each task's retraining (``max_steps`` per task; its
     ``per_device_train_batch_size`` is the effective batch). ``budget_mib`` is what the peak is held to.
+    ``evaluate_fn(model, dataset) -> float`` scores a task (on its test split, else val) instead of accuracy; then
+    ``metric_name`` and ``higher_is_better`` say what it measures (e.g. ``"perplexity"``, False).
     """
 
     def __init__(
@@ -139,12 +94,27 @@ class OnlineRetrainer:
         engine_eval_size: int = 128,
         show_trainer_logs: bool = False,
         seconds_per_task: float | None = None,
+        evaluate_fn: Callable[[nn.Module, Any], float] | None = None,
+        metric_name: str = ACCURACY,
+        higher_is_better: bool = True,
+        budget_trace: Any = None,
     ) -> None:
         if baseline not in BASELINES:
             raise ValueError(f"baseline must be one of {list(BASELINES)}, got {baseline!r}.")
         if baseline == "fixed" and memory_config is None:
             memory_config = MemoryConfig(micro_batch_size=args.per_device_train_batch_size)
-        if budget_mib is None and mpopt_args is not None:
+        self.stream_steps = StreamSteps()
+        self.timeline: list[dict[str, Any]] = []
+        self.budget_trace = budget_trace
+        if budget_trace is not None:  # replayed over the stream's steps: the same steps on every machine
+            if not isinstance(budget_trace, BudgetTrace):
+                raise InvalidTypeError(f"OnlineRetrainer.budget_trace must be a mpopt_hf.BudgetTrace (points in the "
+                                       f"stream's steps) or None, got {type(budget_trace).__name__}.")
+            budget_trace.clock, budget_trace.started = self.stream_steps, 0.0
+            budget_mib = budget_trace.points[0].mib if budget_mib is None else budget_mib
+            if mpopt_args is not None:
+                mpopt_args.memory_budget_mib, mpopt_args.budget_every_steps = budget_trace, 1
+        if budget_mib is None and mpopt_args is not None and not is_dynamic(mpopt_args.memory_budget_mib):
             budget_mib = getattr(mpopt_args, "memory_budget_mib", None)
         where = "OnlineRetrainer."
         positive = lambda v: v > 0  # noqa: E731
@@ -158,6 +128,15 @@ class OnlineRetrainer:
                            ("train_with_labels", train_with_labels), ("show_progress", show_progress),
                            ("show_trainer_logs", show_trainer_logs)):
             check_bool(where + name, flag)
+        if evaluate_fn is not None and not callable(evaluate_fn):
+            raise InvalidTypeError(f"{where}evaluate_fn must be a callable (model, dataset) -> float or None, got "
+                                   f"{type(evaluate_fn).__name__}.")
+        metric_name = check_str(where + "metric_name", metric_name, "the name of the metric, e.g. 'perplexity'")
+        check_bool(where + "higher_is_better", higher_is_better)
+        if evaluate_fn is None and (metric_name != ACCURACY or not higher_is_better):
+            raise ValueError(f"{where}metric_name {metric_name!r} / higher_is_better {higher_is_better!r}: without "
+                             f"evaluate_fn a task is scored by accuracy (higher is better); pass "
+                             f"evaluate_fn=(model, dataset) -> float to score it by {metric_name!r}.")
         if memory_config is not None and not isinstance(memory_config, MemoryConfig):
             raise InvalidTypeError(f"{where}memory_config must be a MemoryConfig or None, got {type(memory_config).__name__}.")
         if baseline == "mpopt" and (mpopt_args is None or not engine_available()):
@@ -170,7 +149,8 @@ class OnlineRetrainer:
         self.measure_peak, self.predict_peak = measure_peak, predict_peak
         self.train_with_labels, self.label_column = train_with_labels, label_column
         self.eval_batch_size, self.data_collator, self.show_progress = eval_batch_size, data_collator, show_progress
-        self.accuracy_metric = load_metric("accuracy")
+        self.evaluate_fn, self.metric_name, self.higher_is_better = evaluate_fn, metric_name, higher_is_better
+        self.accuracy_metric = load_metric("accuracy") if evaluate_fn is None else None
         self.uses_engine = baseline == "mpopt"
         self._callback = None
         self._measured: dict[MemoryConfig, Any] = {}
@@ -197,26 +177,42 @@ class OnlineRetrainer:
         bar = tqdm(tasks, desc=f"online [{self.baseline}]", unit="task", disable=not self.show_progress)
         for index, task in enumerate(bar):
             records.append(self.run_task(task))
-            bar.set_postfix(task=records[-1].task, acc=f"{records[-1].accuracy_after:.3f}")
+            bar.set_postfix(task=records[-1].task, **{self.metric_name: f"{records[-1].metric_after:.3f}"})
             result.summary = summarise(records, self.baseline, self.budget_mib, len(tasks), time.perf_counter() - started,
                                        reference_errors)
+            result.timeline = self.timeline
+            if self.budget_trace is not None:  # each step against the budget that held at it
+                result.summary.update(budget_trace=repr(self.budget_trace), **steps_within_budget(self.timeline))
             if output_dir is not None:
                 result.paths = write_results(result.to_dict(), output_dir, plot=index == len(tasks) - 1)
         return result
 
     def run_task(self, task) -> TaskRecord:
-        name = str(getattr(task, "name", task))
+        name = name_of(task)
         evaluation = getattr(task, "test", None) or getattr(task, "val", None)
         if evaluation is None:
             raise ValueError(f"Task {name!r} has neither a test nor a val split to evaluate on.")
-        before = accuracy_on(self.model, evaluation, self.accuracy_metric, self.eval_batch_size, self.label_column)
-        record = TaskRecord(task=name, accuracy_before=before, accuracy_after=before, budget_mib=self.budget_mib,
-                            corruption=getattr(task, "corruption", None), severity=getattr(task, "severity", None))
+        before = self.evaluate(evaluation, name)
+        record = TaskRecord(task=name, budget_mib=self.budget_mib, corruption=getattr(task, "corruption", None),
+                            severity=getattr(task, "severity", None), metric=self.metric_name,
+                            higher_is_better=self.higher_is_better)
+        record.set_scores(before=before, after=before)
         if self.baseline != "none":
             self._retrain(task, record)
-            record.accuracy_after = accuracy_on(self.model, evaluation, self.accuracy_metric, self.eval_batch_size,
-                                                self.label_column)
+            record.set_scores(after=self.evaluate(evaluation, name))
         return record
+
+    def evaluate(self, dataset, task: str = "?") -> float:
+        """The metric of the model on ``dataset``: ``evaluate_fn``'s, else accuracy."""
+        if self.evaluate_fn is None:
+            return accuracy_on(self.model, dataset, self.accuracy_metric, self.eval_batch_size, self.label_column)
+        value = self.evaluate_fn(self.model, dataset)
+        if isinstance(value, torch.Tensor) and value.numel() == 1:
+            value = value.item()
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or math.isnan(value):
+            raise ValueError(f"OnlineRetrainer.evaluate_fn returned {value!r} ({type(value).__name__}) for "
+                             f"{self.metric_name!r} on task {task!r}; it must return a number (not NaN).")
+        return float(value)
 
     # ------------------------------------------------------------------ retraining
 
@@ -276,6 +272,7 @@ class OnlineRetrainer:
         trainer = MPOptTrainer(**kwargs)
         if limit is not None:  # before the task boundary: the engine plans its search for the slot
             trainer.add_callback(limit)
+        decided = len(self._callback.engine.decisions) if self.uses_engine and self._callback and self._callback.engine else 0
         if self.uses_engine:
             if self._callback is None:
                 self._callback = trainer.mpopt_callback
@@ -285,7 +282,8 @@ class OnlineRetrainer:
             from transformers import PrinterCallback
 
             trainer.remove_callback(PrinterCallback)  # the per-task table says it; keep the progress bar readable
-        configs = _ConfigLog()
+        engine = (lambda: self._callback.engine) if self.uses_engine else None
+        configs = StepLog(name_of(task), self.stream_steps, self.budget_trace or self.budget_mib, engine)
         trainer.add_callback(configs.callback(trainer))
         on_cuda = args.device.type == "cuda"
         if on_cuda:
@@ -298,6 +296,11 @@ class OnlineRetrainer:
         record.steps = int(output.global_step)
         record.train_samples = len(train)
         record.configs = [c.to_dict() for c in configs.used]
+        self.timeline.extend(configs.rows)
+        budgets = [r["budget_mib"] for r in configs.rows if r["budget_mib"] is not None]
+        record.budget_min_mib = min(budgets) if budgets else None
+        if self.uses_engine:
+            record.decisions = task_decisions(self._callback.engine.decisions[decided:])
         # search cost: choosing configurations (peak predictions) and, for the engine, its gain-metric evaluations
         record.search_seconds = (search + self._cost_seconds - predicted_before
                                  + self._engine_search_seconds - evaluated_before)
@@ -381,57 +384,13 @@ class OnlineRetrainer:
         return total
 
 
-class _ConfigLog:
-    """Records each distinct MemoryConfig the trainer runs, in order (read at every step end)."""
-
-    def __init__(self) -> None:
-        self.used: list[MemoryConfig] = []
-
-    def callback(self, trainer):
-        from transformers import TrainerCallback
-
-        log = self
-
-        class _Watch(TrainerCallback):
-            def on_step_end(self, args, state, control, **kwargs):
-                config = trainer.memory_config
-                if not log.used or log.used[-1] != config:
-                    log.used.append(config)
-
-        return _Watch()
+def name_of(task: Any) -> str:
+    return str(getattr(task, "name", task))
 
 
-# ---------------------------------------------------------------------------- summary
-
-
-def summarise(records: Sequence[TaskRecord], baseline: str, budget_mib: float | None, n_tasks: int,
-              seconds: float, reference_errors: dict[str, float] | None = None) -> dict[str, Any]:
-    """Means over tasks, the budget check and mCE of the adapted model against the model before each task."""
-    n = len(records)
-    measured = [r.measured_peak_mib for r in records if r.measured_peak_mib is not None]
-    summary: dict[str, Any] = {
-        "baseline": baseline,
-        "tasks_done": n,
-        "tasks_planned": n_tasks,
-        "complete": n == n_tasks,
-        "mean_accuracy_before": sum(r.accuracy_before for r in records) / n,
-        "mean_accuracy_after": sum(r.accuracy_after for r in records) / n,
-        "budget_mib": budget_mib,
-        "max_measured_peak_mib": max(measured) if measured else None,
-        "within_budget": None if not measured or budget_mib is None else max(measured) <= budget_mib,
-        "seconds": seconds,
-        "train_seconds": sum(r.seconds for r in records),
-        "search_seconds": sum(r.search_seconds for r in records),
-    }
-    summary["mean_gain"] = summary["mean_accuracy_after"] - summary["mean_accuracy_before"]
-    names = [r.corruption or r.task for r in records]
-    errors = [1.0 - r.accuracy_after for r in records]
-    base = [reference_errors[name] for name in names] if reference_errors else [1.0 - r.accuracy_before for r in records]
-    try:
-        result = load_metric("mce").compute(predictions=errors, references=base, corruptions=names)
-        summary["mce"] = result["mce"]
-        summary["mce_reference"] = "reference_errors" if reference_errors else "accuracy_before"
-    except ValueError as error:  # e.g. a reference with no error at all on a corruption
-        summary["mce"] = None
-        summary["mce_reference"] = f"undefined: {error}"
-    return summary
+def steps_within_budget(timeline: list[dict[str, Any]]) -> dict[str, Any]:
+    """Of the measured steps, how many exceeded the budget that held at them."""
+    measured = [r for r in timeline if r["measured_peak_mib"] is not None and r["budget_mib"] is not None]
+    over = [r["stream_step"] for r in measured if r["measured_peak_mib"] > r["budget_mib"]]
+    return {"measured_steps": len(measured), "steps_over_budget": over,
+            "within_budget": not over if measured else None}

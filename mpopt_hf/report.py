@@ -13,10 +13,49 @@ import os
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
-TABLE_COLUMNS = ("task", "accuracy_before", "accuracy_after", "measured_peak_mib", "predicted_peak_mib", "budget_mib",
-                 "seconds", "configs")
+TABLE_COLUMNS = ("task", "metric", "metric_before", "metric_after", "measured_peak_mib", "predicted_peak_mib",
+                 "budget_mib", "seconds", "configs")
+SHORT_NAMES = {"accuracy": "acc"}  # column headers of the terminal table
+
+
+class Scores(NamedTuple):
+    """A metric's name, its direction and its values before and after retraining."""
+
+    metric: str
+    higher_is_better: bool
+    before: float | None
+    after: float | None
+
+    @property
+    def direction(self) -> str:
+        return "higher is better" if self.higher_is_better else "lower is better"
+
+
+def task_scores(task: dict[str, Any]) -> Scores:
+    """The metric of a task record (a ``results.json`` row); a record written before the metric hook is accuracy."""
+    if "metric_before" in task:
+        return Scores(task.get("metric", "accuracy"), task.get("higher_is_better", True), task["metric_before"],
+                      task["metric_after"])
+    return Scores("accuracy", True, task["accuracy_before"], task["accuracy_after"])
+
+
+def summary_scores(summary: dict[str, Any]) -> Scores:
+    """The stream's mean metric before and after, from a summary (an old one: ``mean_accuracy_*``)."""
+    if "mean_metric_before" in summary:
+        return Scores(summary.get("metric", "accuracy"), summary.get("higher_is_better", True),
+                      summary["mean_metric_before"], summary["mean_metric_after"])
+    return Scores("accuracy", True, summary["mean_accuracy_before"], summary["mean_accuracy_after"])
+
+
+def stream_metric(tasks: Sequence[dict[str, Any]]) -> Scores:
+    """The metric the records of one stream share (values None); accuracy for no records."""
+    found = {task_scores(t)[:2] for t in tasks} or {("accuracy", True)}
+    if len(found) != 1:
+        raise ValueError(f"The records of one stream must share one metric and direction, got {sorted(found)}.")
+    (metric, higher), = found
+    return Scores(metric, higher, None, None)
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
@@ -54,7 +93,7 @@ def results_csv(tasks: Sequence[dict[str, Any]]) -> str:
 
 
 def plot_png(tasks: Sequence[dict[str, Any]], title: str = "") -> bytes:
-    """Two panels: accuracy before/after per task (grouped bars); peak memory per task against the budget."""
+    """Two panels: the metric before/after per task (grouped bars); peak memory per task against the budget."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -64,13 +103,16 @@ def plot_png(tasks: Sequence[dict[str, Any]], title: str = "") -> bytes:
     x = list(range(len(tasks)))
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(max(6.0, 1.1 * len(tasks) + 2), 7), constrained_layout=True)
     width = 0.38
-    top.bar([i - width / 2 for i in x], [t["accuracy_before"] for t in tasks], width, label="before retraining")
-    top.bar([i + width / 2 for i in x], [t["accuracy_after"] for t in tasks], width, label="after retraining")
-    top.set_ylabel("accuracy")
-    top.set_ylim(0, 1.15)
+    metric = stream_metric(tasks)
+    scores = [task_scores(t) for t in tasks]
+    top.bar([i - width / 2 for i in x], [s.before for s in scores], width, label="before retraining")
+    top.bar([i + width / 2 for i in x], [s.after for s in scores], width, label="after retraining")
+    top.set_ylabel(f"{metric.metric} ({metric.direction})")
+    finite = [v for s in scores for v in (s.before, s.after) if v is not None and abs(v) != float("inf")]
+    top.set_ylim(0, 1.15 if metric.metric == "accuracy" else 1.15 * max(finite, default=1.0))
     top.set_xticks(x, names, rotation=20, ha="right")
     top.legend(loc="upper left", ncol=2, fontsize="small")
-    top.set_title(title or "accuracy per task")
+    top.set_title(f"{metric.metric} per task ({metric.direction})" + (f" | {title}" if title else ""))
 
     measured = [t.get("measured_peak_mib") for t in tasks]
     predicted = [t.get("predicted_peak_mib") for t in tasks]
@@ -110,6 +152,11 @@ def write_results(results: dict[str, Any], output_dir: str | Path, plot: bool = 
     if plot:
         title = f"baseline: {results.get('summary', {}).get('baseline', '?')}"
         paths["png"] = atomic_write_bytes(output_dir / "results.png", plot_png(results["tasks"], title))
+        if results.get("timeline"):
+            from .report_timeline import timeline_png
+
+            paths["timeline"] = atomic_write_bytes(output_dir / "timeline.png",
+                                                   timeline_png(results["timeline"], results["tasks"], title))
     return {k: str(v) for k, v in paths.items()}
 
 
@@ -123,14 +170,28 @@ def format_table(tasks: Sequence[dict[str, Any]]) -> str:
             return f"{value:.3f}" if abs(value) < 10 else f"{value:.1f}"
         return str(value)
 
-    header = ("task", "acc before", "acc after", "peak MiB", "pred MiB", "budget MiB", "train s", "configs")
+    metric = stream_metric(tasks)
+    name = SHORT_NAMES.get(metric.metric, metric.metric)
+    from .online_timeline import why_label
+
+    header = ("task", f"{name} before", f"{name} after", "peak MiB", "pred MiB", "budget MiB", "train s", "configs")
+    traced = any(t.get("budget_min_mib") is not None and t.get("budget_min_mib") != t.get("budget_mib") for t in tasks)
+    decided = any(t.get("decisions") for t in tasks)
     rows = [
-        (t["task"], cell(t["accuracy_before"]), cell(t["accuracy_after"]), cell(t.get("measured_peak_mib")),
-         cell(t.get("predicted_peak_mib")), cell(t.get("budget_mib")), cell(t.get("seconds")),
+        (t["task"], cell(task_scores(t).before), cell(task_scores(t).after), cell(t.get("measured_peak_mib")),
+         cell(t.get("predicted_peak_mib")),
+         cell(t.get("budget_min_mib") if traced else t.get("budget_mib")), cell(t.get("seconds")),
          _configs_label(t.get("configs", [])))
+        + ((why_label(t.get("decisions") or []),) if decided else ())
         for t in tasks
     ]
+    if traced:
+        header = header[:5] + ("min budget MiB",) + header[6:]
+    if decided:
+        header = header + ("why (decision kinds)",)
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     lines = ["  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in [header, *rows]]
     lines.insert(1, "  ".join("-" * w for w in widths))
+    if metric.metric != "accuracy" or not metric.higher_is_better:
+        lines.append(f"({metric.metric}: {metric.direction})")
     return "\n".join(lines)

@@ -128,6 +128,11 @@ class MPOptTrainer(BatchUpdates, HalvingEvaluation, StepRecovery, Trainer):
         return self._memory_config or self._pending_config or self.default_memory_config()
 
     @property
+    def step_peak_bytes(self) -> int | None:
+        """The last step's measured peak (every step on CUDA; sampled steps on CPU, else None)."""
+        return self._step_peak_bytes
+
+    @property
     def knobs_active(self) -> bool:
         """False until a configuration or an engine is given: until then every step is Trainer's own."""
         return self._memory_config is not None or self._pending_config is not None or self.oom_handler is not None

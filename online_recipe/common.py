@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import sys
 import time
@@ -58,6 +59,13 @@ class RunArguments:
         metadata={"help": "Wall-clock seconds of retraining per task (evaluations and search included); with a large "
                   "--max_steps it makes every baseline train for equal time. None: --max_steps steps per task."},
     )
+    budget_trace: str | None = field(
+        default=None,
+        metadata={"help": "A budget that moves while the stream runs, as a co-located process would make it: points "
+                  "'where:share' separated by commas, where = the share of the stream's steps (0..1) from which the "
+                  "budget is share x the budget, e.g. '0:1,0.4:0.5,0.7:1' (half the memory from 40 %% of the stream "
+                  "to 70 %%). 'none' or None: a fixed budget. Needs --max_steps (steps per task)."},
+    )
 
     def __post_init__(self) -> None:
         from mpopt_hf.config import MemoryConfig
@@ -81,31 +89,80 @@ class RunArguments:
                                  f"got --baseline {self.baseline!r}; drop fixed_config or use --baseline fixed.")
         self.seconds_per_task = check_number(where + "seconds_per_task", self.seconds_per_task, lambda v: v > 0,
                                              "> 0 (a finite number of seconds) or None", optional=True)
+        if self.budget_trace is not None and self.budget_trace.strip().lower() == "none":
+            self.budget_trace = None
+        if self.budget_trace is not None:
+            trace_shares(self.budget_trace)  # a malformed trace fails here, naming the field
+
+
+# ---------------------------------------------------------------------------- the model flag
+
+# a Hugging Face hub id: ``name`` or ``org/name`` (letters, digits, '-', '_', '.'; no leading '.' or '-', no '..')
+HUB_ID = re.compile(r"(?!.*\.\.)(?:[A-Za-z0-9_][A-Za-z0-9_.-]*/)?[A-Za-z0-9_][A-Za-z0-9_.-]*")
+
+
+def check_model_path(model: str, expected: str, where: str = "ModelArguments.model") -> None:
+    """A local path must be a folder with config.json; anything else must at least look like a hub id (which then
+    goes to the cache or the hub). ``expected`` says, in the error, what a valid value is."""
+    path = os.path.expanduser(model)
+    if os.path.isdir(path):
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            raise ValueError(f"{where} {model!r} is a folder without config.json; expected {expected}.")
+    elif os.path.exists(path):
+        raise ValueError(f"{where} {model!r} is a file, not a folder; expected {expected}.")
+    elif not HUB_ID.fullmatch(model):
+        raise ValueError(f"{where} {model!r}: the local path {os.path.abspath(path)} does not exist (and it is no hub "
+                         f"id). Expected {expected}.")
 
 
 # ---------------------------------------------------------------------------- parsing
 
 
-# the recipe module and argv that parse_args parsed last: the model card's command that reproduces the run
-_LAST_PARSED: dict[str, Any] = {"module": None, "argv": None}
+@dataclass(frozen=True)
+class Provenance:
+    """What a run was launched as: the recipe module that parsed (``ModelArguments``' module) and the argv it
+    parsed. The model card's command that reproduces the run is made from it."""
+
+    module: str | None
+    argv: tuple[str, ...]
+
+    def record(self) -> dict[str, str | None]:
+        """``{"recipe", "command"}`` for the run's summary (`online_recipe.model_card.provenance`)."""
+        from .model_card import provenance
+
+        return provenance(self.module, list(self.argv))
 
 
-def parse_args(classes: Sequence[type], default_flags: Sequence[str], argv: list[str] | None = None) -> tuple:
-    """``classes`` (dataclasses, e.g. ... MPOptArguments, TrainingArguments) parsed from ``argv``.
+class ParsedArgs(tuple):
+    """The parsed dataclasses, in the order of the classes (unpack it as a tuple), and the run's ``provenance``,
+    which the recipe hands to :func:`run_and_report`."""
+
+    provenance: Provenance
+
+    def __new__(cls, parsed: Sequence[Any], provenance: Provenance) -> ParsedArgs:  # noqa: PYI034
+        self = super().__new__(cls, parsed)
+        self.provenance = provenance
+        return self
+
+
+def parse_args(classes: Sequence[type], default_flags: Sequence[str], argv: list[str] | None = None,
+               module: str | None = None) -> ParsedArgs:
+    """``classes`` (dataclasses, e.g. ... MPOptArguments, TrainingArguments) parsed from ``argv``, with the run's
+    `Provenance`: the recipe ``module`` (default: that of ``classes[0]``) and ``argv``.
 
     The recipe's ``default_flags`` go first so any flag overrides them (plus ``--use_cpu true`` without CUDA);
     a single ``*.json`` argument is read as a JSON file of the flags instead."""
     from transformers import HfArgumentParser
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    _LAST_PARSED.update(module=classes[0].__module__ if classes else None, argv=argv)
+    provenance = Provenance(module or (classes[0].__module__ if classes else None), tuple(argv))
     if len(argv) == 1 and argv[0].endswith(".json"):
         if not os.path.isfile(argv[0]):
             raise ValueError(f"The arguments file {argv[0]!r} does not exist (a single *.json argument is read as "
                              "a JSON file of the recipe's flags).")
-        return HfArgumentParser(tuple(classes)).parse_json_file(argv[0])
+        return ParsedArgs(HfArgumentParser(tuple(classes)).parse_json_file(argv[0]), provenance)
     flags = list(default_flags) + ([] if torch.cuda.is_available() else ["--use_cpu", "true"])
-    return HfArgumentParser(tuple(classes)).parse_args_into_dataclasses(args=flags + argv)
+    return ParsedArgs(HfArgumentParser(tuple(classes)).parse_args_into_dataclasses(args=flags + argv), provenance)
 
 
 def given_flags(argv: list[str] | None = None) -> set[str]:
@@ -153,16 +210,17 @@ def resolve_budget(model, train, run_args: RunArguments, mpopt_args, training_ar
 
 
 def supervised_pretrain(model, train, steps: int, lr: float, batch: int, training_args) -> None:
-    """Supervised training on the source domain with a plain loop: random batches, AdamW, no schedule."""
+    """Supervised training on the source domain with a plain loop: random batches, AdamW, no schedule. Every
+    column of ``train`` (e.g. ``pixel_values`` and ``labels``, or ``input_ids``, ``attention_mask`` and ``labels``)
+    goes to the model, whose ``loss`` output is minimised."""
     device = training_args.device
     model.to(device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     generator = torch.Generator().manual_seed(training_args.seed)
-    rows = train.with_format("torch")[:]
-    images, labels = rows["pixel_values"].to(device), rows["labels"].to(device)
+    columns = {k: v.to(device) for k, v in train.with_format("torch")[:].items()}
     for _ in range(steps):
-        pick = torch.randint(len(labels), (batch,), generator=generator).to(device)
-        loss = model(pixel_values=images[pick], labels=labels[pick]).loss
+        pick = torch.randint(len(train), (batch,), generator=generator).to(device)
+        loss = model(**{k: v[pick] for k, v in columns.items()}).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -191,26 +249,67 @@ def cached_model(key: dict[str, Any], cache_root: str | Path, make: Callable[[],
 # ---------------------------------------------------------------------------- the run
 
 
+def trace_shares(text: str) -> list[tuple[float, float]]:
+    """``'0:1,0.4:0.5,0.7:1'`` as (share of the stream's steps, share of the budget) points."""
+    from mpopt_hf.budget import BudgetTrace
+
+    try:
+        trace = BudgetTrace.parse(text)
+    except ValueError as err:
+        raise ValueError(f"RunArguments.budget_trace: {err}") from None
+    bad = [f"{p.at:g}:{p.mib:g}" for p in trace.points if p.at > 1]
+    if bad:
+        raise ValueError(f"RunArguments.budget_trace {text!r}: {bad} lie past the stream's end; 'where' is a share of "
+                         "the stream's steps in [0, 1].")
+    return [(p.at, p.mib) for p in trace.points]
+
+
+def stream_budget_trace(text: str | None, budget_mib: float, n_tasks: int, training_args):
+    """The `BudgetTrace` over the stream's steps that ``--budget_trace`` describes (None without one)."""
+    if text is None:
+        return None
+    from mpopt_hf.budget import BudgetPoint, BudgetTrace
+
+    steps = training_args.max_steps
+    if steps is None or steps <= 0 or steps >= 10**5:
+        raise ValueError(f"RunArguments.budget_trace needs --max_steps steps per task to place its points (got "
+                         f"max_steps={steps}); drop --seconds_per_task or --budget_trace.")
+    total = steps * n_tasks
+    return BudgetTrace([BudgetPoint(round(at * total), share * budget_mib) for at, share in trace_shares(text)])
+
+
 def run_and_report(model, targets: Sequence, run_args: RunArguments, mpopt_args, training_args, *, budget: float,
                    unconstrained: float | None, started: float, arguments: dict[str, Any],
-                   train_with_labels: bool = True, extra_summary: dict[str, Any] | None = None) -> dict[str, Any]:
+                   provenance: Provenance, train_with_labels: bool = True,
+                   extra_summary: dict[str, Any] | None = None, evaluate_fn: Callable[[Any, Any], float] | None = None,
+                   metric_name: str = "accuracy", higher_is_better: bool = True,
+                   pipeline_tag: str = "image-classification", limitations: str | None = None,
+                   data_collator: Any = None) -> dict[str, Any]:
     """Retrain ``model`` over ``targets`` with `OnlineRetrainer`, write results.json/.csv/.png and the model card
     (README.md), print the table.
 
-    Returns the results dict; its summary adds ``run_seconds`` (since ``started``), the unconstrained predicted
-    peak, the recipe's ``arguments`` (with the retraining figures under ``"training"``), ``extra_summary``, and for
-    the card the recipe script, the command line that reproduces the run and the environment."""
+    ``provenance`` is what `parse_args` returned with the arguments (``parsed.provenance``): the card's command.
+    ``evaluate_fn``/``metric_name``/``higher_is_better`` score the tasks (default: accuracy); ``pipeline_tag`` and
+    ``limitations`` are the card's (default: the image recipes'). Returns the results dict; its summary adds
+    ``run_seconds`` (since ``started``), the unconstrained predicted peak, the recipe's ``arguments`` (with the
+    retraining figures under ``"training"``), ``extra_summary``, and for the card the recipe script, the command
+    line that reproduces the run, the environment, the pipeline tag and the limitations."""
     from mpopt_hf.config import MemoryConfig
     from mpopt_hf.online import OnlineRetrainer
-    from mpopt_hf.report import format_table, write_results
+    from mpopt_hf.report import format_table, summary_scores, write_results
 
     from . import model_card
 
+    if not isinstance(provenance, Provenance):
+        raise InvalidTypeError(f"run_and_report: provenance must be the Provenance that parse_args returned "
+                               f"(parsed.provenance), got {type(provenance).__name__}.")
     retrainer = OnlineRetrainer(
         model, training_args, baseline=run_args.baseline, mpopt_args=mpopt_args, budget_mib=budget,
         measure_peak=run_args.measure_peak, train_with_labels=train_with_labels,
         memory_config=None if run_args.fixed_config is None else MemoryConfig.parse(run_args.fixed_config),
-        seconds_per_task=run_args.seconds_per_task,
+        seconds_per_task=run_args.seconds_per_task, evaluate_fn=evaluate_fn, metric_name=metric_name,
+        higher_is_better=higher_is_better, data_collator=data_collator,
+        budget_trace=stream_budget_trace(run_args.budget_trace, budget, len(targets), training_args),
     )
     result = retrainer.run(targets, output_dir=training_args.output_dir)
     summary = result.summary
@@ -218,13 +317,19 @@ def run_and_report(model, targets: Sequence, run_args: RunArguments, mpopt_args,
     summary["unconstrained_predicted_peak_mib"] = unconstrained
     summary["arguments"] = {**arguments, "training": model_card.training_facts(training_args)}
     summary.update(extra_summary or {})
-    summary.update(model_card.provenance(_LAST_PARSED["module"], _LAST_PARSED["argv"]))
+    summary.update(provenance.record())
     summary["environment"] = model_card.environment(training_args.device)
+    if pipeline_tag != model_card.DEFAULT_PIPELINE_TAG:
+        summary["pipeline_tag"] = pipeline_tag
+    if limitations is not None:
+        summary["limitations"] = limitations
     paths = write_results(result.to_dict(), training_args.output_dir)
     paths["card"] = str(model_card.write_card(result, Path(training_args.output_dir) / model_card.CARD_NAME))
     print(format_table([asdict(t) for t in result.tasks]))
+    scores = summary_scores(summary)
+    direction = "" if scores.metric == "accuracy" else f" ({scores.direction})"
     print(
-        f"mean accuracy {summary['mean_accuracy_before']:.3f} -> {summary['mean_accuracy_after']:.3f}; "
+        f"mean {scores.metric} {scores.before:.3f} -> {scores.after:.3f}{direction}; "
         f"within budget: {summary['within_budget']}; {summary['run_seconds']:.0f} s\n"
         f"results: {paths['json']}\nplot:    {paths['png']}\ncard:    {paths['card']}"
     )

@@ -2,11 +2,12 @@
 per-task table is the one its results render.
 
 A card is made from a run's results (an `OnlineResult` or the ``results.json`` dict) and the run's arguments:
-YAML metadata (library, tags, data set, a model-index with the stream's mean accuracy before and after retraining)
-and a markdown body (what was run and the command that reproduces it, the per-task table, the environment, the
-limitations). One function renders the per-task table (:func:`render_table`) for the card and for the reproduce
-scripts; :func:`check_card` parses a card's table back and names the rows that differ from a fresh rendering.
-``reproduce/*.py`` are thin scripts over :func:`reproduce_main`.
+YAML metadata (library, tags, data set, a model-index with the stream's mean metric before and after retraining:
+accuracy, or what the run's ``evaluate_fn`` measured, e.g. perplexity) and a markdown body (what was run and the
+command that reproduces it, the per-task table, the environment, the limitations). A card names its metric and says
+which way is better; results written before the metric hook are accuracy. One function renders the per-task table
+(:func:`render_table`) for the card and for the reproduce scripts; :func:`check_card` parses a card's table back and
+names the rows that differ from a fresh rendering. ``reproduce/*.py`` are thin scripts over :func:`reproduce_main`.
 """
 
 from __future__ import annotations
@@ -22,13 +23,21 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from mpopt_hf.report import stream_metric, summary_scores, task_scores
+
 CARD_NAME = "README.md"
-TAGS = ("mpopt_hf", "online-learning", "domain-shift", "memory-budget", "image-classification")
+TAGS = ("mpopt_hf", "online-learning", "domain-shift", "memory-budget")
+DEFAULT_PIPELINE_TAG = "image-classification"  # what a run that recorded none (every run before the LM recipe) was
 # recipe module -> (the script a user launches, the script that regenerates its card)
 RECIPES = {
     "clip_online.run": ("recipes/clip_cls_online.py", "reproduce/clip_cls_online.py"),
     "cnn_online.run": ("recipes/cnn_retrain.py", "reproduce/cnn_retrain_digits.py"),
+    "lm_online.run": ("recipes/gpt_neo_lm_online.py", "reproduce/gpt_neo_lm_online.py"),
+    "vit_online.run": ("recipes/vit_cls_online.py", "reproduce/vit_cls_online.py"),
+    "sam_online.run": ("recipes/sam_seg_online.py", "reproduce/sam_seg_online.py"),
 }
+# the metric cells of a run whose model had random weights (summary["random_weights"], vit_cls_online --random_init)
+NOT_MEASURED = "not measured (random weights)"
 BASELINES = {
     "mpopt": "mpopt_hf's rule engine chooses the memory configuration online, within the budget",
     "none": "the source model, never adapted",
@@ -44,7 +53,7 @@ LIMITATIONS = (
     "Seconds depend on the machine (CPU or GPU, threads, other load), and so may the configurations the engine "
     "chooses, since it weighs gain per second; peaks measured on a CPU come from mpopt_hf's tracker, not from a "
     "device allocator. `--check` compares every column but the seconds."
-)
+)  # the image recipes'; a run that records its own (summary["limitations"]) gets those
 
 
 # ---------------------------------------------------------------------------- what a run records for its card
@@ -112,48 +121,72 @@ def _within(task: dict[str, Any]) -> str:
     return "-" if peak is None or budget is None else ("yes" if peak <= budget else "no")
 
 
-# header -> cell of a task record; accuracies are compared to 3 decimals, seconds not at all (they vary)
-COLUMNS: dict[str, Callable[[dict[str, Any]], str]] = {
-    "task": lambda t: str(t["task"]),
-    "accuracy before": lambda t: _number(3)(t["accuracy_before"]),
-    "accuracy after": lambda t: _number(3)(t["accuracy_after"]),
-    "configurations": lambda t: _configs(t.get("configs")),
-    "predicted peak MiB": lambda t: _number(2)(t.get("predicted_peak_mib")),
-    "measured peak MiB": lambda t: _number(2)(t.get("measured_peak_mib")),
-    "budget MiB": lambda t: _number(2)(t.get("budget_mib")),
-    "within budget": _within,
-    "seconds": lambda t: _number(1)(t.get("seconds")),
-}
+def columns(metric: str = "accuracy") -> dict[str, Callable[[dict[str, Any]], str]]:
+    """Header -> cell of a task record of a stream scored by ``metric``; the metric's values are compared to 3
+    decimals, seconds not at all (they vary)."""
+    return {
+        "task": lambda t: str(t["task"]),
+        f"{metric} before": lambda t: _number(3)(task_scores(t).before),
+        f"{metric} after": lambda t: _number(3)(task_scores(t).after),
+        "configurations": lambda t: _configs(t.get("configs")),
+        "predicted peak MiB": lambda t: _number(2)(t.get("predicted_peak_mib")),
+        "measured peak MiB": lambda t: _number(2)(t.get("measured_peak_mib")),
+        "budget MiB": lambda t: _number(2)(t.get("budget_mib")),
+        "within budget": _within,
+        "seconds": lambda t: _number(1)(t.get("seconds")),
+    }
+
+
+COLUMNS = columns()  # an accuracy stream's: the table of every card written before the metric hook
 ACCURACY_COLUMNS = ("accuracy before", "accuracy after")
 UNCHECKED_COLUMNS = ("seconds",)
 
 
-def table_rows(tasks: Sequence[dict[str, Any]]) -> list[dict[str, str]]:
-    """One ``{header: cell}`` row per task record, in stream order."""
-    return [{header: cell(task) for header, cell in COLUMNS.items()} for task in tasks]
+def _is_metric_column(header: str) -> bool:
+    return header.endswith((" before", " after"))
 
 
-def render_table(tasks: Sequence[dict[str, Any]]) -> str:
+def table_rows(tasks: Sequence[dict[str, Any]], random_weights: bool = False) -> list[dict[str, str]]:
+    """One ``{header: cell}`` row per task record, in stream order; the headers name the stream's metric. With
+    ``random_weights`` the metric cells say ``NOT_MEASURED``: an untrained network's scores mean nothing."""
+    cells = columns(stream_metric(tasks).metric)
+    rows = [{header: cell(task) for header, cell in cells.items()} for task in tasks]
+    for row in rows if random_weights else []:
+        row.update({header: NOT_MEASURED for header in row if _is_metric_column(header)})
+    return rows
+
+
+def render_table(tasks: Sequence[dict[str, Any]], random_weights: bool = False) -> str:
     """The per-task markdown table of the card and of the reproduce scripts (numbers right-aligned)."""
     def line(cells: Sequence[str]) -> str:
         return "| " + " | ".join(c.replace("|", r"\|") for c in cells) + " |"
 
-    align = ["---" if h in ("task", "configurations", "within budget") else "---:" for h in COLUMNS]
-    return "\n".join([line(list(COLUMNS)), line(align), *(line(list(r.values())) for r in table_rows(tasks))])
+    header = list(columns(stream_metric(tasks).metric))
+    align = ["---" if h in ("task", "configurations", "within budget") else "---:" for h in header]
+    rows = table_rows(tasks, random_weights)
+    return "\n".join([line(header), line(align), *(line(list(r.values())) for r in rows)])
 
 
-def parse_table(markdown: str) -> list[dict[str, str]]:
-    """The rows of the per-task table in ``markdown`` (a card's body), as :func:`table_rows` makes them."""
+def parse_table(markdown: str, metric: str | None = None) -> list[dict[str, str]]:
+    """The rows of the per-task table in ``markdown`` (a card's body), as :func:`table_rows` makes them; the table
+    is that of ``metric``, or (None) of the metric its header names."""
     def cells(line: str) -> list[str]:
         return [c.strip().replace(r"\|", "|") for c in re.split(r"(?<!\\)\|", line.strip())[1:-1]]
 
+    def header_of(text: str) -> list[str] | None:
+        found = cells(text)
+        if len(found) < 2 or found[0] != "task" or not found[1].endswith(" before"):
+            return None
+        expected = list(columns(found[1].removesuffix(" before") if metric is None else metric))
+        return expected if found == expected else None
+
     lines = markdown.splitlines()
-    header = list(COLUMNS)
     for start, text in enumerate(lines):
-        if text.startswith("|") and cells(text) == header:
+        if text.startswith("|") and (header := header_of(text)) is not None:
             break
     else:
-        raise ValueError(f"No per-task table found: expected a markdown table with the columns {header}.")
+        raise ValueError(f"No per-task table found: expected a markdown table with the columns "
+                         f"{list(columns(metric or 'METRIC'))}.")
     rows = []
     for text in lines[start + 2:]:
         if not text.startswith("|"):
@@ -167,9 +200,9 @@ def parse_table(markdown: str) -> list[dict[str, str]]:
 
 def diff_tables(expected: Sequence[dict[str, str]], found: Sequence[dict[str, str]]) -> list[str]:
     """What differs between a freshly rendered table (``expected``) and a card's (``found``), one line per task and
-    column; accuracies to 3 decimals, seconds not compared. Empty: the tables agree."""
+    column; the metric to 3 decimals, seconds not compared. Empty: the tables agree."""
     def same(header: str, a: str, b: str) -> bool:
-        if header in ACCURACY_COLUMNS:
+        if _is_metric_column(header):
             try:
                 return round(float(a), 3) == round(float(b), 3)
             except ValueError:
@@ -179,8 +212,9 @@ def diff_tables(expected: Sequence[dict[str, str]], found: Sequence[dict[str, st
     run, card = {r["task"]: r for r in expected}, {r["task"]: r for r in found}
     differences = [f"task {t!r}: in the run, missing from the card" for t in run if t not in card]
     differences += [f"task {t!r}: in the card, not in the run" for t in card if t not in run]
+    headers = list((list(expected) or list(found) or [{}])[0])
     for task in (t for t in run if t in card):
-        for header in COLUMNS:
+        for header in headers:
             if header not in UNCHECKED_COLUMNS and not same(header, run[task][header], card[task][header]):
                 differences.append(f"task {task!r}: {header} is {card[task][header]} in the card, "
                                    f"{run[task][header]} in the run")
@@ -209,19 +243,24 @@ def build_card(result, arguments: dict[str, Any] | None = None, *, recipe: str |
     command = command or summary.get("command")
     env = env if env is not None else summary.get("environment")
     model = arguments.get("model", {}).get("model", "unknown")
-    dataset = arguments.get("data", {}).get("dataset", "unknown")
+    datasets = arguments.get("data", {}).get("dataset", "unknown")  # a name, or a list of domains (one per entry)
+    datasets = [str(d) for d in datasets] if isinstance(datasets, (list, tuple)) else [str(datasets)]
+    dataset = "+".join(Path(d).name or d for d in datasets)
     baseline = summary.get("baseline", "unknown")
+    scores = summary_scores(summary)
+    pipeline_tag = summary.get("pipeline_tag") or DEFAULT_PIPELINE_TAG
     name = f"{Path(recipe).stem if recipe else 'online'}-{Path(model).name}-{dataset}-{baseline}"
     stream = ", ".join(str(t["task"]) for t in tasks)
-    evals = [
-        EvalResult(task_type="image-classification", dataset_type=dataset, dataset_name=f"{dataset}: {stream}",
-                   dataset_split="test", metric_type="accuracy", metric_name=f"mean accuracy {when} retraining",
-                   metric_value=float(summary[f"mean_accuracy_{when}"]))
-        for when in ("before", "after")
+    random_weights = bool(summary.get("random_weights"))
+    evals = [] if random_weights else [
+        EvalResult(task_type=pipeline_tag, dataset_type=dataset, dataset_name=f"{dataset}: {stream}",
+                   dataset_split="test", metric_type=scores.metric,
+                   metric_name=f"mean {scores.metric} {when} retraining", metric_value=float(value))
+        for when, value in (("before", scores.before), ("after", scores.after))
     ]
-    data = ModelCardData(library_name="transformers", pipeline_tag="image-classification", metrics=["accuracy"],
-                         tags=[*TAGS, f"baseline-{baseline}"], datasets=[dataset], model_name=name,
-                         eval_results=evals)
+    data = ModelCardData(library_name="transformers", pipeline_tag=pipeline_tag, metrics=[scores.metric],
+                         tags=[*TAGS, pipeline_tag, f"baseline-{baseline}"], datasets=datasets, model_name=name,
+                         eval_results=evals or None)
     body = "\n\n".join([
         f"# {name}",
         (f"`{model}` retrained online over a stream of {len(tasks)} domain-shifted tasks of `{dataset}` under a "
@@ -229,12 +268,12 @@ def build_card(result, arguments: dict[str, Any] | None = None, *, recipe: str |
          "checkpointing, precision)."),
         _what_was_run(summary, arguments, recipe, command, model, dataset, stream),
         "## Results per task",
-        render_table(tasks),
-        _means(summary),
+        render_table(tasks, random_weights),
+        f"Mean {scores.metric} over the stream: {NOT_MEASURED}." if random_weights else _means(summary),
         "## Environment",
         _environment_lines(env),
         "## Limitations",
-        LIMITATIONS,
+        summary.get("limitations") or LIMITATIONS,
     ])
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}\n")
 
@@ -249,10 +288,9 @@ def _what_was_run(summary, arguments, recipe, command, model, dataset, stream) -
         steps = f"{count:g} {unit}" + ("" if count == 1 else "s")
     rows = [
         ("recipe", f"`{recipe}`" if recipe else "not recorded"),
-        ("model", f"`{model}`" + (f" (width x{width:g})" if width not in (None, 1.0) else "")),
-        ("data set, stream", f"`{dataset}`: {stream}"
-         + (f" (source accuracy {summary['source_accuracy']:.3f})" if summary.get("source_accuracy") is not None
-            else "")),
+        ("model", f"`{model}`" + (f" (width x{width:g})" if width not in (None, 1.0) else "")
+         + (" with random weights (its architecture, none of its weights)" if summary.get("random_weights") else "")),
+        ("data set, stream", f"`{dataset}`: {stream}" + _source(summary)),
         ("budget", _budget(summary)),
         ("baseline", f"`{summary.get('baseline')}`: {BASELINES.get(summary.get('baseline'), '')}"),
         ("retraining", "not recorded" if not training else
@@ -283,10 +321,19 @@ def _budget(summary: dict[str, Any]) -> str:
     return text
 
 
+def _source(summary: dict[str, Any]) -> str:
+    """`` (source perplexity 12.345)``: the source model's own score (``summary["source_<metric>"]``, the metric's
+    name as it is or in lower case), if recorded."""
+    metric = summary_scores(summary).metric
+    value = summary.get(f"source_{metric}", summary.get(f"source_{metric.lower()}"))
+    return "" if value is None else f" (source {metric} {value:.3f})"
+
+
 def _means(summary: dict[str, Any]) -> str:
-    text = (f"Mean accuracy over the stream: {summary['mean_accuracy_before']:.3f} before retraining, "
-            f"{summary['mean_accuracy_after']:.3f} after "
-            f"({summary['mean_accuracy_after'] - summary['mean_accuracy_before']:+.3f}).")
+    scores = summary_scores(summary)
+    text = (f"Mean {scores.metric} over the stream: {scores.before:.3f} before retraining, {scores.after:.3f} after "
+            f"({scores.after - scores.before:+.3f}" + ("" if scores.metric == "accuracy" else f"; {scores.direction}")
+            + ").")
     if summary.get("mce") is not None:
         text += f" mCE {summary['mce']:.3f} (reference: {summary.get('mce_reference')})."
     return text
@@ -315,7 +362,9 @@ def check_card(result, card_path: str | Path) -> list[str]:
 
     # ModelCard(text), never ModelCard.load: a path that does not exist would be taken for a hub id and downloaded
     card = ModelCard(Path(card_path).read_text(encoding="utf-8"))
-    return diff_tables(table_rows(results_dict(result)["tasks"]), parse_table(card.text))
+    tasks = results_dict(result)["tasks"]
+    random_weights = bool(results_dict(result)["summary"].get("random_weights"))
+    return diff_tables(table_rows(tasks, random_weights), parse_table(card.text, stream_metric(tasks).metric))
 
 
 # ---------------------------------------------------------------------------- reproduce/*.py
@@ -328,7 +377,7 @@ def reproduce_main(module: str, argv: Sequence[str] | None = None, description: 
                                      allow_abbrev=False)  # an abbreviation must never swallow a recipe flag
     parser.add_argument("--from_results", metavar="PATH", help="Read this results.json instead of running the recipe.")
     parser.add_argument("--check", metavar="CARD.md", help="Compare the table against this card's; exit 1 naming "
-                        "the rows that differ (accuracies to 3 decimals, seconds not compared). Writes no card.")
+                        "the rows that differ (the metric to 3 decimals, seconds not compared). Writes no card.")
     parser.add_argument("--card", metavar="PATH", help="Write the regenerated card here (default with "
                         "--from_results: README.md next to the results; a fresh run writes it into its output_dir).")
     args, recipe_flags = parser.parse_known_args(argv)
@@ -342,7 +391,7 @@ def reproduce_main(module: str, argv: Sequence[str] | None = None, description: 
         results = json.loads(Path(args.from_results).read_text(encoding="utf-8"))
     else:
         results = importlib.import_module(module).main(recipe_flags)
-    print(render_table(results["tasks"]))
+    print(render_table(results["tasks"], bool(results["summary"].get("random_weights"))))
     card_path = args.card or (None if args.check or args.from_results is None
                               else Path(args.from_results).parent / CARD_NAME)
     if card_path is not None:
@@ -350,8 +399,9 @@ def reproduce_main(module: str, argv: Sequence[str] | None = None, description: 
     if args.check is None:
         return 0
     differences = check_card(results, args.check)
+    metric = stream_metric(results["tasks"]).metric
     for line in differences:
         print(f"{args.check}: {line}")
     print(f"{args.check}: {'differs from' if differences else 'agrees with'} the run "
-          f"({len(results['tasks'])} tasks; accuracies to 3 decimals, seconds not compared)")
+          f"({len(results['tasks'])} tasks; {metric} to 3 decimals, seconds not compared)")
     return 1 if differences else 0

@@ -151,3 +151,25 @@ def test_the_trainer_follows_a_replayed_budget_trace(tmp_path):
     budget_decisions = [d for d in decisions if d["kind"] == "budget"]
     assert [round(d["budget_bytes"] / MIB) for d in budget_decisions] == [30, 80]
     assert [d["step"] for d in budget_decisions] == [4, 8]
+
+
+def test_a_race_without_room_for_its_copies_beside_the_fastest_races_smaller_siblings():
+    """The fastest of each trainable set leaves no room for the race's two host copies: the race compares smaller
+    configurations of the same sets that do, and its winner goes on at the fastest of its set (same learning)."""
+    configs = enumerate_configs([8, 4], [0.0, 0.5], [0], ["fp32"], n_blocks=4)
+    engine = RuleEngine([Candidate(c, *COST.predict(c)) for c in configs], budget_bytes=80 * MIB, margin=0.0,
+                        strategy="race", trial_steps=1, late_gain=False)
+    # fastest per set: mb8/f0 (74 MiB), mb8/f0.5 (42 MiB); with 2 x 10 MiB of copies only mb4/f0 (42) and mb8/f0.5 fit
+    engine.copy_bytes = 10 * MIB
+    engine.survivors = engine._prune()
+    first = engine.start(0, 0.0)
+    assert engine.racing and "leave room for its two host copies" in engine.decisions[-1].reason
+    raced = {first, *engine.race_state.queue}
+    assert raced == {MemoryConfig(4), MemoryConfig(8, freeze_rate=0.5)}
+    assert engine.observe_step(1, 1.0) is True
+    other = engine.observe_metric(1, 0.9 if first == MemoryConfig(4) else 0.1)
+    assert engine.observe_step(2, 1.0) is True
+    chosen = engine.observe_metric(2, 0.1 if other == MemoryConfig(8, freeze_rate=0.5) else 0.9)
+    assert chosen == MemoryConfig(8)  # mb4/f0 won; it goes on as mb8/f0, its set's fastest, once the copies are gone
+    assert "race won by mb4/f0.00/ckpt0/fp32" in engine.decisions[-1].reason
+    assert "run as mb8/f0.00/ckpt0/fp32" in engine.decisions[-1].reason

@@ -62,7 +62,7 @@ def test_budget_below_minimum_names_the_minimum_and_its_config():
         (dict(precisions=["fp8"]), r"precisions holds \['fp8'\]; allowed: values from \['fp32', 'bf16', 'fp16'\]"),
         (dict(safety_margin=0.5), r"safety_margin must be in \[0, 0\.5\), got 0\.5"),
         (dict(safety_margin=-0.1), r"safety_margin must be in \[0, 0\.5\)"),
-        (dict(gain_metric="f1"), r"gain_metric must be one of \['auto', 'val_accuracy', 'entropy', 'confidence', 'loss'\], got 'f1'"),
+        (dict(gain_metric="f1"), r"gain_metric must be one of \['auto', 'val_accuracy', 'entropy', 'confidence', 'loss', 'train_loss'\], got 'f1'"),
         (dict(trial_steps=0), r"trial_steps must be an int >= 1"),
         (dict(search_share=1.0), r"search_share must be in \(0, 1\) or None, got 1\.0"),
         (dict(memory_budget_mib=0), r"memory_budget_mib must be > 0"),

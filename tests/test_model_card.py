@@ -162,3 +162,74 @@ def test_recipe_run_writes_its_card_next_to_results(tmp_path, capsys):
     assert [r["task"] for r in parse_table(card.text)] == ["mnist-m"] and summary["command"] in card.text
     assert reproduce_main("cnn_online.run", ["--from_results", str(out / "results.json"), "--check",
                                              str(card_path)]) == 0
+
+
+def _perplexity_result() -> OnlineResult:
+    tasks = [TaskRecord("python-docs", metric="perplexity", higher_is_better=False, metric_before=48.25,
+                        metric_after=30.5, configs=[MB16], measured_peak_mib=3.0, budget_mib=4.0, seconds=1.0),
+             TaskRecord("package-docs", metric="perplexity", higher_is_better=False, metric_before=120.0,
+                        metric_after=90.125, configs=[MB8], measured_peak_mib=2.0, budget_mib=4.0, seconds=1.0)]
+    summary = summarise(tasks, "fixed", 4.0, 2, 2.0)
+    summary.update(recipe="recipes/gpt_neo_lm_online.py", command="python recipes/gpt_neo_lm_online.py",
+                   environment=ENV, pipeline_tag="text-generation", limitations="Tiny text model.",
+                   source_perplexity=12.5,
+                   arguments={"model": {"model": "tiny-gpt-neo"},
+                              "data": {"dataset": ["python-code", "python-docs", "package-docs"]}})
+    return OnlineResult(tasks, summary)
+
+
+def test_a_card_names_its_metric_and_direction(tmp_path):
+    result = _perplexity_result()
+    card = ModelCard(str(build_card(result)))
+    assert card.data.pipeline_tag == "text-generation" and card.data.metrics == ["perplexity"]
+    assert "text-generation" in card.data.tags and "image-classification" not in card.data.tags
+    assert card.data.datasets == ["python-code", "python-docs", "package-docs"]
+    assert {(e.metric_type, e.metric_name, e.metric_value) for e in card.data.eval_results} == {
+        ("perplexity", "mean perplexity before retraining", 84.125),
+        ("perplexity", "mean perplexity after retraining", 60.3125)}
+    rows = parse_table(card.text)
+    assert list(rows[0])[:3] == ["task", "perplexity before", "perplexity after"]
+    assert [(r["perplexity before"], r["perplexity after"]) for r in rows] == [("48.250", "30.500"),
+                                                                              ("120.000", "90.125")]
+    assert ("Mean perplexity over the stream: 84.125 before retraining, 60.312 after (-23.812; lower is better)."
+            in card.text)
+    assert "(source perplexity 12.500)" in card.text and "## Limitations\n\nTiny text model." in card.text
+    assert "reproduce/gpt_neo_lm_online.py --from_results results.json --check README.md" in card.text
+    results = tmp_path / "results.json"
+    results.write_text(json.dumps(result.to_dict()))
+    path = tmp_path / "README.md"
+    path.write_text(str(card))
+    assert check_card(json.loads(results.read_text()), path) == []
+    path.write_text(str(card).replace("| 120.000 | 90.125 |", "| 120.000 | 90.126 |"))
+    assert check_card(json.loads(results.read_text()), path) == [
+        "task 'package-docs': perplexity after is 90.126 in the card, 90.125 in the run"]
+    with pytest.raises(ValueError, match="No per-task table found"):  # an accuracy table is not a perplexity one
+        parse_table(str(build_card(_result())), metric="perplexity")
+
+
+def test_results_written_before_the_metric_hook_make_the_same_card():
+    current = _result().to_dict()
+    legacy = json.loads(json.dumps(current))
+    for task in legacy["tasks"]:
+        for key in ("metric", "higher_is_better", "metric_before", "metric_after"):
+            del task[key]
+    for key in ("metric", "higher_is_better", "mean_metric_before", "mean_metric_after"):
+        del legacy["summary"][key]
+    assert str(build_card(legacy)) == str(build_card(current))
+    assert table_rows(legacy["tasks"]) == table_rows(current["tasks"])
+
+
+def test_provenance_travels_with_the_parsed_arguments_not_a_module_global(tmp_path):
+    from cnn_online.run import parse
+
+    from online_recipe import Provenance
+
+    first = parse(["--output_dir", str(tmp_path / "a"), "--task", "2"])
+    second = parse(["--output_dir", str(tmp_path / "b")])  # a later parse leaves the first run's provenance alone
+    assert first.provenance == Provenance("cnn_online.run", ("--output_dir", str(tmp_path / "a"), "--task", "2"))
+    assert first.provenance.record() == {
+        "recipe": "recipes/cnn_retrain.py",
+        "command": shlex.join(["python", "recipes/cnn_retrain.py", "--output_dir", str(tmp_path / "a"), "--task", "2"])}
+    assert second.provenance.argv == ("--output_dir", str(tmp_path / "b"))
+    model, data, seed, run, mpopt, training = first  # still unpacks as the dataclasses
+    assert data.task == 2 and training.output_dir == str(tmp_path / "a")

@@ -160,3 +160,109 @@ def test_online_retrainer_rejects_bad_input(tmp_path):
     retrainer = OnlineRetrainer(model, _training_args(tmp_path), baseline="none", show_progress=False)
     with pytest.raises(ValueError, match="no tasks"):
         retrainer.run([])
+
+
+# ---------------------------------------------------------------------------- the metric hook
+
+
+class _FakeMetric:
+    """An evaluate_fn whose values are known: it hands out ``values`` in order and records the data it was given."""
+
+    def __init__(self, values):
+        self.values, self.seen = list(values), []
+
+    def __call__(self, model, dataset):
+        assert isinstance(model, torch.nn.Module)
+        self.seen.append(dataset)
+        return self.values.pop(0)
+
+
+def test_evaluate_fn_scores_every_task_and_the_summary_respects_its_direction(tmp_path, stream):
+    import numpy as np
+
+    targets = stream[1:]
+    torch.manual_seed(0)
+    model = clip_online.build_classifier(clip_online.TINY, list(DIGIT_NAMES))
+    # before/after of fog, then of contrast: perplexity falls on both (retraining helped)
+    fake = _FakeMetric([40.0, np.float32(20.0), 30, torch.tensor(25.0)])
+    retrainer = OnlineRetrainer(model, _training_args(tmp_path, steps=1), baseline="fixed", show_progress=False,
+                                measure_peak=False, predict_peak=False, evaluate_fn=fake, metric_name="perplexity",
+                                higher_is_better=False)
+    result = retrainer.run(targets, output_dir=tmp_path / "out")
+    assert [d is t.test for d, t in zip(fake.seen, [targets[0]] * 2 + [targets[1]] * 2)] == [True] * 4
+    data = json.load(open(tmp_path / "out" / "results.json"))
+    assert [(t["metric"], t["higher_is_better"], t["metric_before"], t["metric_after"]) for t in data["tasks"]] == [
+        ("perplexity", False, 40.0, 20.0), ("perplexity", False, 30.0, 25.0)]
+    assert all(t["accuracy_before"] is None and t["accuracy_after"] is None for t in data["tasks"])
+    assert all(t["steps"] == 1 for t in data["tasks"])  # it retrained; only the scoring changed
+    summary = result.summary
+    assert (summary["metric"], summary["higher_is_better"]) == ("perplexity", False)
+    assert (summary["mean_metric_before"], summary["mean_metric_after"]) == (35.0, 22.5)
+    assert summary["mean_gain"] == 12.5  # lower is better: before - after
+    assert summary["mean_accuracy_before"] is None and summary["mce"] is None and "perplexity" in summary["mce_reference"]
+    table = format_table(data["tasks"])
+    assert table.splitlines()[0].split()[:5] == ["task", "perplexity", "before", "perplexity", "after"]
+    assert "40.0" in table and "(perplexity: lower is better)" in table and "acc before" not in table
+    assert (tmp_path / "out" / "results.png").read_bytes().startswith(PNG_MAGIC)
+
+
+def test_direction_decides_the_sign_of_the_gain_and_one_stream_has_one_metric():
+    from mpopt_hf.online import TaskRecord, summarise
+
+    def records(higher):
+        return [TaskRecord("a", metric="loss", higher_is_better=higher, metric_before=2.0, metric_after=1.5),
+                TaskRecord("b", metric="loss", higher_is_better=higher, metric_before=3.0, metric_after=2.5)]
+
+    assert summarise(records(False), "fixed", None, 2, 1.0)["mean_gain"] == 0.5
+    assert summarise(records(True), "fixed", None, 2, 1.0)["mean_gain"] == -0.5
+    mixed = [records(False)[0], TaskRecord("c", 0.5, 0.6)]
+    with pytest.raises(ValueError, match=r"share one metric and direction, got \[\('accuracy', True\), \('loss', False\)\]"):
+        summarise(mixed, "fixed", None, 2, 1.0)
+    with pytest.raises(ValueError, match=r"metric 'loss' keeps its values in metric_before"):
+        TaskRecord("d", 0.5, 0.6, metric="loss")
+
+
+def test_classification_records_are_unchanged_by_the_metric_hook():
+    from dataclasses import asdict
+
+    from mpopt_hf.online import TaskRecord, summarise
+
+    old = [TaskRecord("fog-5", 0.25, 0.5, seconds=1.0), TaskRecord("snow-5", 0.4, 0.7)]  # made the old way
+    row = asdict(old[0])
+    assert (row["accuracy_before"], row["accuracy_after"]) == (0.25, 0.5)
+    assert (row["metric"], row["higher_is_better"], row["metric_before"], row["metric_after"]) == ("accuracy", True,
+                                                                                                   0.25, 0.5)
+    summary = summarise(old, "fixed", None, 2, 1.0)
+    assert summary["mean_accuracy_before"] == pytest.approx(0.325) and summary["mean_accuracy_after"] == 0.6
+    assert summary["mean_gain"] == pytest.approx(0.275) and summary["mce"] == pytest.approx((0.5 / 0.75 + 0.3 / 0.6) / 2)
+    # a results.json row written before the hook (no metric keys) reads as accuracy
+    legacy = {"task": "fog-5", "accuracy_before": 0.25, "accuracy_after": 0.5, "configs": [], "seconds": 1.0}
+    assert format_table([legacy]) == format_table([asdict(old[0])])
+    assert format_table([legacy]).splitlines()[0].startswith("task   acc before  acc after")
+
+
+def test_evaluate_fn_falls_back_to_val_and_bad_metric_arguments_are_refused_by_name(tmp_path, stream):
+    from types import SimpleNamespace
+
+    model = torch.nn.Linear(2, 2)
+    task = SimpleNamespace(name="no-test", train=stream[1].train, val=stream[1].val)
+    fake = _FakeMetric([7.0])
+    record = OnlineRetrainer(model, _training_args(tmp_path), baseline="none", evaluate_fn=fake, metric_name="loss",
+                             higher_is_better=False, show_progress=False).run_task(task)
+    assert fake.seen == [task.val] and (record.metric_before, record.metric_after) == (7.0, 7.0)
+    args = _training_args(tmp_path)
+    bad = [
+        (dict(evaluate_fn="perplexity"), r"OnlineRetrainer\.evaluate_fn must be a callable .* or None, got str"),
+        (dict(evaluate_fn=fake, metric_name=""), r"OnlineRetrainer\.metric_name must be the name of the metric"),
+        (dict(evaluate_fn=fake, higher_is_better="no"), r"OnlineRetrainer\.higher_is_better must be True or False"),
+        (dict(metric_name="perplexity"), r"OnlineRetrainer\.metric_name 'perplexity' .*without evaluate_fn"),
+        (dict(higher_is_better=False), r"higher_is_better False: without evaluate_fn a task is scored by accuracy"),
+    ]
+    for kwargs, match in bad:
+        with pytest.raises(ValueError, match=match):
+            OnlineRetrainer(model, args, baseline="none", **kwargs)
+    for value in (float("nan"), "12", True):
+        retrainer = OnlineRetrainer(model, args, baseline="none", evaluate_fn=lambda m, d, v=value: v,
+                                    metric_name="loss", show_progress=False)
+        with pytest.raises(ValueError, match=r"evaluate_fn returned .* for 'loss' on task 'no-test'; it must return"):
+            retrainer.run_task(task)

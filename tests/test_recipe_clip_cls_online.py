@@ -20,10 +20,11 @@ TASK_FIELDS = {"task", "accuracy_before", "accuracy_after", "configs", "measured
 
 
 def _small(tmp_path, *extra):
-    return ["--output_dir", str(tmp_path / "out"), "--cache_dir", str(tmp_path / "cache"), "--corruptions", "fog",
+    return ["--model", "tiny", "--output_dir", str(tmp_path / "out"), "--cache_dir", str(tmp_path / "cache"), "--corruptions", "fog",
             "contrast", "--train_per_task", "32", "--test_per_task", "48", "--pretrain_steps", "3",
             "--per_device_train_batch_size", "16", "--max_steps", "3", "--micro_batch_sizes", "16", "8",
-            "--freeze_rates", "0", "--checkpoint_segments", "0", "2", "--trial_steps", "1", "--budget_fraction", "0.8", *extra]
+            "--freeze_rates", "0", "--checkpoint_segments", "0", "2", "--trial_steps", "1", "--budget_fraction", "0.8",
+            "--budget_trace", "none", *extra]
 
 
 @pytest.mark.parametrize("baseline", ["mpopt", "fixed"])
@@ -119,3 +120,26 @@ def test_the_cached_source_model_does_not_depend_on_the_retraining_batch(tmp_pat
     assert len(list((tmp_path / "cache").iterdir())) == 2
     with pytest.raises(ValueError, match="pretrain_batch_size must be >= 1"):
         parse(_small(tmp_path, "--pretrain_batch_size", "0"))
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_a_budget_trace_is_followed_step_by_step(tmp_path):
+    """The main job's co-located process, small: from half the stream on, 80 % of the budget. The engine switches
+    at that step boundary (a budget decision), every measured step stays inside the budget that held at it, and the
+    timeline (one row per stream step) and its plot are written."""
+    argv = _small(tmp_path, "--max_steps", "4")
+    argv[argv.index("--budget_trace") + 1] = "0:1,0.5:0.8"
+    data = main(argv)
+    summary, tasks, timeline = data["summary"], data["tasks"], data["timeline"]
+    budget = summary["budget_mib"]
+    assert [r["stream_step"] for r in timeline] == list(range(1, 9))
+    assert [r["budget_mib"] for r in timeline] == pytest.approx([budget] * 4 + [0.8 * budget] * 4)
+    kinds = [d["kind"] for t in tasks for d in t["decisions"]]
+    assert "budget" in kinds
+    budget_decision = next(d for t in tasks for d in t["decisions"] if d["kind"] == "budget")
+    assert budget_decision["budget_mib"] == pytest.approx(0.8 * budget)
+    after = [r for r in timeline if r["stream_step"] > 4]
+    assert all(r["predicted_peak_mib"] <= 0.8 * budget for r in after)  # re-planned before the first lower step
+    assert summary["steps_over_budget"] == [] and summary["within_budget"] is True
+    assert tasks[1]["budget_min_mib"] == pytest.approx(0.8 * budget)
+    assert (tmp_path / "out" / "timeline.png").read_bytes().startswith(PNG_MAGIC)

@@ -12,7 +12,7 @@ from typing import Any
 from ..config import STRATEGIES, MemoryConfig
 from .candidates import MIB, Candidate, Decision, DecisionKind, RaceTrial
 from .clock import SearchClock
-from .rules import at_least_as_large, batchnorm_filter, prune, usable_bytes
+from .rules import at_least_as_large, batchnorm_filter, group_key, prune, usable_bytes
 from .scoring import ArmStats, payback_seconds, relative_change
 from .forwarding import forwarded, mib_text
 from .persistence import engine_state_dict, load_engine_state
@@ -355,6 +355,28 @@ class RuleEngine:
         for stats in self.arms.values():
             stats.discount(self.discount)
         self.queue = [c.config for c in self.survivors]
+
+    def roomy_survivors(self, copies: int = 2) -> list[Candidate]:
+        """The survivors of the candidates under the budget less ``copies`` host copies: what a race can compare
+        when the fastest of each trainable set leaves no room for its copies (e.g. a smaller micro-batch of it)."""
+        usable = usable_bytes(self.budget_bytes, self.margin)
+        if usable is None or not self.copy_bytes:
+            return list(self.survivors)
+        reduced = (usable - copies * self.copy_bytes) / (1.0 - self.margin)
+        if reduced <= 0:
+            return []
+        allowed = [self.candidate(c.config) for c in self.candidates if c.config not in self.infeasible]
+        try:
+            return prune(allowed, reduced, self.margin, has_batchnorm=self.has_batchnorm,
+                         bn_min_micro_batch=self.bn_min_micro_batch, effective_batch=self.effective_batch)
+        except ValueError:
+            return []
+
+    def fastest_sibling(self, config: MemoryConfig) -> MemoryConfig:
+        """The survivor that learns what ``config`` learns (same trainable set, precision and batch), the fastest
+        that fits the whole budget: once a race's copies are dropped, its winner goes on at that speed."""
+        key = group_key(config)
+        return next((c.config for c in self.survivors if group_key(c.config) == key), config)
 
     def leave_room_for_copies(self, order: Sequence[MemoryConfig], copies: int = 2) -> list[MemoryConfig]:
         """The configurations of ``order`` whose predicted peak plus ``copies`` host copies fits the budget."""

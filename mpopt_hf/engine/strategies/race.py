@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from ...config import DEFAULT_SEARCH_SHARE, MemoryConfig
 from ..candidates import MIB, Candidate, RaceTrial, config_or_none, dict_or_none
-from ..scoring import judge_race, payback_seconds, trial_gain
+from ..scoring import ArmStats, judge_race, payback_seconds, trial_gain
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..engine import RuleEngine
@@ -171,6 +171,11 @@ class Race:
             return e.decide(step, order[0], f"{reason}: the only feasible candidate")
         roomy = e.leave_room_for_copies(order)
         room_note = ""
+        if len(roomy) < 2:  # the fastest of each set leave no room for the copies: race slower ones that do
+            smaller = [c.config for c in sorted(e.roomy_survivors(), key=_slow_key)]
+            if len(smaller) >= 2:
+                roomy, order = smaller, smaller
+                room_note = ", at configurations that leave room for its two host copies"
         if len(roomy) < 2:  # the race's two copies do not fit beside any two candidates: no race, and say so
             s.racing, s.exploit_until_s = False, None
             choice = self.no_race_choice()
@@ -221,7 +226,7 @@ class Race:
         s.trials[config] = RaceTrial(gain, metric, e.trial_seconds, e.last_se, projected)
         if s.trial_s is None:
             s.trial_s = e.trial_seconds
-        e.arms[config].add(gain)
+        e.arms.setdefault(config, ArmStats()).add(gain)
         if self.winner()[0] == config:  # the winner so far: keep its end state
             s.ops.append("save_best")
             s.saved = config
@@ -250,12 +255,14 @@ class Race:
         s.racing = False
         e.baseline = e.last_metric = s.trials[winner].metric
         e.restart_trial()
+        run = e.fastest_sibling(winner)  # the copies are gone: the same learning at the fastest that fits
         tie = f", the least frozen within {e.significance:g} standard errors of the best" if by_tie else ""
         won = s.trials[winner]
         ahead = (f"{won.projected:.4g} projected {s.horizon_s:.1f} s ahead, " if won.projected is not None
                  and s.horizon_s is not None else "")
-        return e.decide(step, winner, f"race won ({ahead}{won.gain:.4g}/s over {len(s.trials)}{tie}): "
-                                      f"exploit for {s.exploit_until_s - e.elapsed_s:.1f} s")
+        sibling = "" if run == winner else f", run as {run.short()}"
+        return e.decide(step, run, f"race won by {winner.short()} ({ahead}{won.gain:.4g}/s over {len(s.trials)}{tie}"
+                                   f"{sibling}): exploit for {s.exploit_until_s - e.elapsed_s:.1f} s")
 
     # -------------------------------------------------------------- what a race costs and buys
 
@@ -307,6 +314,7 @@ class Race:
         """Without a race: the last race's winner while it is still feasible, else the least frozen candidate
         (the fastest of those), because freezing caps what training can reach."""
         alive = [c.config for c in self.engine.survivors]
-        if self.state.incumbent in alive:
-            return self.state.incumbent
+        incumbent = None if self.state.incumbent is None else self.engine.fastest_sibling(self.state.incumbent)
+        if incumbent in alive:
+            return incumbent
         return min(alive, key=lambda c: c.freeze_rate)  # survivors are fastest first: ties keep the fastest
