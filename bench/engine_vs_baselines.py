@@ -173,8 +173,6 @@ def main() -> None:
         auto = auto.replace(micro_batch_size=auto.micro_batch_size // 2)
     full = next(MemoryConfig(m, checkpoint_segments=n_blocks) for m in micro if fits(MemoryConfig(m, checkpoint_segments=n_blocks)))
     head = next(MemoryConfig(m, freeze_rate=1.0) for m in micro if fits(MemoryConfig(m, freeze_rate=1.0)))
-    head_same = next((c.config for c in survivors if c.config.freeze_rate == 1.0 and c.config.batch_size is None), None)
-    head = head_same or head
 
     # (configuration, batch): auto_find_batch trains at its halved batch; every other row keeps BATCH
     plan = {f"fixed/{c.config.short()}": (c.config, BATCH) for c in survivors}

@@ -32,6 +32,7 @@ class StepLog:
         self.task, self.steps, self.budget_mib, self.engine = task, steps, budget_mib, engine
         self.used: list[MemoryConfig] = []
         self.rows: list[dict[str, Any]] = []
+        self.step_budget: float | None = None  # the budget the running step started under (read at its begin)
 
     def budget_now(self) -> float | None:
         """The budget in MiB that holds now (a trace's value at this stream step, or the fixed budget)."""
@@ -47,13 +48,13 @@ class StepLog:
 
         class _Watch(TrainerCallback):
             def on_step_begin(self, args, state, control, **kwargs):
-                log._budget = log.budget_now()  # the budget this step ran under (read before the step moves it)
+                log.step_budget = log.budget_now()  # read before the step moves the stream's clock
 
             def on_step_end(self, args, state, control, **kwargs):
                 config = trainer.memory_config
                 if not log.used or log.used[-1] != config:
                     log.used.append(config)
-                log.add(config, getattr(log, "_budget", None), trainer.step_peak_bytes)
+                log.add(config, log.step_budget, trainer.step_peak_bytes)
 
         return _Watch()
 
