@@ -12,15 +12,17 @@ import logging
 import os
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from mpopt_hf.config import InvalidTypeError, check_bool, check_choice, check_int, check_list, check_number, check_str
-from online_recipe import check_model_path, QUIET_TRAINER_FLAGS, SMALL_SPACE_FLAGS, RunArguments, at_most, cached_model, parse_args
+from mpopt_hf.config import InvalidTypeError, check_choice, check_int, check_list, check_number, check_str
+from online_recipe import check_model_path, QUIET_TRAINER_FLAGS, SMALL_SPACE_FLAGS, at_most, cached_model, parse_args
 from online_recipe import resolve_budget, run_and_report, supervised_pretrain
 from online_recipe import default_budget_mib  # noqa: F401  (re-exported: bench/online_baselines.py imports it)
+from online_recipe import RunArguments  # noqa: F401  (re-exported: tests/test_bad_inputs.py builds it from here)
+from online_recipe.arguments import CorruptedImagesArguments, HubModelArguments, check_corruption_table, recipe_classes
+from online_recipe.arguments import IMAGE_DATASETS as DATASETS
 
 from .loading import OFFLINE_PRESETS, SMALL, TINY, build_classifier
 from .losses import ADAPTATIONS, UNSUPERVISED_LOSSES
@@ -29,8 +31,6 @@ from .modeling import CLIPClassifier
 logger = logging.getLogger(__name__)
 
 
-DATASETS = ("digits", "cifar10-c")  # vision registry names; each has a vision.streams builder of the same name
-DEFAULT_CORRUPTIONS = ("fog", "contrast", "glass_blur", "frost", "motion_blur")
 # CLIP prompts read better with words than with the registry's class names ("0".."9") where they differ
 DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 PROMPT_NAMES = {"digits": DIGIT_NAMES}
@@ -48,13 +48,21 @@ DEFAULT_TRAINING_FLAGS = [
     "--budget_fraction", "0.6",
     "--budget_trace", "0:1,0.4:0.5,0.7:1",
 ]
+# reproduce/clip_cls_online.py --quick: the 40 k-parameter CLIP over 2 short tasks under a fixed budget (no trace: half
+# of a budget this small fits no configuration), small enough for CI (about 15 s of one core)
+QUICK_FLAGS = [
+    "--output_dir", "outputs/clip_cls_online_quick",
+    "--model", "tiny", "--corruptions", "fog", "contrast", "--budget_trace", "none",
+    "--train_per_task", "64", "--test_per_task", "64", "--pretrain_steps", "30",
+    "--per_device_train_batch_size", "32", "--max_steps", "4",
+    "--micro_batch_sizes", "32", "16", "--freeze_rates", "0", "--checkpoint_segments", "0", "2", "--trial_steps", "1",
+]
 
 
 @dataclass
-class ModelArguments:
+class ModelArguments(HubModelArguments):
     model: str = field(default=SMALL, metadata={"help": f"A CLIP hub id or folder, or one built offline: '{SMALL}' "
                                                 f"(~0.9 M parameters) or '{TINY}' (~40 k, for tests)."})
-    local_files_only: bool = field(default=True, metadata={"help": "Never download; False lets a hub id download."})
     adaptation: str = field(default="supervised", metadata={"help": f"Retraining loss, one of {list(ADAPTATIONS)}."})
     unsupervised_loss: str = field(default="entropy", metadata={"help": f"One of {list(UNSUPERVISED_LOSSES)}."})
     confidence_margin: float = field(
@@ -76,20 +84,14 @@ class ModelArguments:
 
     def __post_init__(self) -> None:
         where = "ModelArguments."
-        check_str(where + "model", self.model, f"a CLIP hub id (org/name), a local folder, {SMALL!r} or {TINY!r}")
-        check_bool(where + "local_files_only", self.local_files_only)
+        self.check_model("model", f"a CLIP hub id (org/name), a local folder, {SMALL!r} or {TINY!r}")
         check_choice(where + "adaptation", self.adaptation, ADAPTATIONS)
         check_choice(where + "unsupervised_loss", self.unsupervised_loss, UNSUPERVISED_LOSSES)
         self.confidence_margin = check_number(where + "confidence_margin", self.confidence_margin,
                                               lambda v: 0.0 < v <= 1.0, "in (0, 1] (1 = all samples)")
         self.templates = check_list(where + "templates", self.templates, lambda t: isinstance(t, str) and "{}" in t,
                                     "prompt templates (str) holding '{}' for the class name, e.g. 'a photo of a {}.'")
-        self.pretrain_steps = check_int(where + "pretrain_steps", self.pretrain_steps, lambda v: v >= 0,
-                                        "an int >= 0 (0 = no pre-training) or None", optional=True)
-        self.pretrain_lr = check_number(where + "pretrain_lr", self.pretrain_lr, lambda v: v > 0, "a finite number > 0")
-        self.pretrain_batch_size = check_int(where + "pretrain_batch_size", self.pretrain_batch_size,
-                                             lambda v: v >= 1, ">= 1 (an int)")
-        check_str(where + "cache_dir", self.cache_dir, "a folder path or None", optional=True)
+        self.check_pretraining(batch_allowed=">= 1 (an int)")
         if self.cache_dir is not None and os.path.exists(os.path.expanduser(self.cache_dir)) \
                 and not os.path.isdir(os.path.expanduser(self.cache_dir)):
             raise ValueError(f"ModelArguments.cache_dir {self.cache_dir!r} is a file; give a folder (or None).")
@@ -106,14 +108,10 @@ class ModelArguments:
 
 
 @dataclass
-class DataArguments:
-    dataset: str = field(default="digits", metadata={"help": f"One of {list(DATASETS)}."})
+class DataArguments(CorruptedImagesArguments):
     data_dir: str | None = field(
         default=None, metadata={"help": "Folder of the data set (cifar10-c: the folder holding CIFAR-10-C/, or it)."}
     )
-    corruptions: list[str] = field(default_factory=lambda: list(DEFAULT_CORRUPTIONS),
-                                   metadata={"help": "The stream: one task per corruption, in this order."})
-    severity: int = field(default=5, metadata={"help": "Corruption severity 1..5."})
     train_per_task: int = field(default=512, metadata={"help": "At most this many training images per task."})
     test_per_task: int = field(default=360, metadata={"help": "At most this many test (and val) images per task."})
     stream_seed: int = field(default=0, metadata={"help": "Seed of the splits and the corruption noise."})
@@ -135,6 +133,7 @@ class DataArguments:
                                       lambda c: isinstance(c, str) and c in ALL_CORRUPTIONS,
                                       f"corruption names from {list(ALL_CORRUPTIONS)}")
         self.severity = check_int(where + "severity", self.severity, lambda v: 1 <= v <= 5, "an int in 1..5")
+        check_corruption_table(where, self.corruption_table, self.dataset)
         self.train_per_task = check_int(where + "train_per_task", self.train_per_task, lambda v: v >= 1,
                                         "an int >= 1")
         self.test_per_task = check_int(where + "test_per_task", self.test_per_task, lambda v: v >= 1, "an int >= 1")
@@ -143,15 +142,7 @@ class DataArguments:
 
 def parse(argv: list[str] | None = None):
     """(model, data, run, mpopt, training) arguments; the recipe's defaults go first so any flag overrides them."""
-    return parse_args(_classes(), DEFAULT_TRAINING_FLAGS, argv)
-
-
-def _classes():
-    from transformers import TrainingArguments
-
-    from mpopt_hf.config import MPOptArguments
-
-    return (ModelArguments, DataArguments, RunArguments, MPOptArguments, TrainingArguments)
+    return parse_args(recipe_classes(ModelArguments, DataArguments), DEFAULT_TRAINING_FLAGS, argv)
 
 
 # ---------------------------------------------------------------------------- data
@@ -173,13 +164,14 @@ def load_stream(data: DataArguments):
     cap = max(data.train_per_task, data.test_per_task)
     if data.dataset == "digits":
         tasks = build_stream("digits", corruptions=data.corruptions, severity=data.severity,
-                             max_samples_per_task=cap, seed=data.stream_seed)
+                             max_samples_per_task=cap, seed=data.stream_seed, table=data.corruption_table)
         source, targets = tasks[0], tasks[1:]
         # pre-train on the whole clean train split the stream draws from (vision caps the clean task like the others)
         source.train = vision.load("digits", split="train", seed=data.stream_seed)
     else:
         source, targets = None, build_stream(data.dataset, root_dir=data.data_dir, corruptions=data.corruptions,
-                                             severity=data.severity, max_samples_per_task=cap, seed=data.stream_seed)
+                                             severity=data.severity, max_samples_per_task=cap, seed=data.stream_seed,
+                                             table=data.corruption_table)
     for task in targets if source is None else [source, *targets]:
         if task is not source:
             task.train = at_most(task.train, data.train_per_task, data.stream_seed)
@@ -213,7 +205,7 @@ def source_model(model_args: ModelArguments, class_names: list[str], source, tra
     key = {"model": model_args.model, "classes": class_names, "templates": model_args.templates, "steps": steps,
            "lr": model_args.pretrain_lr, "batch": model_args.pretrain_batch_size, "seed": training_args.seed,
            "source_size": len(source.train), "v": 2}
-    cache_root = Path(model_args.cache_dir or Path.home() / ".cache" / "mpopt_hf" / "clip_online")
+    cache_root = model_args.source_cache("clip_online")
 
     def make() -> CLIPClassifier:
         model = build_classifier(model_args.model, class_names, model_args.templates, model_args.local_files_only,

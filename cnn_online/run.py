@@ -30,9 +30,10 @@ from typing import Any
 
 import torch
 
-from mpopt_hf.config import check_choice, check_int, check_number, check_str
+from mpopt_hf.config import check_choice, check_number, check_str
 from online_recipe import QUIET_TRAINER_FLAGS, SMALL_SPACE_FLAGS, RunArguments, cached_model, given_flags, parse_args
 from online_recipe import resolve_budget, run_and_report, supervised_pretrain
+from online_recipe.arguments import SourceModelArguments, recipe_classes
 
 from .data import DataArguments, load_stream
 
@@ -48,6 +49,17 @@ DEFAULT_TRAINING_FLAGS = [
     # the budget: 0.8 of the whole batch's predicted peak (binding, with room to measure a configuration that fits)
     "--budget_fraction", "0.8",
     "--trial_steps", "2",
+]
+# reproduce/cnn_retrain_digits.py --quick: a resnet18 x0.125 on 8 px digits, 2 tasks of one epoch, small enough for CI
+# (about 15 s of one core); a batch of 32: at 16 the weights and optimizer state outweigh the activations and no
+# configuration fits 0.8 of the whole batch's predicted peak
+QUICK_FLAGS = [
+    "--output_dir", "outputs/cnn_retrain_quick",
+    "--width_multiplier", "0.125", "--image_size", "8", "--task", "2", "--epoch", "1",
+    "--train_per_task", "64", "--test_per_task", "32", "--pretrain_steps", "10",
+    "--per_device_train_batch_size", "32",
+    "--micro_batch_sizes", "32", "16", "--freeze_rates", "0", "0.5", "--checkpoint_segments", "0", "2",
+    "--trial_steps", "1",
 ]
 
 
@@ -67,7 +79,7 @@ def _has_width(name: str) -> bool:
 
 
 @dataclass
-class ModelArguments:
+class ModelArguments(SourceModelArguments):
     model: str = field(default=DEFAULT_MODEL, metadata={"help": "A small_cnn zoo model (the seed's --model): "
                                                         "resnet18, resnet50, resnet101, resnext29, mobilenetv2, "
                                                         "mobilevit_xxs."})
@@ -91,12 +103,7 @@ class ModelArguments:
         if self.width_multiplier not in (None, 1.0) and not _has_width(self.model):
             raise ValueError(f"ModelArguments.width_multiplier {self.width_multiplier}: {self.model} has no width "
                              "multiplier (resnet18/50/101 and mobilenetv2 do); leave --width_multiplier out.")
-        self.pretrain_steps = check_int(where + "pretrain_steps", self.pretrain_steps, lambda v: v >= 0,
-                                        "an int >= 0 (0 = no pre-training)")
-        self.pretrain_lr = check_number(where + "pretrain_lr", self.pretrain_lr, lambda v: v > 0, "a finite number > 0")
-        self.pretrain_batch_size = check_int(where + "pretrain_batch_size", self.pretrain_batch_size,
-                                             lambda v: v >= 1, "an int >= 1")
-        check_str(where + "cache_dir", self.cache_dir, "a folder path or None", optional=True)
+        self.check_pretraining(optional=False)
 
     def width_for(self, dataset: str) -> float | None:
         """The width multiplier the model is built with (None: its config has none)."""
@@ -175,18 +182,10 @@ def apply_seed_flags(seed: SeedArguments, run: RunArguments, mpopt, training, gi
     run.baseline, run.fixed_config = "fixed", config.short()
 
 
-def _classes() -> tuple:
-    from transformers import TrainingArguments
-
-    from mpopt_hf.config import MPOptArguments
-
-    return (ModelArguments, DataArguments, SeedArguments, RunArguments, MPOptArguments, TrainingArguments)
-
-
 def parse(argv: list[str] | None = None):
     """(model, data, seed, run, mpopt, training) arguments, the seed's flags already applied (a `ParsedArgs`: its
     ``provenance`` goes to run_and_report)."""
-    parsed = parse_args(_classes(), DEFAULT_TRAINING_FLAGS, argv)
+    parsed = parse_args(recipe_classes(ModelArguments, DataArguments, SeedArguments), DEFAULT_TRAINING_FLAGS, argv)
     _, _, seed, run, mpopt, training = parsed
     apply_seed_flags(seed, run, mpopt, training, given_flags(argv))
     return parsed
@@ -216,7 +215,7 @@ def source_model(model_args: ModelArguments, data_args: DataArguments, classes: 
            "image_size": data_args.image_size, "stream_seed": data_args.stream_seed, "steps": steps,
            "lr": model_args.pretrain_lr, "batch": model_args.pretrain_batch_size, "seed": training_args.seed,
            "source_size": len(source.train), "v": 1}
-    cache_root = Path(model_args.cache_dir or Path.home() / ".cache" / "mpopt_hf" / "cnn_online")
+    cache_root = model_args.source_cache("cnn_online")
 
     def make():
         model = build_model(model_args, data_args.dataset, len(classes))

@@ -15,8 +15,9 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from mpopt_hf.config import check_bool, check_int, check_number, check_str
+from mpopt_hf.config import check_bool, check_int
 from online_recipe import check_model_path
+from online_recipe.arguments import HubModelArguments
 
 TINY = "tiny-gpt-neo"
 GPT_NEO_125M_ID = "EleutherAI/gpt-neo-125m"
@@ -32,13 +33,12 @@ TINY_DEFAULTS = {"num_layers": 4, "hidden_size": 96, "num_heads": 4, "window_siz
 
 
 @dataclass
-class ModelArguments:
+class ModelArguments(HubModelArguments):
     model: str = field(
         default=TINY,
         metadata={"help": f"'{TINY}' (built offline, pre-trained for seconds on the first domain), a GPT-Neo hub id "
                   f"such as {GPT_NEO_125M_ID} or a local folder of a causal LM."},
     )
-    local_files_only: bool = field(default=True, metadata={"help": "Never download; False lets a hub id download."})
     random_init: bool = field(
         default=False,
         metadata={"help": f"Build --model's architecture from its config with random weights ({GPT_NEO_125M_ID}: "
@@ -69,8 +69,7 @@ class ModelArguments:
 
     def __post_init__(self) -> None:
         where = "ModelArguments."
-        check_str(where + "model (--model)", self.model, f"{TINY!r}, a hub id (org/name) or a local folder")
-        check_bool(where + "local_files_only", self.local_files_only)
+        self.check_model("model (--model)", f"{TINY!r}, a hub id (org/name) or a local folder")
         check_bool(where + "random_init", self.random_init)
         for name, default in TINY_DEFAULTS.items():
             value = check_int(where + name, getattr(self, name), lambda v: v >= 1, "an int >= 1 or None",
@@ -93,14 +92,7 @@ class ModelArguments:
             self._check_model_path()
         self.vocab_size = check_int(where + "vocab_size", self.vocab_size, lambda v: 260 <= v <= 50257,
                                     "an int in 260..50257 (256 bytes, the end-of-text token and merges)")
-        self.pretrain_steps = check_int(where + "pretrain_steps", self.pretrain_steps, lambda v: v >= 0,
-                                        "an int >= 0 (0 = no pre-training) or None", optional=True)
-        if self.pretrain_steps is None:
-            self.pretrain_steps = 150 if self.model == TINY else 0
-        self.pretrain_lr = check_number(where + "pretrain_lr", self.pretrain_lr, lambda v: v > 0, "a finite number > 0")
-        self.pretrain_batch_size = check_int(where + "pretrain_batch_size", self.pretrain_batch_size,
-                                             lambda v: v >= 1, "an int >= 1")
-        check_str(where + "cache_dir", self.cache_dir, "a folder path or None", optional=True)
+        self.check_pretraining(150 if self.model == TINY else 0)
 
     def _check_model_path(self) -> None:
         """A local path must exist (a folder with config.json); only a well-formed hub id goes on."""

@@ -19,20 +19,19 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from online_recipe import (
     QUIET_TRAINER_FLAGS,
-    RunArguments,
     cached_model,
     parse_args,
     resolve_budget,
     run_and_report,
     supervised_pretrain,
 )
+from online_recipe.arguments import recipe_classes
 
 from .data import DataArguments, cached_tokenizer, load_domains
 from .modeling import TINY, ModelArguments, build_model, hub_tokenizer, perplexity
@@ -54,6 +53,16 @@ DEFAULT_TRAINING_FLAGS = [
     "--budget_fraction", "0.6",
     # the engine's gain while it races: the negative mean of the model's own loss on the probe (val) blocks
     "--gain_metric", "loss",
+]
+# reproduce/gpt_neo_lm_online.py --quick: a 2-layer GPT-Neo of width 32, a 300-token BPE, blocks of 32 tokens, 2 short
+# tasks, small enough for CI (about 15 s of one core)
+QUICK_FLAGS = [
+    "--output_dir", "outputs/gpt_neo_lm_online_quick",
+    "--num_layers", "2", "--hidden_size", "32", "--num_heads", "2", "--window_size", "8",
+    "--vocab_size", "300", "--block_size", "32", "--max_chars_per_domain", "20000",
+    "--train_blocks_per_task", "32", "--test_blocks_per_task", "16", "--pretrain_steps", "30",
+    "--per_device_train_batch_size", "16", "--max_steps", "4",
+    "--micro_batch_sizes", "16", "8", "--freeze_rates", "0", "--checkpoint_segments", "0", "1", "--trial_steps", "1",
 ]
 TINY_NOTE = ("The tiny model (0.55 M parameters by default, pre-trained for seconds on the first domain, a 1024-token "
              "BPE) exists so that the recipe runs anywhere without a download; its perplexities are not comparable to "
@@ -77,21 +86,10 @@ def limitations(model_args: ModelArguments, data_args: DataArguments) -> str:
     return " ".join(n for n in notes if n)
 
 
-def _classes() -> tuple:
-    from transformers import TrainingArguments
-
-    from mpopt_hf.config import MPOptArguments
-
-    return (ModelArguments, DataArguments, RunArguments, MPOptArguments, TrainingArguments)
-
-
 def parse(argv: list[str] | None = None):
     """(model, data, run, mpopt, training) arguments (a `ParsedArgs`: its ``provenance`` goes to run_and_report)."""
-    return parse_args(_classes(), DEFAULT_TRAINING_FLAGS, argv, module=__name__)
-
-
-def cache_root(model_args: ModelArguments) -> Path:
-    return Path(model_args.cache_dir or Path.home() / ".cache" / "mpopt_hf" / "lm_online")
+    return parse_args(recipe_classes(ModelArguments, DataArguments), DEFAULT_TRAINING_FLAGS, argv,
+                      module=__name__)
 
 
 def load_stream(model_args: ModelArguments, data_args: DataArguments):
@@ -99,7 +97,7 @@ def load_stream(model_args: ModelArguments, data_args: DataArguments):
     the tiny model and random weights, the checkpoint's tokenizer otherwise."""
     def tokenizer_for(first_domain):
         if model_args.offline_tokenizer:
-            return cached_tokenizer(first_domain, model_args.vocab_size, cache_root(model_args))
+            return cached_tokenizer(first_domain, model_args.vocab_size, model_args.source_cache("lm_online"))
         return hub_tokenizer(model_args)
 
     return load_domains(data_args, tokenizer_for, model_args.local_files_only,
@@ -127,7 +125,7 @@ def source_model(model_args: ModelArguments, data_args: DataArguments, tokenizer
                             model_args.pretrain_batch_size, training_args)
         return model
 
-    return cached_model(key, cache_root(model_args), make, AutoModelForCausalLM.from_pretrained).eval()
+    return cached_model(key, model_args.source_cache("lm_online"), make, AutoModelForCausalLM.from_pretrained).eval()
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

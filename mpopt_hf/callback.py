@@ -6,14 +6,12 @@ next step boundary. It only observes and signals; the step itself (micro-batchin
 belongs to `MPOptTrainer`.
 
 Its state is saved with each checkpoint, as an `ExportableState` entry of Trainer's ``trainer_state.json``, and
-restored on resume (`mpopt_hf.engine_state`); the gain metric is measured by `mpopt_hf.gain`.
+restored on resume (`mpopt_hf.callback_checkpoints`, `mpopt_hf.engine_state`); the gain signal is fed by
+`mpopt_hf.gain_signal` (measured by `mpopt_hf.gain`); decisions are logged by `mpopt_hf.decision_log`.
 """
 
 from __future__ import annotations
 
-import json
-import logging
-import os
 import time
 import warnings
 from collections.abc import Callable
@@ -22,43 +20,35 @@ from typing import Any
 import torch
 from torch import nn
 from transformers import TrainerCallback
-from transformers.trainer_callback import ExportableState
 
 from .blocks import find_blocks
 from .budget import BudgetReader
+from .callback_checkpoints import CheckpointedState
 from .config import MemoryConfig, MPOptArguments
 from .cost import first_batch
-from .engine import MIB, CostModel, RuleEngine
+from .decision_log import DECISIONS_FILE, DecisionLog
+from .engine import CostModel, RuleEngine
 from .engine_setup import budget_bytes, build_engine, default_cost_model, host_copy_bytes, search_space
 from .engine_state import (
     SNAPSHOT_FILE,
     STATE_FILE,
-    STATE_FORMAT,  # noqa: F401  (importable from here, as before the move)
-    TRAINER_STATE_FILE,  # noqa: F401
     EngineCheckpoint,
     EngineStateError,
     EngineStateWarning,
-    check_trainer_state,
-    checkpoint_folder,
     empty_entry,
     restore_engine,
 )
-from .engine_state import atomic_write as _atomic_write  # noqa: F401
-from .gain import METRIC_CEILING, PROXY_METRICS, GainMeter, item_scores, metric_from_logits, resolve_metric
+from .gain import PROXY_METRICS, GainMeter, item_scores, metric_from_logits, resolve_metric
+from .gain_signal import GainSignal
 from .knobs import apply_memory_config
 from .ranks import reduce_sums, reduce_value
-from .train_loss_gain import TrainLossGain
 from .wall_clock import WallClockLimit
-
-logger = logging.getLogger(__name__)
-
-DECISIONS_FILE = "decisions.json"
 
 
 # ---------------------------------------------------------------------------- the callback
 
 
-class MPOptCallback(TrainerCallback, ExportableState):
+class MPOptCallback(CheckpointedState, TrainerCallback):
     """Lets the rule engine choose the memory configuration online.
 
     ``cost_model`` predicts ``(peak_bytes, step_s)`` of a configuration (the profiler's memory model, or a
@@ -92,44 +82,34 @@ class MPOptCallback(TrainerCallback, ExportableState):
         self.on_infeasible = on_infeasible
         self.trainer: Any = None
         self.engine: RuleEngine | None = None
-        self._gain = GainMeter(mpopt_args.gain_metric)  # the gain metric, its evaluation batch
+        # the gain metric, its evaluation batch, the steps' losses ('train_loss') and whether a baseline is due
+        self._gain = GainSignal(GainMeter(mpopt_args.gain_metric), self._reduce, self._reduce_sums)
         self._resume_dir: str | None = None
-        self._needs_baseline = False
         self._step_start: float | None = None
-        self._logged = 0
+        self._decision_log = DecisionLog()  # which decisions were logged already
         self._warned = False
         self._applied: MemoryConfig | None = None
         self._checkpoint = EngineCheckpoint()  # race snapshots: "start" and "best", on the CPU
         self._refs: tuple[Any, Any, Any] | None = None  # plain Trainer: the (args, state, control) last seen
         self._budget: BudgetReader | None = None  # re-reads a budget that may change ('auto', a callable)
-        self._train_loss = TrainLossGain()  # gain_metric 'train_loss': the steps' own losses
 
     @property
     def metric(self) -> str:
         """The gain metric in use (``gain_metric`` until the first step resolves 'auto')."""
-        return self._gain.metric
+        return self._gain.meter.metric
 
     @metric.setter
     def metric(self, value: str) -> None:
-        self._gain.metric = value
+        self._gain.meter.metric = value
 
     @property
     def eval_chunk(self) -> int | None:
         """The evaluation batch the gain metric fell back to after out-of-memory (None: the loader's)."""
-        return self._gain.eval_chunk
+        return self._gain.meter.eval_chunk
 
     @eval_chunk.setter
     def eval_chunk(self, value: int | None) -> None:
-        self._gain.eval_chunk = value
-
-    @property
-    def _copies(self) -> dict[str, Any]:
-        """The race's host copies ("start", "best"), held by `EngineCheckpoint`."""
-        return self._checkpoint.copies
-
-    @_copies.setter
-    def _copies(self, value: dict[str, Any]) -> None:
-        self._checkpoint.copies = value
+        self._gain.meter.eval_chunk = value
 
     # -------------------------------------------------------------- wiring
 
@@ -142,13 +122,6 @@ class MPOptCallback(TrainerCallback, ExportableState):
         if meter is not None and not meter.on_cuda:  # the race's copies live in host memory: the CPU's budget
             meter.held_bytes.append(self._checkpoint.held_bytes)
 
-    def resume_from(self, checkpoint_dir: str) -> None:
-        """Called by MPOptTrainer before Trainer reads the checkpoint's state: a missing or truncated
-        ``trainer_state.json`` (the engine's state is in it) fails here, naming the file and what to do, rather
-        than as Trainer's bare error."""
-        self._resume_dir = checkpoint_dir
-        check_trainer_state(checkpoint_dir)
-
     def task_boundary(self) -> None:
         """The online loop moved to a new task: re-open the search, re-measure the baseline on the new data."""
         if self.engine is None:
@@ -156,7 +129,7 @@ class MPOptCallback(TrainerCallback, ExportableState):
         step = self._step()
         self._apply(self.engine.task_boundary(step, horizon_s=self._wall_clock_left()))
         # the new data's metric starts the trials; a task too short for a race spends no evaluation on it
-        self._needs_baseline = self.engine.racing or self.engine.strategy != "race"
+        self._gain.needs_baseline = self.engine.racing or self.engine.strategy != "race"
         self._flush_decisions()
 
     # -------------------------------------------------------------- Trainer events
@@ -191,9 +164,9 @@ class MPOptCallback(TrainerCallback, ExportableState):
         self._optimizer_ref, self._scheduler_ref = kwargs.get("optimizer"), kwargs.get("lr_scheduler")
         if self.engine is None:
             self._setup(args, state, model, kwargs.get("train_dataloader"), kwargs.get("optimizer"))
-        elif self._needs_baseline and self.metric != "train_loss":  # the training loss comes with the step
+        elif self._gain.needs_baseline and self.metric != "train_loss":  # the training loss comes with the step
             self.engine.set_baseline(*self._measure_metric(model))
-            self._needs_baseline = False
+            self._gain.needs_baseline = False
         budget = self._budget.changed(state.global_step, lambda v: self._reduce(v, "min")) if self._budget else None
         if budget is not None:  # another process took memory or gave it back: re-plan before this step runs
             self._apply(self.engine.set_budget(state.global_step, budget))
@@ -211,7 +184,7 @@ class MPOptCallback(TrainerCallback, ExportableState):
         meter = getattr(self.trainer, "peak_meter", None)
         timed = not (meter is not None and meter.slowed)  # the same on every rank: sampling follows steps and configs
         if self.metric == "train_loss":
-            self._observe_train_loss()
+            self._gain.observe_train_loss(self.trainer, self.engine)
         if self.engine.observe_step(state.global_step, step_s, peak, timed=timed):
             metric, se = self._measure_metric(model)
             proxy = self.metric in PROXY_METRICS
@@ -223,42 +196,6 @@ class MPOptCallback(TrainerCallback, ExportableState):
             control.should_training_stop = True
         return control
 
-    # -------------------------------------------------------------- checkpoints
-
-    def state(self) -> dict[str, Any]:
-        """`ExportableState`: the engine's state, which Trainer saves in ``trainer_state.json`` (called while it
-        saves a checkpoint, after the weights and before that file, and whenever it builds a `TrainerState`).
-
-        Mid-race, the race's copies are written to the checkpoint folder now, before ``trainer_state.json``;
-        their id is recorded here, so that resume can tell them from a stale or missing file."""
-        if self.engine is None:
-            return empty_entry()
-        extra = {"metric": self.metric, "eval_chunk": self.eval_chunk, "needs_baseline": self._needs_baseline}
-        return self._checkpoint.entry(self.engine, extra, self._folder_being_saved)
-
-    def on_save(self, args, state, control, **kwargs):
-        # The copies are normally written by `state` already; this catches a save whose folder it could not tell.
-        if self.engine is None or not self._copies or not args.should_save:
-            return control
-        folder = checkpoint_folder(args, state)
-        if os.path.isdir(folder):
-            self._checkpoint.save_copies(folder)
-        return control
-
-    def _folder_being_saved(self) -> str | None:
-        """The checkpoint folder Trainer is writing, when `state` is called from its save (which runs while
-        ``control.should_save`` holds, after the weights went to the folder), else None."""
-        if self.trainer is not None:
-            args, state, control = self.trainer.args, self.trainer.state, self.trainer.control
-        elif self._refs is not None:
-            args, state, control = self._refs
-        else:
-            return None
-        if not (control.should_save and args.should_save):
-            return None
-        folder = checkpoint_folder(args, state)
-        return folder if os.path.isdir(folder) else None
-
     def on_train_end(self, args, state, control, **kwargs):
         if self.engine is not None:
             # stopped during a race: the weights of the best trial that ended are the run's result, and a
@@ -268,9 +205,7 @@ class MPOptCallback(TrainerCallback, ExportableState):
             self._run_state_ops(self.engine.take_ops())
             self._flush_decisions()
         if self.engine is not None and state.is_world_process_zero:
-            os.makedirs(args.output_dir, exist_ok=True)
-            with open(os.path.join(args.output_dir, DECISIONS_FILE), "w") as f:
-                json.dump([d.to_dict() for d in self.engine.decisions], f, indent=1)
+            DecisionLog.write(args.output_dir, self.engine.decisions)
         return control
 
     # -------------------------------------------------------------- setup
@@ -290,22 +225,16 @@ class MPOptCallback(TrainerCallback, ExportableState):
         self.engine.copy_bytes = host_copy_bytes(model, self.cost_model, effective)
         self._budget = BudgetReader(self.mpopt_args.memory_budget_mib, args.device, self.mpopt_args.budget_every_steps)
         self._budget.last_bytes, self._budget.last_step = self.engine.budget_bytes, state.global_step
-        resume = self._resume_dir
-        if resume is None and state.global_step > 0:  # a plain Trainer resumed: the folder follows the convention
-            resume = checkpoint_folder(args, state)
-        saved = None if resume is None else self._checkpoint.load(resume, state, type(self).__name__,
-                                                                 self.mpopt_args.strict_resume)
+        saved = self._load_saved(args, state)
         if saved is not None:
             payload, source, copies = saved
-            self.metric, self.eval_chunk = restore_engine(self.engine, payload, source)
-            self.engine.metric_ceiling = METRIC_CEILING.get(self.metric)
-            self._needs_baseline = payload.get("needs_baseline", False)
-            self._logged = len(self.engine.decisions)  # those were logged by the first run
+            metric, eval_chunk = restore_engine(self.engine, payload, source)
+            self._gain.restore(metric, eval_chunk, payload.get("needs_baseline", False), self.engine)
+            self._decision_log.logged = len(self.engine.decisions)  # those were logged by the first run
             self._copies = copies
             self._apply(self.engine.current)
             return
-        self._gain.resolve(self.mpopt_args.gain_metric, model, self.trainer, self.eval_dataset)
-        self.engine.metric_ceiling = METRIC_CEILING.get(self.metric)
+        self._gain.resolve(self.mpopt_args.gain_metric, model, self.trainer, self.eval_dataset, self.engine)
         self.engine.set_horizon(self._wall_clock_left())
         self._apply(self.engine.start(state.global_step, *self._measure_metric(model)))
         self._flush_decisions()
@@ -360,60 +289,18 @@ class MPOptCallback(TrainerCallback, ExportableState):
         self._checkpoint.run_ops(ops, model, optimizer, scheduler)
 
     def _flush_decisions(self) -> None:
-        """Log the decisions not yet logged through the Trainer's `log`, so trackers see them."""
-        if self.engine is None:
-            return
-        new = self.engine.decisions[self._logged :]
-        self._logged = len(self.engine.decisions)
-        for d in new:
-            logger.info("mpopt decision at step %d [%s]: %s (%s)", d.step, d.kind, MemoryConfig.from_dict(d.config).short(),
-                        d.reason)
-            if self.trainer is not None:
-                entry = {
-                    "mpopt/micro_batch_size": d.config["micro_batch_size"],
-                    "mpopt/freeze_rate": d.config["freeze_rate"],
-                    "mpopt/checkpoint_segments": d.config["checkpoint_segments"],
-                    "mpopt/decision": len(self.engine.decisions) - len(new) + new.index(d),
-                }
-                if d.budget_bytes is not None:
-                    entry["mpopt/budget_mib"] = round(d.budget_bytes / MIB, 2)
-                config = MemoryConfig.from_dict(d.config)
-                if config.batch_size is not None:  # the batch as a knob: the update's batch and learning rate
-                    entry["mpopt/update_batch_size"] = config.batch_size
-                    entry["mpopt/learning_rate_scale"] = self.trainer.learning_rate_scale(config)
-                if d.predicted_peak_bytes is not None:
-                    entry["mpopt/predicted_peak_mib"] = round(d.predicted_peak_bytes / MIB, 2)
-                if d.gain_estimate is not None:
-                    entry["mpopt/gain_per_s"] = d.gain_estimate
-                self.trainer.log(entry)
+        """Log the decisions not yet logged, also through the Trainer's `log`, so trackers see them."""
+        if self.engine is not None:
+            self._decision_log.flush(self.engine.decisions, self.trainer)
 
     def _step(self) -> int:
         return 0 if self.trainer is None else self.trainer.state.global_step
 
     # -------------------------------------------------------------- the gain metric
 
-    def _observe_train_loss(self) -> None:
-        """This step's training loss (the mean over ranks); the first step of a race (or of a task) sets its start,
-        measured on the start weights before their first update."""
-        loss = self.trainer.last_step_loss
-        self._train_loss.add(None if loss is None else self._reduce(loss, "sum") / self.trainer.args.world_size)
-        starting = self.engine.racing and self.engine.race_state.start_metric is None
-        if (starting or self._needs_baseline or self.engine.baseline is None) and self._train_loss.last is not None:
-            self.engine.set_baseline(-self._train_loss.last)
-            self._needs_baseline = False
-
     def _measure_metric(self, model: nn.Module) -> tuple[float | None, float | None]:
-        """(mean score, its standard error) over the evaluation data and all ranks (`GainMeter.measure`). Its time
-        (the slowest rank's, so that every rank's engine sizes its trials alike) is search cost. For
-        'train_loss', the current trial's later steps' losses: no evaluation, no search time."""
-        if self.metric == "train_loss":
-            return self._train_loss.metric(self.engine.trial_steps_done if self.engine is not None else 0)
-        start = self.clock()
-        result = self._gain.measure(model, self.trainer, self.eval_dataset, self._reduce_sums)
-        seconds = self._reduce(self.clock() - start, "max")
-        if self.engine is not None:
-            self.engine.add_search_time(seconds)
-        return result
+        """(mean score, its standard error) of the gain metric (`GainSignal.measure`); its time is search cost."""
+        return self._gain.measure(model, self.trainer, self.eval_dataset, self.engine, self.clock)
 
     # -------------------------------------------------------------- several processes
 

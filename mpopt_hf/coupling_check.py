@@ -67,6 +67,8 @@ def check_batch_coupling(
 ) -> CouplingCheck:
     """Compare the first ``n_samples`` samples' gradient split in two micro-batches with the whole's.
 
+    Its peak is ``n_samples`` samples' forward and backward plus one set of gradients: the trainer takes
+    ``n_samples`` no larger than its micro-batch, so the check costs no more than a step of that configuration.
     Raises `CoupledLossError` (a ValueError) when they differ by more than ``rtol`` and no
     ``adapter`` is given. With an ``adapter``, its gradient-cached gradient must match the
     whole's instead (a wrong adapter is refused too). ``loss_fn`` must weight micro-batches as the
@@ -82,23 +84,26 @@ def check_batch_coupling(
     sample = split_batch(batch, n)[0]
     halves = split_batch(sample, -(-n // 2))
     params = [p for p in model.parameters() if p.requires_grad]
+    if count_items is None:
+        shares = micro_batch_shares(halves)
+    else:
+        counts = [count_items(half) for half in halves]
+        shares = [c / max(sum(counts), 1) for c in counts]
+    # No copy of a gradient is kept: the whole's gradient is accumulated, then the halves' is subtracted from it in
+    # .grad itself, so the check holds one gradient's bytes, as the training step does.
     with _isolated(model, params):
         loss_fn(model, sample, 1.0).backward()
-        whole = _take_grads(params)
-        if count_items is None:
-            shares = micro_batch_shares(halves)
-        else:
-            counts = [count_items(half) for half in halves]
-            shares = [c / max(sum(counts), 1) for c in counts]
+        scale = _grad_norm(params)
         for half, share in zip(halves, shares):
-            if share == 0:
-                continue
-            loss_fn(model, half, share).backward()
-        micro = _relative(_take_grads(params), whole)
+            if share != 0:
+                loss_fn(model, half, -share).backward()
+        micro = _relative(_grad_norm(params), scale)
         cached = None
         if adapter is not None:
-            grad_cache_backward(model, halves, adapter)
-            cached = _relative(_take_grads(params), whole)
+            _clear(params)
+            loss_fn(model, sample, 1.0).backward()
+            grad_cache_backward(model, halves, adapter, backward=lambda loss: (-loss).backward())
+            cached = _relative(_grad_norm(params), scale)
     result = CouplingCheck(n, batch_size_of(halves[0]), micro, adapter.name if adapter else None, cached)
     name = type(unwrap_model(model)).__name__
     if adapter is not None and cached is not None and cached > rtol:
@@ -158,14 +163,14 @@ def _isolated(model: nn.Module, params: list[nn.Parameter]) -> Iterator[None]:
             p.grad = grad
 
 
-def _take_grads(params: list[nn.Parameter]) -> torch.Tensor:
-    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).detach().float().flatten() for p in params])
+def _grad_norm(params: list[nn.Parameter]) -> float:
+    return math.sqrt(sum(float(p.grad.detach().float().pow(2).sum()) for p in params if p.grad is not None))
+
+
+def _clear(params: list[nn.Parameter]) -> None:
     for p in params:
         p.grad = None
-    return flat
 
 
-def _relative(got: torch.Tensor, ref: torch.Tensor) -> float:
-    scale = float(ref.norm())
-    diff = float((got - ref).norm())
-    return diff / scale if scale > 0 else (0.0 if diff == 0 else math.inf)
+def _relative(difference: float, scale: float) -> float:
+    return difference / scale if scale > 0 else (0.0 if difference == 0 else math.inf)

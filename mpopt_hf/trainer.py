@@ -30,7 +30,7 @@ from .coupling_check import resolve_coupled_loss
 from .grad_cache import RngState, device_anchors, grad_cache_backward
 from .knobs import apply_memory_config, autocast_context, check_precision, knob_state, plan_knobs
 from .loss_items import IGNORE_INDEX, LossItemCounter, count_loss_items
-from .microbatch import split_batch
+from .microbatch import batch_size_of, split_batch
 from .step_guard import NonFiniteSteps, OptimizerRollback
 from .step_peak import StepPeakMeter, process_peak_rss_bytes
 from .step_recovery import StepRecovery
@@ -254,6 +254,8 @@ class MPOptTrainer(BatchUpdates, HalvingEvaluation, StepRecovery, Trainer):
 
     def _measured_accumulate(self, model: nn.Module) -> torch.Tensor:
         inputs = [v for batch in self._step_batches for v in batch.values()]
+        if any(batch_size_of(batch) > self.memory_config.micro_batch_size for batch in self._step_batches):
+            self._coupled_loss(model)  # once, outside the step's window: its peak is not this configuration's
         with self.peak_meter.window(model, self.optimizer, inputs):
             return self._accumulate(model, self.memory_config)
 
@@ -299,8 +301,11 @@ class MPOptTrainer(BatchUpdates, HalvingEvaluation, StepRecovery, Trainer):
             # half precision rounds a whole batch and its halves differently; a coupled loss differs by tens of %
             rtol = 3e-2 if (self.args.bf16 or self.args.fp16) else 1e-3
             # on the bare module: a DDP wrapper's collectives must not depend on this rank's check
+            # at most one micro-batch of samples (two at micro-batch 1, the fewest a split can be checked on), so
+            # the check's peak stays within what this configuration's step holds
+            n_samples = max(2, min(4, self.memory_config.micro_batch_size))
             self._coupling = (resolve_coupled_loss(unwrap_model(model), sample, loss_fn=weighted_loss,
-                                                   count_items=self._count_items, rtol=rtol),)
+                                                   count_items=self._count_items, rtol=rtol, n_samples=n_samples),)
         return self._coupling[0]
 
     def _grad_cached(self, model: nn.Module, micro_batches: list[dict[str, Any]], adapter: CoupledLossAdapter) -> torch.Tensor:

@@ -7,14 +7,12 @@ accuracy, or what the run's ``evaluate_fn`` measured, e.g. perplexity) and a mar
 command that reproduces it, the per-task table, the environment, the limitations). A card names its metric and says
 which way is better; results written before the metric hook are accuracy. One function renders the per-task table
 (:func:`render_table`) for the card and for the reproduce scripts; :func:`check_card` parses a card's table back and
-names the rows that differ from a fresh rendering. ``reproduce/*.py`` are thin scripts over :func:`reproduce_main`.
+names the rows that differ from a fresh rendering. ``reproduce/*.py`` are thin scripts over
+:func:`online_recipe.reproduce.reproduce_main`.
 """
 
 from __future__ import annotations
 
-import argparse
-import importlib
-import json
 import platform
 import re
 import shlex
@@ -52,7 +50,10 @@ LIMITATIONS = (
     "download; their accuracies are not comparable to published numbers on CIFAR-10-C, MNIST-M, SVHN or USPS. "
     "Seconds depend on the machine (CPU or GPU, threads, other load), and so may the configurations the engine "
     "chooses, since it weighs gain per second; peaks measured on a CPU come from mpopt_hf's tracker, not from a "
-    "device allocator. `--check` compares every column but the seconds."
+    "device allocator. `--check` compares every column but the seconds. Corruption severities are the published "
+    "CIFAR-10-C rows unless the stream row says `monotone` (rows whose distance from the clean image grows at every "
+    "severity, the table of runs made before issue #15); the images are rendered by `vision`'s own code, not the "
+    "reference scripts."
 )  # the image recipes'; a run that records its own (summary["limitations"]) gets those
 
 
@@ -278,6 +279,11 @@ def build_card(result, arguments: dict[str, Any] | None = None, *, recipe: str |
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}\n")
 
 
+def _table(arguments) -> str:
+    table = (arguments.get("data") or {}).get("corruption_table")
+    return "" if table in (None, "published") else f"; severity table `{table}`"
+
+
 def _what_was_run(summary, arguments, recipe, command, model, dataset, stream) -> str:
     training = arguments.get("training") or {}
     width = arguments.get("model", {}).get("width_multiplier")
@@ -290,7 +296,7 @@ def _what_was_run(summary, arguments, recipe, command, model, dataset, stream) -
         ("recipe", f"`{recipe}`" if recipe else "not recorded"),
         ("model", f"`{model}`" + (f" (width x{width:g})" if width not in (None, 1.0) else "")
          + (" with random weights (its architecture, none of its weights)" if summary.get("random_weights") else "")),
-        ("data set, stream", f"`{dataset}`: {stream}" + _source(summary)),
+        ("data set, stream", f"`{dataset}`: {stream}" + _source(summary) + _table(arguments)),
         ("budget", _budget(summary)),
         ("baseline", f"`{summary.get('baseline')}`: {BASELINES.get(summary.get('baseline'), '')}"),
         ("retraining", "not recorded" if not training else
@@ -366,42 +372,3 @@ def check_card(result, card_path: str | Path) -> list[str]:
     random_weights = bool(results_dict(result)["summary"].get("random_weights"))
     return diff_tables(table_rows(tasks, random_weights), parse_table(card.text, stream_metric(tasks).metric))
 
-
-# ---------------------------------------------------------------------------- reproduce/*.py
-
-
-def reproduce_main(module: str, argv: Sequence[str] | None = None, description: str | None = None) -> int:
-    """A reproduce script: run the recipe ``module``'s offline default (any flag it does not know goes to the recipe)
-    or read ``--from_results``, print the table, write the card, and with ``--check`` compare it; 0 when it agrees."""
-    parser = argparse.ArgumentParser(description=description, epilog="Other flags go to the recipe.",
-                                     allow_abbrev=False)  # an abbreviation must never swallow a recipe flag
-    parser.add_argument("--from_results", metavar="PATH", help="Read this results.json instead of running the recipe.")
-    parser.add_argument("--check", metavar="CARD.md", help="Compare the table against this card's; exit 1 naming "
-                        "the rows that differ (the metric to 3 decimals, seconds not compared). Writes no card.")
-    parser.add_argument("--card", metavar="PATH", help="Write the regenerated card here (default with "
-                        "--from_results: README.md next to the results; a fresh run writes it into its output_dir).")
-    args, recipe_flags = parser.parse_known_args(argv)
-    if args.check is not None and not Path(args.check).is_file():
-        parser.error(f"--check {args.check}: no such card file.")
-    if args.from_results is not None:
-        if recipe_flags:
-            parser.error(f"--from_results reads a finished run; the recipe flags {recipe_flags} have no effect.")
-        if not Path(args.from_results).is_file():
-            parser.error(f"--from_results {args.from_results}: no such results file.")
-        results = json.loads(Path(args.from_results).read_text(encoding="utf-8"))
-    else:
-        results = importlib.import_module(module).main(recipe_flags)
-    print(render_table(results["tasks"], bool(results["summary"].get("random_weights"))))
-    card_path = args.card or (None if args.check or args.from_results is None
-                              else Path(args.from_results).parent / CARD_NAME)
-    if card_path is not None:
-        print(f"card: {write_card(results, card_path)}")
-    if args.check is None:
-        return 0
-    differences = check_card(results, args.check)
-    metric = stream_metric(results["tasks"]).metric
-    for line in differences:
-        print(f"{args.check}: {line}")
-    print(f"{args.check}: {'differs from' if differences else 'agrees with'} the run "
-          f"({len(results['tasks'])} tasks; {metric} to 3 decimals, seconds not compared)")
-    return 1 if differences else 0

@@ -19,6 +19,7 @@ import pyarrow as pa
 from datasets.fingerprint import generate_random_fingerprint
 
 from mpopt_hf.config import check_int, check_list, check_str
+from online_recipe.arguments import CORRUPTION_TABLE_HELP, check_corruption_table
 
 SPLITS = ("train", "val", "test")
 # the corruptions that cost the source model most on 64 px shapes (fog, contrast -0.045 mIoU; frost -0.015; motion
@@ -39,6 +40,7 @@ class DataArguments:
     corruptions: list[str] = field(default_factory=lambda: list(DEFAULT_CORRUPTIONS),
                                    metadata={"help": "The stream: one task per corruption (vision's names), in order."})
     severity: int = field(default=5, metadata={"help": "Corruption severity 1..5."})
+    corruption_table: str = field(default="published", metadata={"help": CORRUPTION_TABLE_HELP})
     train_per_task: int = field(default=256, metadata={"help": "At most this many training samples per task."})
     test_per_task: int = field(default=128, metadata={"help": "At most this many test (and val) samples per task."})
     source_size: int = field(default=1024, metadata={"help": "Generated shapes: clean training samples to pre-train "
@@ -59,6 +61,7 @@ class DataArguments:
                                       f"corruption names from {list(ALL_CORRUPTIONS)}")
         self.severity = check_int(where + "severity (--severity)", self.severity, lambda v: 1 <= v <= 5,
                                   "an int in 1..5")
+        check_corruption_table(where, self.corruption_table)
         for name in ("train_per_task", "test_per_task", "source_size"):
             setattr(self, name, check_int(f"{where}{name} (--{name})", getattr(self, name), lambda v: v >= 1,
                                           "an int >= 1"))
@@ -145,9 +148,12 @@ def _task(pool, name: str, index: int, corruption: str | None, data: DataArgumen
             keep = np.sort(rng.choice(len(images), cap, replace=False))
             images, masks, boxes = images[keep], masks[keep], boxes[keep]
         if corruption is not None:
-            images = corrupt(np.ascontiguousarray(images), corruption, data.severity, seed=int(rng.integers(2**31)))
+            images = corrupt(np.ascontiguousarray(images), corruption, data.severity, seed=int(rng.integers(2**31)),
+                             table=data.corruption_table)
         parts[split] = to_dataset(images, masks, boxes)
     domain = {} if corruption is None else {"corruption": corruption, "severity": data.severity}
+    if corruption is not None and data.corruption_table != "published":
+        domain["table"] = data.corruption_table  # vision.streams' convention: records say which rows made them
     return Task(name, parts["train"], parts["val"], parts["test"], domain)
 
 

@@ -18,8 +18,9 @@ from typing import Any
 
 import torch
 
-from mpopt_hf.config import check_bool, check_int, check_number, check_str
-from online_recipe import check_model_path, QUIET_TRAINER_FLAGS, RunArguments, cached_model, parse_args, resolve_budget, run_and_report
+from mpopt_hf.config import check_bool, check_int
+from online_recipe import check_model_path, QUIET_TRAINER_FLAGS, cached_model, parse_args, resolve_budget, run_and_report
+from online_recipe.arguments import HubModelArguments, recipe_classes
 
 from .data import DataArguments, load_stream
 from .metrics import evaluate_fn, miou_on
@@ -49,6 +50,15 @@ DEFAULT_TRAINING_FLAGS = [
     # optimizer state (2 MiB each, a large share of a tiny model's peak: at 0.6-0.8 the engine cannot race)
     "--budget_fraction", "0.9",
 ]
+# reproduce/sam_seg_online.py --quick: the tiny SAM at 32 px over 2 short tasks, small enough for CI (about 20 s of one
+# core; 20 pre-training steps are all warm-up: its mIoU is near 0)
+QUICK_FLAGS = [
+    "--output_dir", "outputs/sam_seg_online_quick",
+    "--image_size", "32", "--corruptions", "fog", "contrast",
+    "--train_per_task", "32", "--test_per_task", "16", "--source_size", "32", "--pretrain_steps", "20",
+    "--per_device_train_batch_size", "16", "--max_steps", "4",
+    "--micro_batch_sizes", "16", "8", "--freeze_rates", "0", "0.5", "--checkpoint_segments", "0", "--trial_steps", "1",
+]
 LIMITATIONS = (
     "The offline default (a tiny randomly initialised SAM pre-trained for seconds on shapes drawn over scikit-image's "
     "sample photographs, then corrupted) exists so that the recipe runs anywhere without a download; its mIoU is not "
@@ -61,10 +71,9 @@ LIMITATIONS = (
 
 
 @dataclass
-class ModelArguments:
+class ModelArguments(HubModelArguments):
     model: str = field(default=TINY, metadata={"help": f"A SAM hub id or folder (e.g. {SAM_VIT_B}), or '{TINY}' "
                                                "(built offline)."})
-    local_files_only: bool = field(default=True, metadata={"help": "Never download; False lets a hub id download."})
     random_init: bool = field(
         default=False,
         metadata={"help": f"Build --model's architecture from its public config values, without weights "
@@ -88,8 +97,7 @@ class ModelArguments:
 
     def __post_init__(self) -> None:
         where = "ModelArguments."
-        check_str(where + "model (--model)", self.model, f"a SAM hub id (org/name), a local folder or {TINY!r}")
-        check_bool(where + "local_files_only", self.local_files_only)
+        self.check_model("model (--model)", f"a SAM hub id (org/name), a local folder or {TINY!r}")
         check_bool(where + "random_init (--random_init)", self.random_init)
         self.image_size = check_int(where + "image_size (--image_size)", self.image_size,
                                     lambda v: v >= 16 and v % 8 == 0, "an int >= 16, a multiple of 8 (the tiny "
@@ -97,14 +105,7 @@ class ModelArguments:
         if self.image_size is not None and self.model != TINY:
             raise ValueError(f"ModelArguments.image_size {self.image_size} with --model {self.model}: a checkpoint's "
                              f"input side is its config's (1024 for {SAM_VIT_B}); --image_size is for --model {TINY}.")
-        self.pretrain_steps = check_int(where + "pretrain_steps (--pretrain_steps)", self.pretrain_steps,
-                                        lambda v: v >= 0, "an int >= 0 (0 = no pre-training) or None", optional=True)
-        if self.pretrain_steps is None:
-            self.pretrain_steps = TINY_PRETRAIN_STEPS if self.model == TINY else 0
-        self.pretrain_lr = check_number(where + "pretrain_lr", self.pretrain_lr, lambda v: v > 0, "a finite number > 0")
-        self.pretrain_batch_size = check_int(where + "pretrain_batch_size", self.pretrain_batch_size,
-                                             lambda v: v >= 1, "an int >= 1")
-        check_str(where + "cache_dir", self.cache_dir, "a folder path or None", optional=True)
+        self.check_pretraining(TINY_PRETRAIN_STEPS if self.model == TINY else 0, steps_flag=True)
         if self.random_init:
             if self.model == TINY:
                 raise ValueError(f"ModelArguments.random_init True with --model {TINY}: the tiny SAM is always built "
@@ -132,18 +133,10 @@ class ModelArguments:
         return TINY_IMAGE_SIZE if self.image_size is None else self.image_size
 
 
-def _classes() -> tuple:
-    from transformers import TrainingArguments
-
-    from mpopt_hf.config import MPOptArguments
-
-    return (ModelArguments, DataArguments, RunArguments, MPOptArguments, TrainingArguments)
-
-
 def parse(argv: list[str] | None = None):
     """(model, data, run, mpopt, training) arguments (a `ParsedArgs`: its ``provenance`` goes to run_and_report);
     the recipe's defaults go first so any flag overrides them."""
-    parsed = parse_args(_classes(), DEFAULT_TRAINING_FLAGS, argv)
+    parsed = parse_args(recipe_classes(ModelArguments, DataArguments), DEFAULT_TRAINING_FLAGS, argv)
     mpopt_args = parsed[3]
     if mpopt_args.gain_metric in LOGIT_GAIN_METRICS:
         raise ValueError(f"MPOptArguments.gain_metric (--gain_metric) {mpopt_args.gain_metric!r} scores "
@@ -172,7 +165,7 @@ def source_model(model_args: ModelArguments, data_args: DataArguments, source, t
            "max_objects": data_args.max_objects, "stream_seed": data_args.stream_seed, "steps": steps,
            "lr": model_args.pretrain_lr, "batch": model_args.pretrain_batch_size, "seed": seed,
            "source_size": len(source.train), "warmup": PRETRAIN_WARMUP_STEPS, "v": 1}
-    cache_root = Path(model_args.cache_dir or Path.home() / ".cache" / "mpopt_hf" / "sam_online")
+    cache_root = model_args.source_cache("sam_online")
 
     def make() -> SamForBoxSegmentation:
         model = build()

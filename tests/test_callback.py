@@ -223,7 +223,7 @@ def test_without_eval_data_the_gain_is_the_training_loss(tmp_path):
     callback, engine = trainer.mpopt_callback, trainer.mpopt_callback.engine
     assert callback.metric == "train_loss" and engine.search_seconds == 0.0
     assert all(forwards), "an evaluation forward ran"
-    losses = list(callback._train_loss.losses)
+    losses = list(callback._gain.train_loss.losses)
     assert len(losses) == 6 and all(v > 0 for v in losses)
     # the race: trial 1 = steps 1-2, trial 2 = steps 3-4 from the same weights, each scored by its later half (one
     # step); the race starts from step 1's loss, computed on the start weights

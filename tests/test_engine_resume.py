@@ -22,8 +22,8 @@ from mpopt_hf.callback import (  # noqa: E402
     STATE_FILE,
     EngineStateError,
     EngineStateWarning,
-    _atomic_write,
 )
+from mpopt_hf.engine_state import atomic_write  # noqa: E402
 
 
 def _engine_entry(checkpoint):
@@ -259,14 +259,14 @@ def test_a_checkpoint_in_the_old_layout_still_resumes(reference, tmp_path):
 
 def test_atomic_write_never_leaves_a_truncated_file(tmp_path):
     path = str(tmp_path / SNAPSHOT_FILE)
-    _atomic_write(path, lambda f: torch.save({"v": torch.ones(3)}, f))
+    atomic_write(path, lambda f: torch.save({"v": torch.ones(3)}, f))
 
     def dies_half_way(f):
         f.write(b"PK\x03\x04 half a zip")
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        _atomic_write(path, dies_half_way)
+        atomic_write(path, dies_half_way)
     assert torch.equal(torch.load(path, weights_only=True)["v"], torch.ones(3))
     assert os.listdir(tmp_path) == [SNAPSHOT_FILE]
 

@@ -14,7 +14,8 @@ import pytest
 from huggingface_hub import ModelCard, ModelCardData
 
 from mpopt_hf.online import OnlineResult, TaskRecord, summarise
-from online_recipe.model_card import build_card, check_card, parse_table, render_table, reproduce_main, table_rows
+from online_recipe.model_card import build_card, check_card, parse_table, render_table, table_rows
+from online_recipe.reproduce import reproduce_main
 
 ROOT = Path(__file__).resolve().parents[1]
 MB16 = {"micro_batch_size": 16, "freeze_rate": 0.0, "checkpoint_segments": 0, "precision": "fp32"}

@@ -12,8 +12,7 @@ import transformers as tf
 
 from mpopt_hf.config import MemoryConfig
 from mpopt_hf.memory_model import Calibration, MemoryModel
-from mpopt_hf.profiler import build_memory_model, measure
-from mpopt_hf.profiler.tracing import model_structure
+from mpopt_hf.profiler import build_memory_model, measure, model_structure
 
 BATCH = 4
 

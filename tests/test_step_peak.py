@@ -23,13 +23,13 @@ class PeakLog(TrainerCallback):
         self.peaks.append(self.trainer_ref[0]._step_peak_bytes)
 
 
-def _run(tmp_path, config, steps, every, held=0):
+def _run(tmp_path, config, steps, every, held=0, batch=BATCH):
     torch.manual_seed(0)
     model = build_tiny("vit", num_layers=2, dropout=0.0)
-    data = ListDataset(example_batch(model, BATCH * steps))
+    data = ListDataset(example_batch(model, batch * steps))
     ref = []
     log = PeakLog(ref)
-    args = training_args(tmp_path, BATCH, steps=steps, learning_rate=1e-3, weight_decay=0.0)
+    args = training_args(tmp_path, batch, steps=steps, learning_rate=1e-3, weight_decay=0.0)
     trainer = MPOptTrainer(model=model, args=args, train_dataset=data, memory_config=config, callbacks=[log],
                            peak_every_steps=every, log_memory_config=True)
     ref.append(trainer)
@@ -93,3 +93,13 @@ def test_the_step_peak_matches_the_profiler_on_other_families(tmp_path, family):
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
     reference = measure(model, batch, config, optimizer, steps=1, warmup=1).tracked_peak_bytes
     assert 0 <= log.peaks[2] - reference <= 64 * 1024, (family, log.peaks[2], reference)
+
+
+def test_a_micro_batched_step_never_measures_more_than_the_whole_batch(tmp_path):
+    """Same batch, same model: splitting it holds fewer activations at once, on every step, the first included; so
+    whatever the trainer adds to its first split step must fit what that configuration was predicted to hold."""
+    steps = 2
+    _, whole, _ = _run(tmp_path / "whole", MemoryConfig(4), steps=steps, every=1, batch=4)
+    _, split, _ = _run(tmp_path / "split", MemoryConfig(1), steps=steps, every=1, batch=4)
+    assert split[1] <= whole[1]  # a later step: the check has run, nothing else differs
+    assert split[0] <= whole[0], (split, whole)

@@ -43,3 +43,39 @@ def test_the_engine_prices_by_what_it_measured_and_keeps_it_across_resume():
     again = RuleEngine(candidates, trial_steps=4, search_share=None)
     again.load_state_dict(engine.state_dict())
     assert again.candidate(ran).step_s == pytest.approx(3 * predicted[ran])
+
+
+def _bench():
+    """bench/budget_real_size.py, which reports the step-time error after online correction (not a package)."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    if "budget_real_size" not in sys.modules:
+        path = Path(__file__).resolve().parents[1] / "bench" / "budget_real_size.py"
+        spec = importlib.util.spec_from_file_location("budget_real_size", path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module  # its dataclasses look their module up there
+        spec.loader.exec_module(module)
+    return sys.modules["budget_real_size"]
+
+
+def test_the_benchmark_corrects_each_configuration_from_the_others_only():
+    """The "after" error prices a configuration as the engine would before running it: its prediction times the
+    median ratio of the *other* configurations; its own steps must not leak in."""
+    bench = _bench()
+    learner = StepTimeLearner({A: 1.0, B: 2.0, C: 4.0})
+    for config, seconds in ((A, 2.0), (A, 2.0), (B, 6.0), (B, 6.0), (C, 10.0), (C, 10.0)):
+        learner.observe(config, seconds)  # measured / predicted: A 2, B 3, C 2.5
+    assert bench.held_out_estimate(learner, A) == pytest.approx(1.0 * 2.75)  # median of B's 3 and C's 2.5
+    assert bench.held_out_estimate(learner, B) == pytest.approx(2.0 * 2.25)
+    errors = bench.step_time_errors(learner)
+    rows = {r["config"]: r for r in errors["per_config"]}
+    assert rows[A.short()]["before"] == pytest.approx(0.5) and rows[A.short()]["after"] == pytest.approx(0.375)
+    assert rows[C.short()]["after"] == pytest.approx(abs(4.0 * 2.5 / 10.0 - 1))  # A's 2 and B's 3
+    assert errors["before"] == pytest.approx(0.6) and errors["after"] == pytest.approx(0.25)
+    alone = StepTimeLearner({A: 1.0, B: 2.0})
+    alone.observe(A, 2.0)
+    alone.observe(A, 2.0)
+    assert bench.held_out_estimate(alone, A) is None  # no other configuration ran: nothing to correct from
+    assert bench.step_time_errors(alone)["after"] is None

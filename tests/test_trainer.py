@@ -106,8 +106,9 @@ def test_switching_mid_run_keeps_the_effective_batch(tmp_path):
     )
     trainer.train()
     assert trainer.state.global_step == 8
-    # the first split step checks once, on 4 samples whole and in halves, that the loss does not couple the batch
-    coupling_check = [4, 2, 2]
+    # the first split step checks once, on one micro-batch of samples (2) whole and in halves, that the loss does
+    # not couple the batch
+    coupling_check = [2, 1, 1]
     assert sizes == [8, 8] + coupling_check + [2] * 8 + [8, 8] + [2] * 8
     assert trainer.memory_config == schedule[6]
 

@@ -48,6 +48,46 @@ def test_severity_stream_goes_up_and_down():
     assert all(a < b for a, b in zip(dist[:5], dist[1:5])) and all(a > b for a, b in zip(dist[4:], dist[5:]))
 
 
+def test_severity_stream_table():
+    """The monotone table makes a glass_blur drift harder at every step; the published rows (the default) do not:
+    severity 3 blurs the swapped pixels back towards the clean image."""
+    clean = vision.load("sample-images", split="test", patches_per_image=10)[:]["pixel_values"]
+
+    def dist(tasks):
+        return [(t.test[:]["pixel_values"] - clean).pow(2).mean().sqrt().item() for t in tasks]
+
+    opts = {"severities": (1, 2, 3), "max_samples_per_task": 40, "source": "sample-images", "patches_per_image": 10}
+    published = severity_stream("glass_blur", **opts)
+    monotone = severity_stream("glass_blur", table="monotone", **opts)
+    assert [t.domain for t in published] == [{"corruption": "glass_blur", "severity": s} for s in (1, 2, 3)]
+    assert [t.domain for t in monotone] == [{"corruption": "glass_blur", "severity": s, "table": "monotone"}
+                                            for s in (1, 2, 3)]
+    assert [t.name for t in monotone] == [t.name for t in published]
+    d_pub, d_mono = dist(published), dist(monotone)
+    assert d_mono[0] == d_pub[0]  # severity 1: the same row in both tables
+    assert d_mono[0] < d_mono[1] < d_mono[2], d_mono
+    assert d_pub[2] < d_pub[1], d_pub
+
+
+def test_streams_thread_the_table():
+    mono = digits_stream(["glass_blur", "fog"], severity=2, max_samples_per_task=20, table="monotone")
+    default = digits_stream(["glass_blur", "fog"], severity=2, max_samples_per_task=20)
+    assert [t.domain for t in mono] == [{}, {"corruption": "glass_blur", "severity": 2, "table": "monotone"},
+                                        {"corruption": "fog", "severity": 2, "table": "monotone"}]
+    assert "table" not in default[1].domain  # the default stays unrecorded: older records read the same
+    px = [[t.val[:]["pixel_values"] for t in tasks] for tasks in (mono, default)]
+    assert torch.equal(px[0][0], px[1][0])  # clean
+    assert not torch.equal(px[0][1], px[1][1])  # glass_blur-2: another row
+    assert torch.equal(px[0][2], px[1][2])  # fog: published-only, the same under both tables
+    same = build_stream("corruptions", corruptions=["glass_blur"], severity=2, source="digits", seed=0,
+                        max_samples_per_task=20, table="monotone")
+    assert same[0].domain == mono[1].domain
+    with pytest.raises(ValueError, match=r"unknown severity table 'monotonic' \(argument table\)"):
+        corruption_stream(["fog"], table="monotonic", source="no-such-source")  # refused before any data is read
+    with pytest.raises(ValueError, match=r"unknown severity table"):
+        severity_stream("fog", table="Published")
+
+
 def test_digits_stream_and_build_stream():
     tasks = digits_stream(["contrast"], max_samples_per_task=20)
     assert [t.name for t in tasks] == ["clean", "contrast-5"]
@@ -89,7 +129,8 @@ def test_cifar10c_stream(tmp_path):
     assert torch.equal(snow[:, 0], fog[:, 0])  # the same base images under every corruption
     ids = {s: set((getattr(tasks[0], s)[:]["pixel_values"][:, 0, 0, 0] * 255).round().int().tolist()) for s in ("train", "val", "test")}
     assert not (ids["train"] & ids["test"] or ids["train"] & ids["val"] or ids["val"] & ids["test"])  # disjoint splits
-    again = build_stream("cifar10-c", root_dir=str(root), corruptions=["snow"], severity=4, max_samples_per_task=10, seed=3)
+    again = build_stream("cifar10-c", root_dir=str(root), corruptions=["snow"], severity=4, max_samples_per_task=10, seed=3,
+                         table="published")
     assert torch.equal(again[0].train[:]["pixel_values"], tasks[0].train[:]["pixel_values"])  # reproducible
     other = cifar10c_stream(str(root), ["snow"], severity=4, max_samples_per_task=10, seed=4)
     assert not torch.equal(other[0].train[:]["pixel_values"], tasks[0].train[:]["pixel_values"])
@@ -110,3 +151,6 @@ def test_cifar10c_stream_layout_errors(tmp_path):
         cifar10c_stream(str(root), ["haze"])
     with pytest.raises(ValueError, match=r"no tasks"):
         cifar10c_stream(str(root), [])
+    with pytest.raises(ValueError, match=r"table='monotone', but the released CIFAR-10-C was rendered with the "
+                                         r"published severity table"):
+        cifar10c_stream(str(root), ["fog"], table="monotone")

@@ -6,7 +6,8 @@
   USPS-style targets built from those digits), ``cifar10``, ``cifar100``, ``cifar10-c``,
   ``office31`` (from their standard folders) and ``hf`` (any ``datasets``
   image dataset);
-* the CIFAR-10-C corruptions (``corrupt``, ``CORRUPTIONS``, ``EXTRA_CORRUPTIONS``);
+* the CIFAR-10-C corruptions (``corrupt``, ``CORRUPTIONS``, ``EXTRA_CORRUPTIONS``), at the published CIFAR-10-C
+  severities by default (``table="monotone"``: rows where every severity moves the image further, ``TABLES``);
 * task streams (``vision.streams``) and plain-torch transforms (``vision.transforms``).
 
 Every loader returns a ``datasets.Dataset`` with ``pixel_values`` (float CHW in
@@ -21,7 +22,7 @@ import datasets
 
 from . import sources as _sources  # noqa: F401  (registers the built-in sources)
 from . import streams, transforms
-from .corruptions import ALL_CORRUPTIONS, CORRUPTIONS, EXTRA_CORRUPTIONS, SEVERITIES, corrupt
+from .corruptions import ALL_CORRUPTIONS, CORRUPTIONS, DEFAULT_TABLE, EXTRA_CORRUPTIONS, SEVERITIES, TABLES, corrupt
 from .errors import DataLayoutError, UnsafePickleError
 from .registry import DatasetInfo, ImageDataset, available, build, get_info, register, unregister
 from .streams import Task, build_stream
@@ -50,11 +51,13 @@ def load(
 __all__ = [
     "ALL_CORRUPTIONS",
     "CORRUPTIONS",
+    "DEFAULT_TABLE",
     "DataLayoutError",
     "DatasetInfo",
     "EXTRA_CORRUPTIONS",
     "ImageDataset",
     "SEVERITIES",
+    "TABLES",
     "Task",
     "UnsafePickleError",
     "available",

@@ -15,6 +15,12 @@ Each corruption task draws a fresh random subset of the clean source (at most
 (seed, task index, split), so a stream is reproducible and no two tasks see the
 same images in the same state. ``STREAMS`` maps a name to its builder, so one
 recipe can take the stream kind as a flag.
+
+The builders that corrupt a clean source take ``table``, the severity table of
+``vision.corruptions`` (``"published"``, the CIFAR-10-C values, by default;
+``"monotone"`` for a severity walk that must get harder at every step). A task
+of a non-default table records it in ``domain["table"]``, so results say which
+rows made them; the released CIFAR-10-C is published-only.
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from . import arrow, registry
-from .corruptions import CORRUPTIONS, check_corruption, corrupt
+from .corruptions import CORRUPTIONS, DEFAULT_TABLE, check_corruption, check_table, corrupt
 from .errors import DataLayoutError
 from .splits import SPLITS
 
@@ -89,6 +95,7 @@ def _task_from_pool(
     seed: int,
     transform: Callable | None,
     eval_transform: Callable | None,
+    table: str = DEFAULT_TABLE,
 ) -> Task:
     parts = {}
     for k, split in enumerate(SPLITS):
@@ -98,10 +105,14 @@ def _task_from_pool(
             idx = np.sort(rng.choice(labels.size, max_samples, replace=False))
             images, labels = images[idx], labels[idx]
         if corruption is not None:
-            images = corrupt(np.ascontiguousarray(images), corruption, severity, seed=int(rng.integers(2**31)))
+            images = corrupt(
+                np.ascontiguousarray(images), corruption, severity, seed=int(rng.integers(2**31)), table=table
+            )
         tf = transform if split == "train" else eval_transform
         parts[split] = arrow.from_arrays(images, labels, names, tf)
     domain = {} if corruption is None else {"corruption": corruption, "severity": severity}
+    if corruption is not None and table != DEFAULT_TABLE:
+        domain["table"] = table
     return Task(name, parts["train"], parts["val"], parts["test"], domain)
 
 
@@ -114,8 +125,10 @@ def _build(
     transform: Callable | None,
     eval_transform: Callable | None,
     source_options: dict,
+    table: str = DEFAULT_TABLE,
 ) -> list[Task]:
     _check_max(max_samples_per_task)
+    check_table(table)
     for corruption, severity in plan:
         if corruption is not None:
             check_corruption(corruption, severity, name_arg="corruption")
@@ -125,7 +138,9 @@ def _build(
     for i, (corruption, severity) in enumerate(bar):
         name = "clean" if corruption is None else f"{corruption}-{severity}"
         tasks.append(
-            _task_from_pool(pool, name, i, corruption, severity, max_samples_per_task, seed, transform, eval_transform)
+            _task_from_pool(
+                pool, name, i, corruption, severity, max_samples_per_task, seed, transform, eval_transform, table
+            )
         )
     return tasks
 
@@ -140,16 +155,17 @@ def corruption_stream(
     include_clean: bool = False,
     transform: Callable | None = None,
     eval_transform: Callable | None = None,
+    table: str = DEFAULT_TABLE,
     **source_options: Any,
 ) -> list[Task]:
-    """One task per corruption, in order, at ``severity`` (optionally preceded by the clean source)."""
+    """One task per corruption, in order, at ``severity`` of ``table`` (optionally preceded by the clean source)."""
     if isinstance(corruptions, str):
         corruptions = [corruptions]
     plan: list[tuple[str | None, int | None]] = [(None, None)] if include_clean else []
     plan += [(c, severity) for c in corruptions]
     if not plan:
         raise ValueError("corruption_stream: corruptions is empty and include_clean is False: no tasks")
-    return _build(plan, source, root_dir, max_samples_per_task, seed, transform, eval_transform, source_options)
+    return _build(plan, source, root_dir, max_samples_per_task, seed, transform, eval_transform, source_options, table)
 
 
 def severity_stream(
@@ -161,13 +177,18 @@ def severity_stream(
     seed: int = 0,
     transform: Callable | None = None,
     eval_transform: Callable | None = None,
+    table: str = DEFAULT_TABLE,
     **source_options: Any,
 ) -> list[Task]:
-    """One corruption whose severity drifts (default 1 -> 5 -> 1)."""
+    """One corruption whose severity drifts (default 1 -> 5 -> 1), rows from ``table``.
+
+    A drift that must get harder at every step wants ``table="monotone"`` for
+    the corruptions of ``vision.corruptions.MONOTONE_ROWS``.
+    """
     if not severities:
         raise ValueError("severity_stream: severities is empty: no tasks")
     plan = [(corruption, s) for s in severities]
-    return _build(plan, source, root_dir, max_samples_per_task, seed, transform, eval_transform, source_options)
+    return _build(plan, source, root_dir, max_samples_per_task, seed, transform, eval_transform, source_options, table)
 
 
 def digits_stream(
@@ -177,8 +198,9 @@ def digits_stream(
     seed: int = 0,
     transform: Callable | None = None,
     eval_transform: Callable | None = None,
+    table: str = DEFAULT_TABLE,
 ) -> list[Task]:
-    """Clean digits, then digits under each corruption in turn."""
+    """Clean digits, then digits under each corruption in turn (rows from ``table``)."""
     return corruption_stream(
         corruptions,
         severity,
@@ -188,6 +210,7 @@ def digits_stream(
         include_clean=True,
         transform=transform,
         eval_transform=eval_transform,
+        table=table,
     )
 
 
@@ -199,6 +222,7 @@ def cifar10c_stream(
     seed: int = 0,
     transform: Callable | None = None,
     eval_transform: Callable | None = None,
+    table: str = DEFAULT_TABLE,
     **source_options: Any,
 ) -> list[Task]:
     """One task per corruption of the released CIFAR-10-C, at ``severity``, in order.
@@ -210,9 +234,18 @@ def cifar10c_stream(
     same base images under its own corruption. There is no clean task: the
     release has none. ``source_options`` go to the source (``val_fraction``,
     ``test_fraction``). A missing or misplaced folder raises
-    :class:`vision.DataLayoutError` before any task is built.
+    :class:`vision.DataLayoutError` before any task is built. ``table`` is
+    accepted so one recipe flag can serve every stream kind, but the release was
+    rendered with the published rows: any other table is refused.
     """
     _check_max(max_samples_per_task)
+    check_table(table)
+    if table != "published":
+        raise ValueError(
+            f"cifar10c_stream: table={table!r}, but the released CIFAR-10-C was rendered with the published "
+            "severity table; another table applies only to streams that corrupt a clean source "
+            "(corruption_stream, severity_stream, digits_stream)"
+        )
     if isinstance(corruptions, str):
         corruptions = [corruptions]
     if not corruptions:

@@ -9,7 +9,9 @@ models (a ViTForImageClassification that resizes and normalises images in [0, 1]
 
 from __future__ import annotations
 
-from .data import DATASETS, DEFAULT_CORRUPTIONS, DataArguments, load_stream
+from online_recipe.arguments import DEFAULT_CORRUPTIONS
+
+from .data import DATASETS, DataArguments, load_stream
 from .modeling import PUBLIC_CONFIGS, TINY, ModelNotAvailableError, ViTOnlineForImageClassification, build_random
 from .modeling import build_tiny, load_pretrained, public_config, tiny_config
 from .run import ModelArguments, main, parse

@@ -20,23 +20,19 @@ import os
 from dataclasses import dataclass, field
 
 from mpopt_hf.config import check_choice, check_int, check_list, check_str
+from online_recipe.arguments import CorruptedImagesArguments, check_corruption_table
+from online_recipe.arguments import IMAGE_DATASETS as DATASETS
 
-DATASETS = ("digits", "cifar10-c")
-DEFAULT_CORRUPTIONS = ("fog", "contrast", "glass_blur", "frost", "motion_blur")
 DIGITS_SIZE = 16  # the 8x8 digits hold no more; with patch 4 a 16 px image is 16 patches (32 px: 64, 4x the cost)
 NEEDS_DATA_DIR = ("the folder holding CIFAR-10-C/ (the .npy release) and, to pre-train on clean CIFAR-10, "
                   "cifar-10-batches-py/")
 
 
 @dataclass
-class DataArguments:
-    dataset: str = field(default="digits", metadata={"help": f"One of {list(DATASETS)}."})
+class DataArguments(CorruptedImagesArguments):
     data_dir: str | None = field(
         default=None, metadata={"help": "cifar10-c: the data folder (else $MPOPT_DATA_DIR). digits is built in."}
     )
-    corruptions: list[str] = field(default_factory=lambda: list(DEFAULT_CORRUPTIONS),
-                                   metadata={"help": "The stream: one task per corruption, in this order."})
-    severity: int = field(default=5, metadata={"help": "Corruption severity 1..5."})
     image_size: int | None = field(
         default=None, metadata={"help": f"digits: side of the square images, pixels. None: {DIGITS_SIZE} on digits, "
                                 "32 on cifar10-c (its only size)."}
@@ -66,6 +62,7 @@ class DataArguments:
                                       f"corruption names from {list(ALL_CORRUPTIONS)}")
         self.severity = check_int(where + "severity (--severity)", self.severity, lambda v: 1 <= v <= 5,
                                   "an int in 1..5")
+        check_corruption_table(where, self.corruption_table, self.dataset)
         self.image_size = check_int(where + "image_size (--image_size)", self.image_size, lambda v: v >= 8,
                                     "an int >= 8 or None", optional=True)
         if self.image_size is None:
@@ -96,7 +93,8 @@ def load_stream(data: DataArguments, with_source: bool = True):
     if data.dataset == "digits":
         # vision draws each task's images from the clean pool and corrupts them with a seed of its own
         targets = corruption_stream(data.corruptions, data.severity, source="digits", seed=seed,
-                                    max_samples_per_task=max(cap.values()), image_size=data.image_size)
+                                    max_samples_per_task=max(cap.values()), image_size=data.image_size,
+                                    table=data.corruption_table)
         if with_source:
             source = Task("digits", *(vision.load("digits", split=split, image_size=data.image_size, seed=seed,
                                                   max_samples=None if split == "train" else cap[split])

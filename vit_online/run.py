@@ -18,9 +18,10 @@ from typing import Any
 
 import torch
 
-from mpopt_hf.config import check_bool, check_int, check_number, check_str
-from online_recipe import check_model_path, QUIET_TRAINER_FLAGS, SMALL_SPACE_FLAGS, RunArguments, cached_model, parse_args
+from mpopt_hf.config import check_bool, check_str
+from online_recipe import check_model_path, QUIET_TRAINER_FLAGS, SMALL_SPACE_FLAGS, cached_model, parse_args
 from online_recipe import resolve_budget, run_and_report, supervised_pretrain
+from online_recipe.arguments import HubModelArguments, recipe_classes
 
 from .data import DataArguments, load_stream
 from .modeling import PUBLIC_CONFIGS, TINY, ViTOnlineForImageClassification, build_random, build_tiny, load_cached
@@ -48,10 +49,9 @@ QUICK_FLAGS = [
 
 
 @dataclass
-class ModelArguments:
+class ModelArguments(HubModelArguments):
     model: str = field(default=TINY, metadata={"help": f"A ViT hub id or folder (e.g. google/vit-base-patch16-224), "
                                                f"or '{TINY}' (built offline)."})
-    local_files_only: bool = field(default=True, metadata={"help": "Never download; False lets a hub id download."})
     random_init: bool = field(
         default=False,
         metadata={"help": "Build --model's architecture from its config, without weights (published ones: "
@@ -76,19 +76,11 @@ class ModelArguments:
 
     def __post_init__(self) -> None:
         where = "ModelArguments."
-        check_str(where + "model (--model)", self.model, f"a ViT hub id (org/name), a local folder or {TINY!r}")
-        check_bool(where + "local_files_only", self.local_files_only)
+        self.check_model("model (--model)", f"a ViT hub id (org/name), a local folder or {TINY!r}")
         check_bool(where + "random_init (--random_init)", self.random_init)
         check_str(where + "config_overrides (--config_overrides)", self.config_overrides,
                   "'key=value,...' with ViTConfig keys, or None", optional=True)
-        self.pretrain_steps = check_int(where + "pretrain_steps (--pretrain_steps)", self.pretrain_steps,
-                                        lambda v: v >= 0, "an int >= 0 (0 = no pre-training) or None", optional=True)
-        if self.pretrain_steps is None:
-            self.pretrain_steps = TINY_PRETRAIN_STEPS if self.model == TINY else 0
-        self.pretrain_lr = check_number(where + "pretrain_lr", self.pretrain_lr, lambda v: v > 0, "a finite number > 0")
-        self.pretrain_batch_size = check_int(where + "pretrain_batch_size", self.pretrain_batch_size,
-                                             lambda v: v >= 1, "an int >= 1")
-        check_str(where + "cache_dir", self.cache_dir, "a folder path or None", optional=True)
+        self.check_pretraining(TINY_PRETRAIN_STEPS if self.model == TINY else 0, steps_flag=True)
         if self.random_init and self.model == TINY:
             raise ValueError(f"ModelArguments.random_init True with --model {TINY}: the tiny ViT is always built "
                              "from its config; --random_init is for a checkpoint's architecture (e.g. --model "
@@ -116,18 +108,10 @@ class ModelArguments:
         check_model_path(self.model, expected, "ModelArguments.model")
 
 
-def _classes() -> tuple:
-    from transformers import TrainingArguments
-
-    from mpopt_hf.config import MPOptArguments
-
-    return (ModelArguments, DataArguments, RunArguments, MPOptArguments, TrainingArguments)
-
-
 def parse(argv: list[str] | None = None):
     """(model, data, run, mpopt, training) arguments (a `ParsedArgs`: its ``provenance`` goes to run_and_report);
     the recipe's defaults go first so any flag overrides them."""
-    return parse_args(_classes(), DEFAULT_TRAINING_FLAGS, argv)
+    return parse_args(recipe_classes(ModelArguments, DataArguments), DEFAULT_TRAINING_FLAGS, argv)
 
 
 # ---------------------------------------------------------------------------- the source model
@@ -156,7 +140,7 @@ def source_model(model_args: ModelArguments, data_args: DataArguments, class_nam
            "image_size": data_args.image_size, "stream_seed": data_args.stream_seed, "steps": steps,
            "lr": model_args.pretrain_lr, "batch": model_args.pretrain_batch_size, "seed": seed,
            "source_size": len(source.train), "v": 1}
-    cache_root = Path(model_args.cache_dir or Path.home() / ".cache" / "mpopt_hf" / "vit_online")
+    cache_root = model_args.source_cache("vit_online")
 
     def make() -> ViTOnlineForImageClassification:
         model = build_model(model_args, class_names, data_args.image_size, seed)

@@ -18,7 +18,8 @@ from ..memory_model import MemoryModel
 from ..microbatch import batch_size_of
 from ..store import ProfileKey, ProfileStore, make_key
 from .measure import Measurement, device_type_of, measure
-from .tracing import build_memory_model, model_structure
+from .structure import model_structure
+from .tracing import build_memory_model
 
 # What the machine may add to a step's tensor bytes when nothing could be measured. A judgement, not a measured
 # bound: it is four times the largest under-prediction of a calibrated fit in the prediction-safety benchmark

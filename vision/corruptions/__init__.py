@@ -1,8 +1,13 @@
 """CIFAR-10-C-style corruptions of image batches.
 
-``corrupt(images, name, severity, seed)`` applies one of the 15 benchmark
-corruptions of Hendrycks & Dietterich (``CORRUPTIONS``) or one of their 4 extra
-ones (``EXTRA_CORRUPTIONS``) at a severity 1..5 (tables in ``params.py``).
+``corrupt(images, name, severity, seed, table)`` applies one of the 15
+benchmark corruptions of Hendrycks & Dietterich (``CORRUPTIONS``) or one of
+their 4 extra ones (``EXTRA_CORRUPTIONS``) at a severity 1..5. ``table`` picks
+the severity rows (``params.py``): ``"published"`` (the default) are the
+CIFAR-10-C values, so results compare with papers; ``"monotone"`` replaces the
+rows of ``MONOTONE_ROWS`` (glass_blur, frost, elastic_transform, motion_blur,
+spatter, saturate) with ones that move an image further at every severity, for
+streams that must get harder step by step.
 
 Input: a float torch tensor or numpy array, shape (N, 3, H, W) with N >= 1 or
 (3, H, W), values in [0, 1]. Output: the same type, shape and dtype, values in
@@ -27,7 +32,7 @@ import numpy as np
 import torch
 
 from . import blur, digital, noise, weather
-from .params import PARAMS
+from .params import DEFAULT_TABLE, MONOTONE_ROWS, PARAMS, PUBLISHED, TABLES, check_table
 
 CORRUPTIONS: tuple[str, ...] = (
     "gaussian_noise",
@@ -56,8 +61,9 @@ _FUNCS: dict[str, Callable] = {
     for name in ALL_CORRUPTIONS
     if hasattr(module, name)
 }
-if not set(_FUNCS) == set(ALL_CORRUPTIONS) == set(PARAMS):  # a developer error, caught at import
-    raise RuntimeError("vision.corruptions: function table, names and PARAMS are out of sync")
+# a developer error, caught at import: every table must have a row set for every corruption
+if not all(set(_FUNCS) == set(ALL_CORRUPTIONS) == set(rows) for rows in TABLES.values()):
+    raise RuntimeError("vision.corruptions: function table, names and severity TABLES are out of sync")
 
 # float inputs may stray this far outside [0, 1] (half a uint8 step: rounding, float16) and are clamped;
 # anything further is refused, since clamping it silently would change the image (e.g. 0..255 data turns white)
@@ -86,8 +92,10 @@ def check_corruption(name: str, severity: int, name_arg: str = "name") -> None:
         )
 
 
-def corrupt(images: ArrayLike, name: str, severity: int, seed: int | None = 0) -> ArrayLike:
-    """Corrupt ``images`` with corruption ``name`` at ``severity`` (1..5).
+def corrupt(
+    images: ArrayLike, name: str, severity: int, seed: int | None = 0, table: str = DEFAULT_TABLE
+) -> ArrayLike:
+    """Corrupt ``images`` with corruption ``name`` at ``severity`` (1..5) of severity table ``table``.
 
     ``images``: float, (N, 3, H, W) with N >= 1 or (3, H, W), values in [0, 1]
     (see the module docstring for what is refused). ``name``: one of
@@ -95,11 +103,14 @@ def corrupt(images: ArrayLike, name: str, severity: int, seed: int | None = 0) -
     deterministic: the same inputs and seed give the same output, on any
     machine; ``None`` draws fresh OS entropy, so each call differs and cannot be
     reproduced. Anything ``numpy.random.default_rng`` accepts works.
+    ``table``: ``"published"`` (default, the CIFAR-10-C rows) or ``"monotone"``
+    (see the module docstring); only the rows differ, never the rendering.
     """
     check_corruption(name, severity)
+    check_table(table)
     x, restore = _as_batch(images)
     rng = np.random.default_rng(seed)
-    fn, p = _FUNCS[name], PARAMS[name][int(severity) - 1]
+    fn, p = _FUNCS[name], TABLES[table][name][int(severity) - 1]
     chunk = max(1, _CHUNK_PIXELS // (x.shape[-2] * x.shape[-1]))
     with torch.no_grad():
         outs = [fn(x[i : i + chunk].contiguous(), p, rng).clamp_(0.0, 1.0) for i in range(0, x.shape[0], chunk)]
@@ -185,10 +196,15 @@ def _as_batch(images: ArrayLike) -> tuple[torch.Tensor, Callable[[torch.Tensor],
 __all__ = [
     "ALL_CORRUPTIONS",
     "CORRUPTIONS",
+    "DEFAULT_TABLE",
     "EXTRA_CORRUPTIONS",
+    "MONOTONE_ROWS",
     "PARAMS",
+    "PUBLISHED",
     "RANGE_SLACK",
     "SEVERITIES",
+    "TABLES",
     "check_corruption",
+    "check_table",
     "corrupt",
 ]
