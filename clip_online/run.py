@@ -62,7 +62,7 @@ QUICK_FLAGS = [
 @dataclass
 class ModelArguments(HubModelArguments):
     model: str = field(default=SMALL, metadata={"help": f"A CLIP hub id or folder, or one built offline: '{SMALL}' "
-                                                f"(~0.9 M parameters) or '{TINY}' (~40 k, for tests)."})
+                                                f"(890,753 parameters in its CLIPModel) or '{TINY}' (61,825; for tests)."})
     adaptation: str = field(default="supervised", metadata={"help": f"Retraining loss, one of {list(ADAPTATIONS)}."})
     unsupervised_loss: str = field(default="entropy", metadata={"help": f"One of {list(UNSUPERVISED_LOSSES)}."})
     confidence_margin: float = field(

@@ -10,8 +10,7 @@ the baseline, measured side by side.
 
 from __future__ import annotations
 
-import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -110,14 +109,7 @@ def run_model(name: str, settings: AblationSettings, where: torch.device) -> dic
 
 
 def run(settings: AblationSettings) -> dict[str, Any]:
-    where = measuring.device()
-    models = []
-    for name in settings.models:
-        print(f"[knob ablation] {name} ...", flush=True)
-        start = time.perf_counter()
-        models.append({**run_model(name, settings, where), "seconds": time.perf_counter() - start})
-    return {"card": "knob_ablation", "settings": asdict(settings), "environment": measuring.environment(where),
-            "models": models}
+    return measuring.run_models("knob_ablation", settings, run_model, settings.models)
 
 
 # ---------------------------------------------------------------------------- the card

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import os
 import platform
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict
 from typing import Any
 
 import torch
@@ -19,6 +21,19 @@ from mpopt_hf.mem_tracking import CATEGORIES
 from mpopt_hf.profiler import measure
 
 MiB = 2**20
+
+
+def run_models(card: str, settings: Any, run_model: Callable[[str, Any, torch.device], dict[str, Any]],
+               models: Sequence[str]) -> dict[str, Any]:
+    """A card's results: ``run_model(name, settings, device)`` for each model, timed, with the settings and the
+    environment they ran in."""
+    where = device()
+    rows = []
+    for name in models:
+        print(f"[{card.replace('_', ' ')}] {name} ...", flush=True)
+        start = time.perf_counter()
+        rows.append({**run_model(name, settings, where), "seconds": time.perf_counter() - start})
+    return {"card": card, "settings": asdict(settings), "environment": environment(where), "models": rows}
 
 
 def device() -> torch.device:

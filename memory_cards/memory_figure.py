@@ -10,7 +10,7 @@ the minimum with at least one block still training; each then measured once (`mp
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -80,14 +80,7 @@ def run_model(name: str, settings: FigureSettings, where: torch.device) -> dict[
 
 
 def run(settings: FigureSettings) -> dict[str, Any]:
-    where = measuring.device()
-    models = []
-    for name in settings.models:
-        print(f"[seed memory figure] {name} ...", flush=True)
-        start = time.perf_counter()
-        models.append({**run_model(name, settings, where), "seconds": time.perf_counter() - start})
-    return {"card": "seed_memory_figure", "settings": asdict(settings), "environment": measuring.environment(where),
-            "models": models}
+    return measuring.run_models("seed_memory_figure", settings, run_model, settings.models)
 
 
 # ---------------------------------------------------------------------------- the card

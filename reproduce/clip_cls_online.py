@@ -2,9 +2,9 @@
 then 5 corruptions of them under a budget that halves mid-stream) and print its per-task table.
 
     python reproduce/clip_cls_online.py                                      # run the offline default, write its card
-    python reproduce/clip_cls_online.py --quick                              # the 40 k CLIP, 2 short tasks (CI size)
-    python reproduce/clip_cls_online.py --from_results outputs/clip_cls_online/results.json   # regenerate from a run
-    python reproduce/clip_cls_online.py --check outputs/clip_cls_online/README.md   # exit 1 if it differs
+    python reproduce/clip_cls_online.py --quick          # the tiny CLIP (61,825 parameters), 2 short tasks (CI size)
+    python reproduce/clip_cls_online.py --from_results model_cards/clip_cls_online/results.json   # regenerate from a run
+    python reproduce/clip_cls_online.py --check model_cards/clip_cls_online/README.md   # exit 1 if it differs
 
 --quick runs the recipe small (its flags: clip_online.run.QUICK_FLAGS; the card goes to
 outputs/clip_cls_online_quick/). Flags this script does not know go to the recipe, after --quick's, so they override

@@ -3,8 +3,8 @@ usps) and print its per-task table.
 
     python reproduce/cnn_retrain_digits.py                                   # run the offline default, write its card
     python reproduce/cnn_retrain_digits.py --quick                           # resnet18 x0.125, 2 tasks (CI size)
-    python reproduce/cnn_retrain_digits.py --from_results outputs/cnn_retrain/results.json   # regenerate from a run
-    python reproduce/cnn_retrain_digits.py --check outputs/cnn_retrain/README.md   # exit 1 if it differs
+    python reproduce/cnn_retrain_digits.py --from_results model_cards/cnn_retrain/results.json   # regenerate from a run
+    python reproduce/cnn_retrain_digits.py --check model_cards/cnn_retrain/README.md   # exit 1 if it differs
 
 --quick runs the recipe small (its flags: cnn_online.run.QUICK_FLAGS; the card goes to outputs/cnn_retrain_quick/).
 Flags this script does not know go to the recipe, after --quick's, so they override them. The logic lives in

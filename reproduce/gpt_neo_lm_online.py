@@ -3,8 +3,8 @@ docstrings and comments -> package licences and descriptions; perplexity) and pr
 
     python reproduce/gpt_neo_lm_online.py                                    # run the offline default, write its card
     python reproduce/gpt_neo_lm_online.py --quick                            # 2-layer GPT-Neo, 2 short tasks (CI size)
-    python reproduce/gpt_neo_lm_online.py --from_results outputs/gpt_neo_lm_online/results.json   # regenerate from a run
-    python reproduce/gpt_neo_lm_online.py --check outputs/gpt_neo_lm_online/README.md   # exit 1 if it differs
+    python reproduce/gpt_neo_lm_online.py --from_results model_cards/gpt_neo_lm_online/results.json   # regenerate from a run
+    python reproduce/gpt_neo_lm_online.py --check model_cards/gpt_neo_lm_online/README.md   # exit 1 if it differs
 
 --quick runs the recipe small (its flags: lm_online.run.QUICK_FLAGS; the card goes to
 outputs/gpt_neo_lm_online_quick/). Flags this script does not know go to the recipe, after --quick's, so they

@@ -3,8 +3,8 @@ shapes, then 4 corruptions of them, scored by mIoU) and print its per-task table
 
     python reproduce/sam_seg_online.py                                       # run the offline default, write its card
     python reproduce/sam_seg_online.py --quick                               # the tiny SAM at 32 px, 2 tasks (CI size)
-    python reproduce/sam_seg_online.py --from_results outputs/sam_seg_online/results.json   # regenerate from a run
-    python reproduce/sam_seg_online.py --check outputs/sam_seg_online/README.md   # exit 1 if it differs
+    python reproduce/sam_seg_online.py --from_results model_cards/sam_seg_online/results.json   # regenerate from a run
+    python reproduce/sam_seg_online.py --check model_cards/sam_seg_online/README.md   # exit 1 if it differs
 
 --quick runs the recipe small (its flags: sam_online.run.QUICK_FLAGS; the card goes to
 outputs/sam_seg_online_quick/). Flags this script does not know go to the recipe, after --quick's, so they override

@@ -3,8 +3,8 @@ then 5 corruptions of them) and print its per-task table.
 
     python reproduce/vit_cls_online.py                                       # run the offline default, write its card
     python reproduce/vit_cls_online.py --quick                               # a 2-layer ViT, 2 short tasks (CI size)
-    python reproduce/vit_cls_online.py --from_results outputs/vit_cls_online/results.json   # regenerate from a run
-    python reproduce/vit_cls_online.py --check outputs/vit_cls_online/README.md   # exit 1 if it differs
+    python reproduce/vit_cls_online.py --from_results model_cards/vit_cls_online/results.json   # regenerate from a run
+    python reproduce/vit_cls_online.py --check model_cards/vit_cls_online/README.md   # exit 1 if it differs
 
 --quick runs the recipe small (its flags: vit_online.run.QUICK_FLAGS; the card goes to
 outputs/vit_cls_online_quick/). Flags this script does not know go to the recipe, after --quick's, so they override

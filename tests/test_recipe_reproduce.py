@@ -98,3 +98,25 @@ def test_a_recipe_without_quick_flags_refuses_quick_naming_its_script(capsys):
         reproduce.reproduce_main("lm_online.run", ["--quick"], quick_flags=None)
     assert exit_.value.code == 2
     assert "--quick: reproduce/gpt_neo_lm_online.py has no quick run" in capsys.readouterr().err
+
+
+CARDS = sorted(p.parent for p in (ROOT / "model_cards").glob("*/results.json"))
+CARD_SCRIPT = {"cnn_retrain": "cnn_retrain_digits"}  # a card folder whose script is named otherwise
+
+
+def test_the_committed_cards_are_there():
+    assert {p.name for p in CARDS} >= {"clip_cls_online", "vit_cls_online", "gpt_neo_lm_online", "sam_seg_online",
+                                       "cnn_retrain", "knob_ablation", "seed_memory_figure"}
+
+
+@pytest.mark.parametrize("folder", CARDS, ids=lambda p: p.name)
+def test_a_committed_card_agrees_with_its_results(tmp_path, capsys, folder):
+    """Every number in model_cards/<card>/README.md is what its results.json says (checked on a copy: nothing in the
+    checkout is written)."""
+    script = ROOT / "reproduce" / f"{CARD_SCRIPT.get(folder.name, folder.name)}.py"
+    assert script.exists(), f"model_cards/{folder.name}: no reproduce script {script.name}"
+    for name in ("results.json", "README.md"):
+        (tmp_path / name).write_bytes((folder / name).read_bytes())
+    status = _load(script).main(["--from_results", str(tmp_path / "results.json"),
+                                 "--check", str(tmp_path / "README.md")])
+    assert status == 0, capsys.readouterr().out
