@@ -26,13 +26,14 @@ _LAZY = {
 
 __all__ = ["MemoryConfig", *_LAZY]
 
-if TYPE_CHECKING:  # pragma: no cover
-    from .blocks import find_blocks
-    from .budget import BudgetTrace
-    from .knobs import apply_memory_config
-    from .trainer import MPOptTrainer
-    from .wall_clock import WallClockLimit
-
+if TYPE_CHECKING:  # pragma: no cover  (the redundant aliases re-export for type checkers)
+    from .blocks import find_blocks as find_blocks
+    from .budget import BudgetTrace as BudgetTrace
+    from .callback import MPOptCallback as MPOptCallback
+    from .config import MPOptArguments as MPOptArguments
+    from .knobs import apply_memory_config as apply_memory_config
+    from .trainer import MPOptTrainer as MPOptTrainer
+    from .wall_clock import WallClockLimit as WallClockLimit
 
 def __getattr__(name: str) -> Any:
     if name in _LAZY:

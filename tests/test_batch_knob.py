@@ -11,7 +11,7 @@ import os
 
 import pytest
 import torch
-from transformers import Trainer, TrainerCallback
+from transformers import Trainer
 
 from dist_fakes import FakeCost, FakeOOM, StepClock
 from mpopt_hf import MemoryConfig, MPOptArguments, MPOptTrainer

@@ -6,7 +6,6 @@ import json
 import re
 
 import pytest
-import torch
 
 from mpopt_hf.cli import EXIT_BAD_INPUT, EXIT_BUDGET_TOO_SMALL, SUBCOMMANDS, build_parser, main, parse_input_shape
 
