@@ -11,6 +11,12 @@ transformers' ``auto_find_batch_size``) recognises it.
 
 * mpopt:           MPOptTrainer, the budget a callable re-read every step (`memory_budget_mib`, `budget_every_steps=1`);
 * mpopt_no_drop:   the same with the budget that never drops (what it would reach with all the time it wanted);
+* mpopt/exact:     the same with freezing off (``freeze_rates=[0]``): only knobs that keep the maths, so every row
+                   but the batch knob's learns what a plain Trainer at the whole batch learns, where it runs;
+* mpopt/batch:     the same with the batch as a knob too (``effective_batch_sizes=[64, 16, 8]``, sqrt lr scaling):
+                   what halving gains from more updates, chosen under the budget instead of after an error;
+* mpopt/batch_exact: the batch knob with freezing off and the learning rate unscaled (``lr_scaling="none"``), as
+                   halving runs its smaller batches;
 * auto_find_batch: plain `Trainer(auto_find_batch_size=True)`: at each OOM it restarts its training loop from step 0
                    at 0.9 x the batch (accelerate's `find_executable_batch_size`; the weights keep what they
                    learned, the steps before are done again) and never grows back;
@@ -34,6 +40,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
 from torch._subclasses.fake_tensor import FakeTensor  # noqa: E402
+from torch.optim.optimizer import register_optimizer_step_post_hook  # noqa: E402
 from engine_vs_baselines import BATCH, FakePeakCostModel, _args, accuracy, load_digits, shifted  # noqa: E402
 from report import mean_interval, write_report  # noqa: E402
 from transformers import Trainer  # noqa: E402
@@ -116,20 +123,32 @@ def main() -> None:
     usable_low = full_bytes * ns.drop * 0.95
     safe = next(MemoryConfig(m) for m in micro if cost.predict(MemoryConfig(m))[0] <= usable_low)
     total = int(ns.epochs * len(s_train))
-    runs: dict[str, list[dict]] = {k: [] for k in ["mpopt", "mpopt_no_drop", "auto_find_batch", "fixed/default",
-                                                   f"fixed/safe ({safe.short()})"]}
+    runs: dict[str, list[dict]] = {k: [] for k in ["mpopt", "mpopt_no_drop", "mpopt/exact", "mpopt/batch",
+                                                   "mpopt/batch_exact",
+                                                   "auto_find_batch", "fixed/default", f"fixed/safe ({safe.short()})"]}
+
+    updates = [0]  # real optimizer updates of the run in progress (a batch split into several counts each)
+
+    def count_update(optimizer, *_):
+        first = optimizer.param_groups[0]["params"][0]
+        if not isinstance(first, FakeTensor):  # the profiler's fake step creates optimizer state: not an update
+            updates[0] += 1
+
+    register_optimizer_step_post_hook(count_update)
 
     def finish(name, trainer, device, t0, crashed=None, **extra):
         runs[name].append({"accuracy": accuracy(model, s_test), "wall_s": time.perf_counter() - t0,
                            "ooms": device.ooms, "samples": device.samples, "crashed": crashed,
-                           "steps": trainer.state.global_step, **extra})
+                           "steps": trainer.state.global_step, "updates": updates[0], **extra})
+        updates[0] = 0
 
-    def run_mpopt(name, seed, drop):
+    def run_mpopt(name, seed, drop, freeze_rates=rates, batches=None, lr_scaling=None):
         model.load_state_dict(pretrained)
         device = SimulatedDevice(cost, full_bytes, drop, total)
         mpopt = MPOptArguments(memory_budget_mib=device.budget_bytes, budget_every_steps=1, micro_batch_sizes=micro,
-                               freeze_rates=rates, checkpoint_segments=segments, precisions=["fp32"],
-                               trial_steps=ns.trial_steps)
+                               freeze_rates=freeze_rates, checkpoint_segments=segments, precisions=["fp32"],
+                               trial_steps=ns.trial_steps, effective_batch_sizes=batches,
+                               lr_scaling=lr_scaling)
         trainer = MPOptTrainer(model=model, args=_args(tmp, -1, seed=seed, num_train_epochs=ns.epochs),
                                train_dataset=s_train, eval_dataset=s_val, mpopt_args=mpopt, cost_model=cost)
         device.config_of = lambda: trainer.memory_config
@@ -140,7 +159,7 @@ def main() -> None:
             hook.remove()
         engine = trainer.mpopt_callback.engine
         finish(name, trainer, device, t0, sequence=[f"{d.step}:{MemoryConfig.from_dict(d.config).short()}:"
-                                                    f"{DecisionKind(d.kind).value}" for d in engine.decisions])
+                                    f"{DecisionKind(d.kind).value}" for d in engine.decisions])
 
     def run_plain(name, seed, batch, config=None, auto=False):
         model.load_state_dict(pretrained)
@@ -162,6 +181,9 @@ def main() -> None:
     for seed in range(ns.seeds):  # rows interleaved per seed: a change of machine load hits every row alike
         run_mpopt("mpopt", seed, ns.drop)
         run_mpopt("mpopt_no_drop", seed, 1.0)
+        run_mpopt("mpopt/exact", seed, ns.drop, freeze_rates=[0.0])
+        run_mpopt("mpopt/batch", seed, ns.drop, batches=[BATCH, 16, 8])
+        run_mpopt("mpopt/batch_exact", seed, ns.drop, freeze_rates=[0.0], batches=[BATCH, 16, 8], lr_scaling="none")
         run_plain("auto_find_batch", seed, BATCH, auto=True)
         run_plain("fixed/default", seed, BATCH)
         run_plain(f"fixed/safe ({safe.short()})", seed, BATCH, config=safe)
@@ -180,14 +202,15 @@ def main() -> None:
         f"samples ({ns.epochs:g} epochs of {len(s_train)}); shift {ns.corruption}/{ns.severity}, accuracy before "
         f"retraining {shifted_acc:.3f}. Out-of-memory errors are simulated from fake-tensor predictions.",
         "",
-        "| run | shifted test accuracy | OOM errors | crashed (runs) | samples trained | final batch | wall s |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| run | shifted test accuracy | OOM errors | crashed (runs) | samples trained | optimizer updates "
+        "| final batch | wall s |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for name, rows in runs.items():
         crashed = sum(r["crashed"] is not None for r in rows)
         final = ", ".join(sorted({str(r.get("final_batch", "engine")) for r in rows}))
         lines.append(f"| {name} | {mean_interval([r['accuracy'] for r in rows])} | {mean(name, 'ooms'):.1f} | "
-                     f"{crashed}/{len(rows)} | {mean(name, 'samples'):.0f} | {final} | {mean(name, 'wall_s'):.1f} |")
+                     f"{crashed}/{len(rows)} | {mean(name, 'samples'):.0f} | {mean(name, 'updates'):.0f} | {final} | {mean(name, 'wall_s'):.1f} |")
     gap = mean("mpopt", "accuracy") - mean("mpopt_no_drop", "accuracy")
     lines += ["", f"mpopt - mpopt_no_drop = {100 * gap:+.1f} points; mpopt - auto_find_batch = "
               f"{100 * (mean('mpopt', 'accuracy') - mean('auto_find_batch', 'accuracy')):+.1f} points.",

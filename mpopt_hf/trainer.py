@@ -31,6 +31,7 @@ from .grad_cache import RngState, device_anchors, grad_cache_backward
 from .knobs import apply_memory_config, autocast_context, check_precision, knob_state, plan_knobs
 from .loss_items import IGNORE_INDEX, LossItemCounter, count_loss_items
 from .microbatch import batch_size_of, split_batch
+from .sharding import refuse_sharded_engines
 from .step_guard import NonFiniteSteps, OptimizerRollback
 from .step_peak import StepPeakMeter, process_peak_rss_bytes
 from .step_recovery import StepRecovery
@@ -110,6 +111,7 @@ class MPOptTrainer(BatchUpdates, HalvingEvaluation, StepRecovery, Trainer):
         self.peak_meter = StepPeakMeter(self.args.device, every=check_int(
             "MPOptTrainer.peak_every_steps", peak_every_steps, lambda v: v >= 1, "an integer >= 1"))
         if memory_config is not None or mpopt_args is not None:
+            refuse_sharded_engines(self)
             self.set_memory_config(memory_config or self.default_memory_config())
         for callback in self.callback_handler.callbacks:
             if hasattr(callback, "bind_trainer"):
