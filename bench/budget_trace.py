@@ -13,6 +13,8 @@ transformers' ``auto_find_batch_size``) recognises it.
 * mpopt_no_drop:   the same with the budget that never drops (what it would reach with all the time it wanted);
 * mpopt/exact:     the same with freezing off (``freeze_rates=[0]``): only knobs that keep the maths, so every row
                    but the batch knob's learns what a plain Trainer at the whole batch learns, where it runs;
+* mpopt/per_step:  the same with the gain counted per Trainer step (``gain_per="step"``), as fits a run of fixed
+                   epochs: freezing is searched but has to learn more per step, not per second;
 * mpopt/batch:     the same with the batch as a knob too (``effective_batch_sizes=[64, 16, 8]``, sqrt lr scaling):
                    what halving gains from more updates, chosen under the budget instead of after an error;
 * mpopt/batch_exact: the batch knob with freezing off and the learning rate unscaled (``lr_scaling="none"``), as
@@ -123,7 +125,7 @@ def main() -> None:
     usable_low = full_bytes * ns.drop * 0.95
     safe = next(MemoryConfig(m) for m in micro if cost.predict(MemoryConfig(m))[0] <= usable_low)
     total = int(ns.epochs * len(s_train))
-    runs: dict[str, list[dict]] = {k: [] for k in ["mpopt", "mpopt_no_drop", "mpopt/exact", "mpopt/batch",
+    runs: dict[str, list[dict]] = {k: [] for k in ["mpopt", "mpopt_no_drop", "mpopt/exact", "mpopt/per_step", "mpopt/batch",
                                                    "mpopt/batch_exact",
                                                    "auto_find_batch", "fixed/default", f"fixed/safe ({safe.short()})"]}
 
@@ -142,13 +144,13 @@ def main() -> None:
                            "steps": trainer.state.global_step, "updates": updates[0], **extra})
         updates[0] = 0
 
-    def run_mpopt(name, seed, drop, freeze_rates=rates, batches=None, lr_scaling=None):
+    def run_mpopt(name, seed, drop, freeze_rates=rates, batches=None, lr_scaling=None, gain_per="second"):
         model.load_state_dict(pretrained)
         device = SimulatedDevice(cost, full_bytes, drop, total)
         mpopt = MPOptArguments(memory_budget_mib=device.budget_bytes, budget_every_steps=1, micro_batch_sizes=micro,
                                freeze_rates=freeze_rates, checkpoint_segments=segments, precisions=["fp32"],
                                trial_steps=ns.trial_steps, effective_batch_sizes=batches,
-                               lr_scaling=lr_scaling)
+                               lr_scaling=lr_scaling, gain_per=gain_per)
         trainer = MPOptTrainer(model=model, args=_args(tmp, -1, seed=seed, num_train_epochs=ns.epochs),
                                train_dataset=s_train, eval_dataset=s_val, mpopt_args=mpopt, cost_model=cost)
         device.config_of = lambda: trainer.memory_config
@@ -182,6 +184,7 @@ def main() -> None:
         run_mpopt("mpopt", seed, ns.drop)
         run_mpopt("mpopt_no_drop", seed, 1.0)
         run_mpopt("mpopt/exact", seed, ns.drop, freeze_rates=[0.0])
+        run_mpopt("mpopt/per_step", seed, ns.drop, gain_per="step")
         run_mpopt("mpopt/batch", seed, ns.drop, batches=[BATCH, 16, 8])
         run_mpopt("mpopt/batch_exact", seed, ns.drop, freeze_rates=[0.0], batches=[BATCH, 16, 8], lr_scaling="none")
         run_plain("auto_find_batch", seed, BATCH, auto=True)

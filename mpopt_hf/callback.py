@@ -178,13 +178,14 @@ class MPOptCallback(CheckpointedState, TrainerCallback):
         if self.engine is None or self._step_start is None:
             return control
         step_s = self._reduce(self.clock() - self._step_start, "max")
-        peak = getattr(self.trainer, "_step_peak_bytes", None) if self.trainer is not None else None
+        peak = getattr(self.trainer, "step_peak_bytes", None) if self.trainer is not None else None
         if peak is not None:
             peak = self._reduce(float(peak), "max")
         meter = getattr(self.trainer, "peak_meter", None)
         timed = not (meter is not None and meter.slowed)  # the same on every rank: sampling follows steps and configs
         if self.metric == "train_loss":
             self._gain.observe_train_loss(self.trainer, self.engine)
+        self._count_steps_left(state)
         if self.engine.observe_step(state.global_step, step_s, peak, timed=timed):
             metric, se = self._measure_metric(model)
             proxy = self.metric in PROXY_METRICS
@@ -236,8 +237,13 @@ class MPOptCallback(CheckpointedState, TrainerCallback):
             return
         self._gain.resolve(self.mpopt_args.gain_metric, model, self.trainer, self.eval_dataset, self.engine)
         self.engine.set_horizon(self._wall_clock_left())
+        self._count_steps_left(state)
         self._apply(self.engine.start(state.global_step, *self._measure_metric(model)))
         self._flush_decisions()
+
+    def _count_steps_left(self, state) -> None:
+        """Tell the engine how many Trainer steps the run has left (what a race costs under gain_per='step')."""
+        self.engine.steps_left = state.max_steps - state.global_step if state.max_steps > 0 else None
 
     def _wall_clock_left(self) -> float | None:
         """Seconds left to the trainer's `WallClockLimit` (the shortest, if several), the engine's horizon; the

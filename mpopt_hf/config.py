@@ -175,6 +175,7 @@ class MemoryConfig:
 GAIN_METRICS = ("auto", "val_accuracy", "entropy", "confidence", "loss", "train_loss")
 COST_PREDICTORS = ("profile", "fake")
 STRATEGIES = ("race", "ucb")
+GAIN_UNITS = ("second", "step")  # what a trial's gain is divided by: training seconds, or Trainer steps
 LR_SCALINGS = ("none", "linear", "sqrt")
 DEFAULT_SEARCH_SHARE = 0.05
 
@@ -288,6 +289,14 @@ class MPOptArguments:
                   "winner's end state is kept, and the race is re-run once its cost is search_share of the time "
                   "since. 'ucb': trials follow each other on the running weights, picked by a discounted UCB bandit."},
     )
+    gain_per: str = field(
+        default="second",
+        metadata={"help": f"What a candidate's gain is counted against, one of {list(GAIN_UNITS)}. 'second': "
+                  "training time (the run has a fixed time; a faster, more frozen configuration wins when it learns "
+                  "more per second). 'step': Trainer steps, i.e. samples (the run has fixed epochs or max_steps: "
+                  "a faster configuration wins only if it learns more per step). Among configurations that learn "
+                  "the same (same trainable set and batch) the fastest runs either way."},
+    )
     significance: float = field(
         default=2.0,
         metadata={"help": "race: how many standard errors of the gain metric a more frozen candidate's lead must exceed "
@@ -375,6 +384,7 @@ class MPOptArguments:
                                           "> 0 seconds (a finite number) or None", optional=True)
         check_choice(where + "gain_metric", self.gain_metric, GAIN_METRICS)
         check_choice(where + "strategy", self.strategy, STRATEGIES)
+        check_choice(where + "gain_per", self.gain_per, GAIN_UNITS)
         self.significance = check_number(where + "significance", self.significance, lambda v: v >= 0,
                                          "a finite number >= 0")
         check_bool(where + "late_gain", self.late_gain)

@@ -134,6 +134,7 @@ def build_engine(a: MPOptArguments, args, model: nn.Module, configs: list[Memory
         trial_max_s=a.trial_max_s,
         search_share=a.search_share,
         strategy=a.strategy,
+        gain_per=a.gain_per,
         significance=a.significance,
         late_gain=a.late_gain,
         exploration=a.exploration,

@@ -225,3 +225,57 @@ def test_a_short_task_keeps_the_last_race_winner_and_a_long_one_races_again():
     assert restored.time_left_s == pytest.approx(engine.time_left_s) == pytest.approx(60.0)
     with pytest.raises(ValueError, match="seconds > 0 or None"):
         engine.set_horizon(0)
+
+
+def _race_linear(gain_per: str, late_gain: bool) -> tuple[RuleEngine, dict[MemoryConfig, int]]:
+    """A race of FULL (+0.010 a step, 0.125 s a step: 0.08/s) against HALF (+0.006 a step, 0.0625 s: 0.096/s)."""
+    per_step, seconds = {FULL: 0.010, HALF: 0.006}, {FULL: 0.125, HALF: 0.0625}
+    engine = RuleEngine([Candidate(c, None, seconds[c]) for c in (FULL, HALF)], trial_steps=4, late_gain=late_gain,
+                        gain_per=gain_per)
+    metric, copies, steps_run = 0.2, {}, {FULL: 0, HALF: 0}
+    config = engine.start(0, metric)
+    for step in range(1, 40):
+        for op in engine.take_ops():
+            if op in ("snapshot", "save_best"):
+                copies["start" if op == "snapshot" else "best"] = metric
+            elif op.startswith("restore_"):
+                metric = copies[op.removeprefix("restore_")]
+        if not engine.racing and engine.race_trials:
+            break
+        metric += per_step[config]
+        steps_run[config] += 1
+        if engine.observe_step(step, seconds[config]):
+            config = engine.observe_metric(step, metric)
+    return engine, steps_run
+
+
+@pytest.mark.parametrize("late_gain", [False, True])
+def test_gain_per_second_picks_the_faster_learner_per_second_and_per_step_the_one_that_learns_more_a_step(late_gain):
+    by_time, steps_by_time = _race_linear("second", late_gain)
+    by_step, steps_by_step = _race_linear("step", late_gain)
+    assert by_time.race_winner()[0] == HALF and by_time.current == HALF  # 0.096/s against 0.08/s
+    assert by_step.race_winner()[0] == FULL and by_step.current == FULL  # 0.010 a step against 0.006
+    # trials last the same seconds (FULL's 4 steps: 0.5 s = HALF's 8 steps), or the same steps
+    assert steps_by_time == {FULL: 4, HALF: 8}
+    assert steps_by_step == {FULL: 4, HALF: 4}
+    assert by_step.race_trials[FULL].gain == pytest.approx(0.010) and by_step.race_trials[HALF].gain == pytest.approx(0.006)
+    assert by_time.race_trials[HALF].gain == pytest.approx(0.096)
+
+
+def test_gain_per_is_checked():
+    with pytest.raises(ValueError, match="gain_per must be one of"):
+        RuleEngine([Candidate(FULL, None, 0.1)], gain_per="sample")
+    from mpopt_hf import MPOptArguments
+    with pytest.raises(ValueError, match="gain_per"):
+        MPOptArguments(gain_per="minute")
+
+
+@pytest.mark.parametrize("steps_left, races", [(36, False), (400, True), (None, True)])
+def test_under_gain_per_step_a_race_must_pay_in_the_steps_it_throws_away(steps_left, races):
+    engine = RuleEngine([Candidate(FULL, None, 0.125), Candidate(HALF, None, 0.0625)], trial_steps=4,
+                        search_share=0.05, gain_per="step")
+    engine.steps_left = steps_left  # one trial of 4 steps is thrown away: 4 <= 0.05 x 400, > 0.05 x 36
+    assert engine.start(0, 0.2) == FULL  # the race starts with the least frozen; without one, it runs
+    assert engine.racing is races
+    if not races:
+        assert "a race would throw away ~4 steps, over 0.05 of the 36 steps left" in engine.decisions[-1].reason

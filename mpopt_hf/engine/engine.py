@@ -9,7 +9,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import Any
 
-from ..config import STRATEGIES, MemoryConfig
+from ..config import GAIN_UNITS, STRATEGIES, MemoryConfig
 from .candidates import MIB, Candidate, Decision, DecisionKind, RaceTrial
 from .clock import SearchClock
 from .rules import at_least_as_large, batchnorm_filter, group_key, prune, usable_bytes
@@ -50,6 +50,7 @@ class RuleEngine:
         trial_max_s: float | None = None,
         search_share: float | None = None,
         strategy: str = "race",
+        gain_per: str = "second",
         significance: float = 2.0,
         late_gain: bool = True,
         metric_ceiling: float | None = None,
@@ -68,7 +69,11 @@ class RuleEngine:
             raise ValueError("RuleEngine needs at least one candidate configuration; the search space is empty.")
         if strategy not in STRATEGIES:
             raise ValueError(f"RuleEngine strategy must be one of {list(STRATEGIES)}, got {strategy!r}.")
+        if gain_per not in GAIN_UNITS:
+            raise ValueError(f"RuleEngine gain_per must be one of {list(GAIN_UNITS)}, got {gain_per!r}.")
         self.strategy, self.significance, self.late_gain = strategy, significance, late_gain
+        self.gain_per = gain_per  # a trial's gain is per training second, or per Trainer step (fixed epochs)
+        self.steps_left: int | None = None  # Trainer steps left to the run (the caller's, every step), if known
         self.metric_ceiling = metric_ceiling  # the gain metric's best value (1 for accuracy), None: unbounded
         self.candidates = list(candidates)
         self.budget_bytes, self.margin = budget_bytes, margin
@@ -182,11 +187,19 @@ class RuleEngine:
             return 0.0
         return payback_seconds(self.last_eval_s, self.search_share)
 
+    @property
+    def trial_progress(self) -> float:
+        """How far the current trial has gone, in the unit its gain is divided by (``gain_per``)."""
+        return float(self.trial_steps_done) if self.gain_per == "step" else self.trial_seconds
+
     def trial_over(self, part: float) -> bool:
-        """Whether ``part`` of the trial has run: every trial of a race lasts as long as its first; the first
-        lasts trial_steps steps and min_trial_seconds, or trial_max_s."""
+        """Whether ``part`` of the trial has run: every trial of a race lasts as long as its first (in seconds,
+        or in steps when ``gain_per`` is 'step'); the first lasts trial_steps steps and min_trial_seconds, or
+        trial_max_s."""
         if self.trial_max_s is not None and self.trial_seconds >= part * self.trial_max_s:
             return True
+        if self.racing and self.gain_per == "step" and self.race_state.trial_steps is not None:
+            return self.trial_steps_done >= math.ceil(part * self.race_state.trial_steps)
         if self.racing and self.race_state.trial_s is not None:
             return self.trial_seconds >= part * self.race_state.trial_s
         return (self.trial_steps_done >= math.ceil(part * self.trial_steps)
@@ -343,8 +356,8 @@ class RuleEngine:
     def credit_trial(self, metric: float) -> None:
         """The trial that just ended (on the running weights) adds its gain per second to its configuration's
         estimate; ``metric`` is the next trial's baseline."""
-        if self.baseline is not None and self.current is not None and self.trial_seconds > 0:
-            self.arms[self.current].add((metric - self.baseline) / self.trial_seconds)
+        if self.baseline is not None and self.current is not None and self.trial_progress > 0:
+            self.arms[self.current].add((metric - self.baseline) / self.trial_progress)
         self.baseline = self.last_metric = metric
         self.restart_trial()
 

@@ -32,16 +32,18 @@ class RaceState:
     racing: bool = False
     trials: dict[MemoryConfig, RaceTrial] = field(default_factory=dict)  # in race order
     saved: MemoryConfig | None = None  # whose end state the "best" copy holds
-    mid: tuple[float, float] | None = None  # (metric, trial seconds) half-way through this trial
+    mid: tuple[float, float] | None = None  # (metric, trial progress: seconds or steps) half-way through this trial
     want_mid: bool = False
     start_metric: float | None = None
     start_search_s: float = 0.0
     trial_s: float | None = None  # how long each trial of this race lasts (set by its first)
+    trial_steps: int | None = None  # the same in steps (set by its first; what trials share under gain_per='step')
     exploit_until_s: float | None = None
     discarded_seconds: float = 0.0  # training time of race trials whose weights were thrown away
     incumbent: MemoryConfig | None = None  # the last race's winner
     streak: int = 0  # races in a row that the incumbent won
     horizon_s: float | None = None  # how far ahead this race's trials are projected
+    horizon_steps: float | None = None  # the same in steps, under gain_per='step'
 
     def to_dict(self, last_se: float | None) -> dict[str, Any]:
         """The saved form (``last_se``, the engine's, is saved here as it always was)."""
@@ -57,10 +59,12 @@ class RaceState:
             "incumbent": dict_or_none(self.incumbent),
             "streak": self.streak,
             "horizon_s": self.horizon_s,
+            "trial_steps": self.trial_steps, "horizon_steps": self.horizon_steps,
         }
 
     def load(self, race: dict[str, Any]) -> None:
-        """Read back `to_dict`'s form (``horizon_s`` may be missing: older states)."""
+        """Read back `to_dict`'s form (``horizon_s``, ``trial_steps`` and ``horizon_steps`` may be missing: older
+        states)."""
         self.ops, self.racing = list(race["ops"]), race["racing"]
         self.queue = [MemoryConfig.from_dict(c) for c in race["queue"]]
         self.trials = {MemoryConfig.from_dict(c): RaceTrial(**t) for c, t in race["trials"]}
@@ -73,6 +77,7 @@ class RaceState:
         self.incumbent = config_or_none(race["incumbent"])
         self.streak = race["streak"]
         self.horizon_s = race.get("horizon_s")
+        self.trial_steps, self.horizon_steps = race.get("trial_steps"), race.get("horizon_steps")
 
 
 def _slow_key(c: Candidate) -> tuple[float, float, int, int]:
@@ -122,10 +127,11 @@ class Race:
             e.reopen()
             return self.begin(step, "exploitation over")
         if s.want_mid:
-            s.want_mid, s.mid = False, (metric, e.trial_seconds)
+            s.want_mid, s.mid = False, (metric, e.trial_progress)
             return e.current  # the trial goes on
         start = s.start_metric if s.start_metric is not None else metric
-        gain, projected = trial_gain(start, metric, e.trial_seconds, s.mid, s.horizon_s, e.metric_ceiling,
+        horizon = s.horizon_steps if e.gain_per == "step" else s.horizon_s
+        gain, projected = trial_gain(start, metric, e.trial_progress, s.mid, horizon, e.metric_ceiling,
                                      e.last_se or 0.0)
         self.record_trial(e.current, gain, metric, projected)
         if s.queue:
@@ -194,8 +200,10 @@ class Race:
         s.racing, s.queue = True, order[1:]
         s.trials = {}
         s.horizon_s = self.projection_horizon(order)  # before trial_s is reset: it uses the last race's
+        s.horizon_steps = (max(e.steps_left - self.cost_steps(order) - e.trial_steps, 0) if e.steps_left is not None
+                           else self.in_steps(s.horizon_s, order))
         s.saved = None
-        s.start_metric, s.trial_s = e.baseline, None
+        s.start_metric, s.trial_s, s.trial_steps = e.baseline, None, None
         s.start_search_s = e.search_seconds
         s.ops.append("snapshot")
         return e.decide(step, order[0], f"{reason}: race 1/{len(order)} from the same weights{room_note}")
@@ -225,7 +233,7 @@ class Race:
         e, s = self.engine, self.state
         s.trials[config] = RaceTrial(gain, metric, e.trial_seconds, e.last_se, projected)
         if s.trial_s is None:
-            s.trial_s = e.trial_seconds
+            s.trial_s, s.trial_steps = e.trial_seconds, e.trial_steps_done
         e.arms.setdefault(config, ArmStats()).add(gain)
         if self.winner()[0] == config:  # the winner so far: keep its end state
             s.ops.append("save_best")
@@ -233,7 +241,9 @@ class Race:
 
     def winner(self) -> tuple[MemoryConfig, bool]:
         """(winner so far, whether it won a tie): see `judge_race`."""
-        return judge_race(self.state.trials, self.state.trial_s, self.engine.significance)
+        s = self.state
+        length = s.trial_steps if self.engine.gain_per == "step" else s.trial_s
+        return judge_race(s.trials, length, self.engine.significance)
 
     def finish(self, step: int) -> MemoryConfig:
         e, s = self.engine, self.state
@@ -289,8 +299,20 @@ class Race:
         trial = max(e.trial_steps * slowest, e.min_trial_seconds)
         return trial if e.trial_max_s is None else min(trial, e.trial_max_s)
 
+    def cost_steps(self, order: Sequence[MemoryConfig]) -> int:
+        """Trainer steps a race among ``order`` throws away (every trial but the winner's), under gain_per='step':
+        the samples they trained on are not in the weights that go on."""
+        trial = self.state.trial_steps or self.engine.trial_steps
+        return (len(order) - 1) * trial
+
     def pays(self, order: Sequence[MemoryConfig]) -> tuple[bool, str]:
-        """Whether a race fits in ``search_share`` of the time left (always, when that time is unknown)."""
+        """Whether a race fits in ``search_share`` of the time left (always, when that time is unknown); under
+        gain_per='step', of the steps left, when the run's length is known."""
+        e = self.engine
+        if e.gain_per == "step" and e.steps_left is not None and len(order) >= 2:
+            share, cost = self.share(), self.cost_steps(order)
+            return (cost <= share * e.steps_left,
+                    f"a race would throw away ~{cost} steps, over {share:g} of the {e.steps_left} steps left")
         left = self.engine.time_left_s
         if left is None or len(order) < 2:
             return True, ""
@@ -309,6 +331,14 @@ class Race:
         if left is not None:
             return max(left - cost - self.trial_s_estimate(order), 0.0)
         return self.exploitation_s(cost)
+
+    def in_steps(self, seconds: float | None, order: Sequence[MemoryConfig]) -> float | None:
+        """``seconds`` of training as steps, at the mean step time of the race's candidates: one horizon, the
+        same for every trial, so that a faster candidate is not projected over more steps than a slower one."""
+        times = [t for t in (self.engine.candidate(c).step_s for c in order) if t]
+        if seconds is None or not times:
+            return None
+        return seconds / (sum(times) / len(times))
 
     def no_race_choice(self) -> MemoryConfig:
         """Without a race: the last race's winner while it is still feasible, else the least frozen candidate
