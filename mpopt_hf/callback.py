@@ -127,7 +127,9 @@ class MPOptCallback(CheckpointedState, TrainerCallback):
         if self.engine is None:
             return
         step = self._step()
-        self._apply(self.engine.task_boundary(step, horizon_s=self._wall_clock_left()))
+        max_steps = getattr(getattr(self.trainer, "args", None), "max_steps", -1)  # the new task's (bound by now)
+        self._apply(self.engine.task_boundary(step, horizon_s=self._wall_clock_left(),
+                                              steps_left=max_steps if max_steps > 0 else None))
         # the new data's metric starts the trials; a task too short for a race spends no evaluation on it
         self._gain.needs_baseline = self.engine.racing or self.engine.strategy != "race"
         self._flush_decisions()
@@ -164,9 +166,11 @@ class MPOptCallback(CheckpointedState, TrainerCallback):
         self._optimizer_ref, self._scheduler_ref = kwargs.get("optimizer"), kwargs.get("lr_scheduler")
         if self.engine is None:
             self._setup(args, state, model, kwargs.get("train_dataloader"), kwargs.get("optimizer"))
-        elif self._gain.needs_baseline and self.metric != "train_loss":  # the training loss comes with the step
-            self.engine.set_baseline(*self._measure_metric(model))
-            self._gain.needs_baseline = False
+        else:
+            self._count_steps_left(state)  # before a budget change below re-plans (a race must pay in steps)
+            if self._gain.needs_baseline and self.metric != "train_loss":  # the training loss comes with the step
+                self.engine.set_baseline(*self._measure_metric(model))
+                self._gain.needs_baseline = False
         budget = self._budget.changed(state.global_step, lambda v: self._reduce(v, "min")) if self._budget else None
         if budget is not None:  # another process took memory or gave it back: re-plan before this step runs
             self._apply(self.engine.set_budget(state.global_step, budget))
@@ -233,6 +237,7 @@ class MPOptCallback(CheckpointedState, TrainerCallback):
             self._gain.restore(metric, eval_chunk, payload.get("needs_baseline", False), self.engine)
             self._decision_log.logged = len(self.engine.decisions)  # those were logged by the first run
             self._copies = copies
+            self._count_steps_left(state)
             self._apply(self.engine.current)
             return
         self._gain.resolve(self.mpopt_args.gain_metric, model, self.trainer, self.eval_dataset, self.engine)
@@ -297,7 +302,7 @@ class MPOptCallback(CheckpointedState, TrainerCallback):
     def _flush_decisions(self) -> None:
         """Log the decisions not yet logged, also through the Trainer's `log`, so trackers see them."""
         if self.engine is not None:
-            self._decision_log.flush(self.engine.decisions, self.trainer)
+            self._decision_log.flush(self.engine.decisions, self.trainer, self.engine.gain_per)
 
     def _step(self) -> int:
         return 0 if self.trainer is None else self.trainer.state.global_step

@@ -21,8 +21,9 @@ logger = logging.getLogger("mpopt_hf.callback")  # its messages were the callbac
 DECISIONS_FILE = "decisions.json"
 
 
-def decision_entry(decision: Decision, index: int, trainer: Any) -> dict[str, Any]:
-    """The Trainer ``log`` entry of one decision (``index``: its place in the engine's list)."""
+def decision_entry(decision: Decision, index: int, trainer: Any, gain_per: str = "second") -> dict[str, Any]:
+    """The Trainer ``log`` entry of one decision (``index``: its place in the engine's list; ``gain_per``: the
+    unit of its gain estimate, the engine's)."""
     d = decision
     entry = {
         "mpopt/micro_batch_size": d.config["micro_batch_size"],
@@ -39,7 +40,7 @@ def decision_entry(decision: Decision, index: int, trainer: Any) -> dict[str, An
     if d.predicted_peak_bytes is not None:
         entry["mpopt/predicted_peak_mib"] = round(d.predicted_peak_bytes / MIB, 2)
     if d.gain_estimate is not None:
-        entry["mpopt/gain_per_s"] = d.gain_estimate
+        entry["mpopt/gain_per_s" if gain_per == "second" else "mpopt/gain_per_step"] = d.gain_estimate
     return entry
 
 
@@ -49,7 +50,7 @@ class DecisionLog:
 
     logged: int = 0
 
-    def flush(self, decisions: Sequence[Decision], trainer: Any = None) -> None:
+    def flush(self, decisions: Sequence[Decision], trainer: Any = None, gain_per: str = "second") -> None:
         """Log the decisions not yet logged, and through ``trainer.log`` (when there is one), so trackers see them."""
         new = list(decisions[self.logged :])
         self.logged = len(decisions)
@@ -60,7 +61,7 @@ class DecisionLog:
                 # Trainer.log's on_log resets control.should_log: a step's own loss row, already due, must still come
                 control = getattr(trainer, "control", None)
                 due = bool(getattr(control, "should_log", False))
-                trainer.log(decision_entry(d, len(decisions) - len(new) + new.index(d), trainer))
+                trainer.log(decision_entry(d, len(decisions) - len(new) + new.index(d), trainer, gain_per))
                 if due:
                     control.should_log = True
 

@@ -28,13 +28,14 @@ def refuse_sharded_engines(trainer: Any) -> None:
     engine = sharded_engine(trainer)
     if engine is None:
         return
-    field = {"fsdp": f"TrainingArguments.fsdp={trainer.args.fsdp!r}",
-             "deepspeed": f"TrainingArguments.deepspeed={trainer.args.deepspeed!r}"}[engine]
+    value = getattr(trainer.args, engine, None)
+    field = (f"TrainingArguments.{engine}={value!r}" if value else
+             f"{'FSDP' if engine == 'fsdp' else 'DeepSpeed'} (turned on by the accelerate config)")
     why = {"fsdp": "FSDP shards the gradients in its own reduce-scatter, so there is no whole gradient to average "
                    "after the micro-batches",
            "deepspeed": "DeepSpeed's engine owns gradient accumulation and the optimizer step that the knobs run"}[engine]
     raise ValueError(
-        f"MPOptTrainer's memory knobs (memory_config= or mpopt_args=) do not run under {field} yet: {why}. Train "
+        f"MPOptTrainer's memory knobs (memory_config=, mpopt_args= or an MPOptCallback) do not run under {field} yet: {why}. Train "
         "with DDP instead (`torchrun` or `accelerate launch` without an FSDP or DeepSpeed config; micro-batching, "
-        "freezing, checkpointing, precision and the engine all work there), or pass neither memory_config nor "
-        "mpopt_args to train under this engine as a plain Trainer.")
+        "freezing, checkpointing, precision and the engine all work there), or pass no memory_config, mpopt_args "
+        "or MPOptCallback to train under this engine as a plain Trainer.")

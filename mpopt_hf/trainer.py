@@ -115,6 +115,7 @@ class MPOptTrainer(BatchUpdates, HalvingEvaluation, StepRecovery, Trainer):
             self.set_memory_config(memory_config or self.default_memory_config())
         for callback in self.callback_handler.callbacks:
             if hasattr(callback, "bind_trainer"):
+                refuse_sharded_engines(self)  # an MPOptCallback passed in callbacks= brings the knobs too
                 callback.bind_trainer(self)
 
     # ------------------------------------------------------------------ the public knob API

@@ -10,18 +10,20 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 from trainer_utils import ListDataset, training_args  # noqa: E402
 
-from mpopt_hf import MemoryConfig, MPOptTrainer  # noqa: E402
+from mpopt_hf import MemoryConfig, MPOptArguments, MPOptCallback, MPOptTrainer  # noqa: E402
 from mpopt_hf.tiny_models import build_tiny, example_batch  # noqa: E402
 
 model = build_tiny("vit", dropout=0.0)
 args = training_args(sys.argv[1], 4, fsdp=True, fsdp_config={"version": 2})
-try:
-    MPOptTrainer(model=model, args=args, train_dataset=ListDataset(example_batch(model, 8)),
-                 memory_config=MemoryConfig(2, checkpoint_segments=2))
-except ValueError as err:
-    print("REFUSED:", err)
-else:
-    raise SystemExit("MPOptTrainer accepted FSDP with knobs")
+knobs = {"memory_config": {"memory_config": MemoryConfig(2, checkpoint_segments=2)},
+         "callback": {"callbacks": [MPOptCallback(MPOptArguments())]}}  # an engine passed as a callback
+for how, extra in knobs.items():
+    try:
+        MPOptTrainer(model=model, args=args, train_dataset=ListDataset(example_batch(model, 8)), **extra)
+    except ValueError as err:
+        print(f"REFUSED ({how}):", err)
+    else:
+        raise SystemExit(f"MPOptTrainer accepted FSDP with knobs ({how})")
 if torch.distributed.is_initialized():
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()

@@ -279,3 +279,37 @@ def test_under_gain_per_step_a_race_must_pay_in_the_steps_it_throws_away(steps_l
     assert engine.racing is races
     if not races:
         assert "a race would throw away ~4 steps, over 0.05 of the 36 steps left" in engine.decisions[-1].reason
+
+
+def test_a_task_boundary_takes_the_new_tasks_steps_not_the_last_ones_zero():
+    engine = RuleEngine([Candidate(FULL, None, 0.125), Candidate(HALF, None, 0.0625)], trial_steps=4,
+                        search_share=0.05, gain_per="step")
+    engine.steps_left = 36
+    engine.start(0, 0.2)
+    assert not engine.racing  # 4 steps thrown away > 0.05 x 36
+    engine.steps_left = 0  # the end of the first task
+    engine.task_boundary(36, steps_left=400)
+    assert engine.racing and engine.steps_left == 400
+    engine.task_boundary(436)  # a task of unknown length: the race is judged per step, its cost not refused
+    assert engine.steps_left is None and engine.racing
+
+
+def test_a_step_race_resumes_mid_trial_with_its_units_and_refuses_another_unit():
+    def fresh(gain_per):
+        return RuleEngine([Candidate(FULL, None, 0.125), Candidate(HALF, None, 0.0625)], trial_steps=4,
+                          gain_per=gain_per)
+    engine = fresh("step")
+    engine.steps_left = 400
+    engine.start(0, 0.2)
+    for step in range(1, 5):  # FULL's trial, with its half-way metric, then HALF's first step
+        if engine.observe_step(step, 0.125):
+            engine.observe_metric(step, 0.2 + 0.01 * step)
+    engine.observe_step(5, 0.0625)
+    saved = json.loads(json.dumps(engine.state_dict()))
+    resumed = fresh("step")
+    resumed.load_state_dict(saved)
+    assert resumed.race_state.trial_steps == engine.race_state.trial_steps == 4
+    assert resumed.race_state.horizon_steps == engine.race_state.horizon_steps == 400 - 4 - 4
+    assert resumed.trial_progress == engine.trial_progress == 1.0
+    with pytest.raises(ValueError, match="counts gains per step, this engine per second"):
+        fresh("second").load_state_dict(saved)

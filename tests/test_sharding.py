@@ -28,9 +28,9 @@ class FakeTrainer:  # the attributes transformers' Trainer sets, without buildin
 
 @pytest.mark.parametrize("trainer, engine, field", [
     (FakeTrainer(fsdp=["full_shard"]), "fsdp", "TrainingArguments.fsdp=['full_shard']"),
-    (FakeTrainer(fsdp_on=True), "fsdp", "TrainingArguments.fsdp"),  # an accelerate config turned it on
+    (FakeTrainer(fsdp_on=True), "fsdp", "FSDP (turned on by the accelerate config)"),
     (FakeTrainer(deepspeed="ds_config.json"), "deepspeed", "TrainingArguments.deepspeed='ds_config.json'"),
-    (FakeTrainer(deepspeed_on=True), "deepspeed", "TrainingArguments.deepspeed"),
+    (FakeTrainer(deepspeed_on=True), "deepspeed", "DeepSpeed (turned on by the accelerate config)"),
 ])
 def test_a_sharded_engine_is_refused_naming_the_field_and_the_way_out(trainer, engine, field):
     assert sharded_engine(trainer) == engine
@@ -50,6 +50,7 @@ def test_mpopt_trainer_refuses_fsdp_in_two_processes_before_the_first_step(tmp_p
                            "--master_addr", "127.0.0.1", "--master_port", str(free_port()), str(SCRIPT), str(tmp_path)],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    refusals = [line for line in done.stdout.splitlines() if line.startswith("REFUSED:")]
-    assert len(refusals) == 2  # each rank refused, neither hung
+    refusals = [line for line in done.stdout.splitlines() if line.startswith("REFUSED")]
+    assert len(refusals) == 4  # each rank refused both ways in (memory_config=, an MPOptCallback), neither hung
+    assert sum(line.startswith("REFUSED (callback)") for line in refusals) == 2
     assert all("TrainingArguments.fsdp=True" in line and "DDP" in line for line in refusals)

@@ -291,11 +291,13 @@ class RuleEngine:
                 return self.policy.restart(step, f"drift: proxy jumped by {jump:.0%}")
         return self.policy.on_metric(step, metric)
 
-    def task_boundary(self, step: int, horizon_s: float | None = None) -> MemoryConfig:
+    def task_boundary(self, step: int, horizon_s: float | None = None, steps_left: int | None = None) -> MemoryConfig:
         """The data changed: discount what was learned, trial every survivor again (when the new task's
-        ``horizon_s`` seconds, if known, pay for a race), re-measure the baseline."""
+        ``horizon_s`` seconds, or under gain_per='step' its ``steps_left``, if known, pay for a race), re-measure
+        the baseline."""
         self.cause = DecisionKind.TASK
         self.set_horizon(horizon_s)
+        self.steps_left = steps_left  # the last task's count (0 at its end) says nothing of the new one
         self.reopen()
         self.baseline = None  # the caller's next `observe_metric` sets it on the new data
         self.restart_trial()

@@ -17,6 +17,7 @@ if TYPE_CHECKING:  # pragma: no cover
 def engine_state_dict(self: RuleEngine) -> dict[str, Any]:
     """The engine's state as JSON-able data (`RuleEngine.state_dict`)."""
     return {
+        "gain_per": self.gain_per,
         "candidates": [c.to_dict() for c in self.candidates],
         "infeasible": [[c.to_dict(), r, self.marked_under.get(c)] for c, r in self.infeasible.items()],
         "budget_bytes": self.budget_bytes,
@@ -40,6 +41,10 @@ def engine_state_dict(self: RuleEngine) -> dict[str, Any]:
 
 def load_engine_state(self: RuleEngine, state: dict[str, Any]) -> None:
     """Read back `engine_state_dict`'s form, older states included (`RuleEngine.load_state_dict`)."""
+    saved_unit = state.get("gain_per", "second")  # states saved before the field were per second
+    if saved_unit != self.gain_per:
+        raise ValueError(f"The saved engine state counts gains per {saved_unit}, this engine per {self.gain_per} "
+                         f"(MPOptArguments.gain_per): resume with gain_per={saved_unit!r}, or start a fresh search.")
     self.candidates = [Candidate.from_dict(c) for c in state["candidates"]]
     marks = [(MemoryConfig.from_dict(m[0]), m[1], m[2] if len(m) > 2 else None) for m in state["infeasible"]]
     self.infeasible = {c: r for c, r, _ in marks}

@@ -200,7 +200,8 @@ class Race:
         s.racing, s.queue = True, order[1:]
         s.trials = {}
         s.horizon_s = self.projection_horizon(order)  # before trial_s is reset: it uses the last race's
-        s.horizon_steps = (max(e.steps_left - self.cost_steps(order) - e.trial_steps, 0) if e.steps_left is not None
+        trial_steps = s.trial_steps or e.trial_steps  # as `cost_steps` counts it: the last race's, else the setting
+        s.horizon_steps = (max(e.steps_left - self.cost_steps(order) - trial_steps, 0) if e.steps_left is not None
                            else self.in_steps(s.horizon_s, order))
         s.saved = None
         s.start_metric, s.trial_s, s.trial_steps = e.baseline, None, None
@@ -268,10 +269,13 @@ class Race:
         run = e.fastest_sibling(winner)  # the copies are gone: the same learning at the fastest that fits
         tie = f", the least frozen within {e.significance:g} standard errors of the best" if by_tie else ""
         won = s.trials[winner]
-        ahead = (f"{won.projected:.4g} projected {s.horizon_s:.1f} s ahead, " if won.projected is not None
-                 and s.horizon_s is not None else "")
+        per_step = e.gain_per == "step"
+        horizon, unit = (s.horizon_steps, "steps") if per_step else (s.horizon_s, "s")
+        ahead = (f"{won.projected:.4g} projected {horizon:.1f} {unit} ahead, " if won.projected is not None
+                 and horizon is not None else "")
         sibling = "" if run == winner else f", run as {run.short()}"
-        return e.decide(step, run, f"race won by {winner.short()} ({ahead}{won.gain:.4g}/s over {len(s.trials)}{tie}"
+        rate = "/step" if per_step else "/s"
+        return e.decide(step, run, f"race won by {winner.short()} ({ahead}{won.gain:.4g}{rate} over {len(s.trials)}{tie}"
                                    f"{sibling}): exploit for {s.exploit_until_s - e.elapsed_s:.1f} s")
 
     # -------------------------------------------------------------- what a race costs and buys
