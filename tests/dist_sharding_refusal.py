@@ -20,8 +20,9 @@ knobs = {"memory_config": {"memory_config": MemoryConfig(2, checkpoint_segments=
 for how, extra in knobs.items():
     try:
         MPOptTrainer(model=model, args=args, train_dataset=ListDataset(example_batch(model, 8)), **extra)
-    except ValueError as err:
-        print(f"REFUSED ({how}):", err)
+    except ValueError as err:  # one file per rank: two ranks' prints interleave on a shared stdout
+        with open(os.path.join(sys.argv[1], f"refused_{how}_rank{os.environ.get('RANK', '0')}.txt"), "w") as f:
+            f.write(str(err))
     else:
         raise SystemExit(f"MPOptTrainer accepted FSDP with knobs ({how})")
 if torch.distributed.is_initialized():
