@@ -35,6 +35,7 @@ if TYPE_CHECKING:  # pragma: no cover  (the redundant aliases re-export for type
     from .trainer import MPOptTrainer as MPOptTrainer
     from .wall_clock import WallClockLimit as WallClockLimit
 
+
 def __getattr__(name: str) -> Any:
     if name in _LAZY:
         import importlib

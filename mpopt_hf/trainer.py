@@ -110,13 +110,13 @@ class MPOptTrainer(BatchUpdates, HalvingEvaluation, StepRecovery, Trainer):
         # ``peak_every_steps``-th after it (MemTracker's cost is paid on those steps only)
         self.peak_meter = StepPeakMeter(self.args.device, every=check_int(
             "MPOptTrainer.peak_every_steps", peak_every_steps, lambda v: v >= 1, "an integer >= 1"))
-        if memory_config is not None or mpopt_args is not None:
+        engines = [c for c in self.callback_handler.callbacks if hasattr(c, "bind_trainer")]  # mpopt_args= adds one
+        if memory_config is not None or engines:  # the knobs, by a configuration or by an MPOptCallback
             refuse_sharded_engines(self)
+        if memory_config is not None or mpopt_args is not None:
             self.set_memory_config(memory_config or self.default_memory_config())
-        for callback in self.callback_handler.callbacks:
-            if hasattr(callback, "bind_trainer"):
-                refuse_sharded_engines(self)  # an MPOptCallback passed in callbacks= brings the knobs too
-                callback.bind_trainer(self)
+        for callback in engines:
+            callback.bind_trainer(self)
 
     # ------------------------------------------------------------------ the public knob API
 

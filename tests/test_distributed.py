@@ -1,21 +1,15 @@
 """Micro-batching under DDP (two gloo CPU processes) updates the weights like one process on the global batch."""
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import torch
+from processes import torchrun_two
 from safetensors.torch import load_file
 
 SCRIPT = Path(__file__).with_name("dist_microbatch.py")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _run(cmd, cwd):
@@ -27,14 +21,7 @@ def _run(cmd, cwd):
 def test_two_processes_match_one(tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
     _run([sys.executable, str(SCRIPT), "--out", str(one), "--micro-batch-size", "8"], tmp_path)
-    _run(
-        [
-            sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-            "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
-            str(SCRIPT), "--out", str(two), "--micro-batch-size", "3",
-        ],
-        tmp_path,
-    )
+    _run(torchrun_two(SCRIPT, "--out", two, "--micro-batch-size", "3"), tmp_path)
     reference, distributed = load_file(one / "weights.safetensors"), load_file(two / "weights.safetensors")
     start = __import__("mpopt_hf.tiny_models", fromlist=["build_tiny"]).build_tiny("vit", dropout=0.0).state_dict()
     assert reference.keys() == distributed.keys()

@@ -3,19 +3,13 @@
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 
 import pytest
+from processes import torchrun_two
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.skipif(shutil.which("torchrun") is None and not os.path.exists(os.path.join(os.path.dirname(sys.executable), "torchrun")),
@@ -23,10 +17,7 @@ def _free_port() -> int:
 def test_only_rank1_oom_both_ranks_switch_together(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1"}
     env.pop("CUDA_VISIBLE_DEVICES", None)
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-        "--master_port", str(_free_port()), os.path.join(HERE, "dist_oom_run.py"), str(tmp_path),
-    ]
+    cmd = torchrun_two(os.path.join(HERE, "dist_oom_run.py"), tmp_path)
     proc = subprocess.run(cmd, env=env, timeout=240, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-4000:]
     r0, r1 = (json.load(open(tmp_path / f"rank{r}.json")) for r in (0, 1))

@@ -2,22 +2,15 @@
 left to the engine (issue 16: until the knobs are built for sharded gradients)."""
 
 import os
-import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from processes import torchrun_two
 
 from mpopt_hf.sharding import refuse_sharded_engines, sharded_engine
 
 SCRIPT = Path(__file__).with_name("dist_sharding_refusal.py")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class FakeTrainer:  # the attributes transformers' Trainer sets, without building an accelerator for an engine
@@ -46,9 +39,8 @@ def test_ddp_and_one_process_pass():
 
 def test_mpopt_trainer_refuses_fsdp_in_two_processes_before_the_first_step(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                           "--master_addr", "127.0.0.1", "--master_port", str(free_port()), str(SCRIPT), str(tmp_path)],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(torchrun_two(SCRIPT, tmp_path), cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     refusals = {path.name: path.read_text() for path in tmp_path.glob("refused_*.txt")}
     # each rank refused both ways in (memory_config=, an MPOptCallback), and neither hung

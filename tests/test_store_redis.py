@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import shutil
-import socket
 import subprocess
 import time
 
 import pytest
 
 from concurrency import run_concurrently
+from processes import free_port
 from mpopt_hf.config import MemoryConfig
 from mpopt_hf.store import ProfileKey, RedisStore, StoreCorruptError, open_store
 
@@ -21,17 +21,11 @@ pytestmark = pytest.mark.skipif(
 KEY = ProfileKey(model_signature="Net:abc:10", input_shape=(3, 8, 8), dtype="float32", device="cpu")
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def redis_url(tmp_path_factory):
     import redis
 
-    port, workdir = _free_port(), tmp_path_factory.mktemp("redis")
+    port, workdir = free_port(), tmp_path_factory.mktemp("redis")
     proc = subprocess.Popen(
         [REDIS_SERVER, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(workdir), "--save", "",
          "--appendonly", "no"],
@@ -92,7 +86,7 @@ def test_unreachable_server_says_how_to_fix():
     from mpopt_hf.store import StoreError
 
     with pytest.raises(StoreError, match="redis-server"):
-        RedisStore(f"redis://127.0.0.1:{_free_port()}/0")
+        RedisStore(f"redis://127.0.0.1:{free_port()}/0")
 
 
 def test_other_ranks_read_and_skip_writes(redis_url, monkeypatch):
