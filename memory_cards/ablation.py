@@ -25,6 +25,7 @@ from .card import Column, TableSpec, build_card, environment_lines, mib, peak_ev
 from .space import PeakPredictor
 
 CHAIN = ("micro-batching", "bf16", "checkpointing", "freezing")  # the cumulative order
+SELECTIVE = "selective checkpointing"  # alone only: the policy that keeps matmul outputs
 QUICK_MODELS = ("resnet50", "vit")
 
 
@@ -65,8 +66,10 @@ def config_with(knobs: tuple[str, ...], n_blocks: int, settings: AblationSetting
     precision = next((p for p in ("bf16", "fp16") if p in knobs), "fp32")
     rate = settings.freeze_rate if "freezing" in knobs else 0.0
     trainable = n_blocks - n_frozen_blocks(rate, n_blocks)
+    checkpointing = "checkpointing" in knobs or SELECTIVE in knobs
     return MemoryConfig(settings.micro_batch_size if "micro-batching" in knobs else settings.batch_size, rate,
-                        trainable if "checkpointing" in knobs else 0, precision)
+                        trainable if checkpointing else 0, precision,
+                        checkpoint_policy="selective" if SELECTIVE in knobs else "block")
 
 
 def ablation_rows(n_blocks: int, settings: AblationSettings, device_type: str = "cpu") -> list[AblationRow]:
@@ -75,7 +78,7 @@ def ablation_rows(n_blocks: int, settings: AblationSettings, device_type: str = 
     for i, knob in enumerate(CHAIN):
         label = "+ freezing = all together" if i == len(CHAIN) - 1 else f"+ {knob}"
         rows.append(AblationRow(label, "cumulative", CHAIN[:i + 1], config_with(CHAIN[:i + 1], n_blocks, settings)))
-    alone = [k for k in CHAIN[1:]] + (["fp16"] if device_type == "cuda" else [])
+    alone = [*CHAIN[1:3], SELECTIVE, *CHAIN[3:]] + (["fp16"] if device_type == "cuda" else [])
     rows += [AblationRow(f"{k} alone", "alone", (k,), config_with((k,), n_blocks, settings)) for k in alone]
     if device_type == "cuda":
         knobs = tuple("fp16" if k == "bf16" else k for k in CHAIN)
@@ -133,7 +136,7 @@ SPEC = TableSpec(columns=(
 ), key=("model", "row"))
 
 TAGS = ("mpopt_hf", "memory-budget", "benchmark", "gradient-accumulation", "mixed-precision",
-        "activation-checkpointing", "layer-freezing")
+        "activation-checkpointing", "selective-activation-checkpointing", "layer-freezing")
 
 
 def _setup_table(results: dict[str, Any]) -> str:
@@ -146,6 +149,8 @@ def _setup_table(results: dict[str, Any]) -> str:
         ("micro-batching", f"{micro} samples per micro-batch, gradients accumulated (the same gradient)"),
         ("bf16 / fp16", "autocast; fp16 with a loss scaler, on CUDA only"),
         ("checkpointing", "every trainable block (non-reentrant; HF's own where the model has it)"),
+        ("selective checkpointing", "every trainable block, keeping its matmul, convolution and attention outputs "
+                                    "(`checkpoint_policy='selective'`, PyTorch's selective checkpoint contexts)"),
         ("freezing", f"freeze rate {s['freeze_rate']:g}: the stem and the first round(rate x blocks) blocks"),
         ("optimizer", "AdamW (two fp32 state tensors per trainable parameter)"),
         ("steps", f"{max(1, s['warmup'])} warm-up + {s['steps']} timed (median) + 1 tracked step per configuration"),

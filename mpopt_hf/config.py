@@ -14,6 +14,10 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 PRECISIONS = ("fp32", "bf16", "fp16")
+# How a checkpointed block saves for backward: "block" keeps only its input and recomputes everything;
+# "selective" also keeps the outputs of its matmuls, convolutions and attention (the costly ops) and
+# recomputes the cheap rest, so it sits between no checkpointing and whole-block checkpointing.
+CHECKPOINT_POLICIES = ("block", "selective")
 
 
 from .validation import (  # noqa: F401  (re-exported: the recipes and the CLI import the checks from here)
@@ -79,6 +83,14 @@ class MemoryConfig:
                   "None: the loader's batch."},
     )
 
+    checkpoint_policy: str = field(
+        default="block",
+        metadata={"help": f"How the checkpointed blocks recompute, one of {CHECKPOINT_POLICIES}: 'block' keeps only "
+                  "each block's input; 'selective' also keeps its matmul, convolution and attention outputs and "
+                  "recomputes the rest (more memory than 'block', less recomputation). Only matters with "
+                  "checkpoint_segments > 0."},
+    )
+
     def __post_init__(self) -> None:
         # type errors raise InvalidTypeError (a TypeError and a ValueError), range errors ValueError
         set_ = object.__setattr__  # frozen: normalise through object.__setattr__ (numpy ints -> int, ints -> float)
@@ -91,6 +103,7 @@ class MemoryConfig:
         check_choice("MemoryConfig.precision", self.precision, PRECISIONS)
         set_(self, "batch_size", check_int("MemoryConfig.batch_size", self.batch_size, lambda v: v >= 1,
                                            "an int >= 1 or None", optional=True))
+        check_choice("MemoryConfig.checkpoint_policy", self.checkpoint_policy, CHECKPOINT_POLICIES)
 
     def replace(self, **changes: Any) -> "MemoryConfig":
         """A copy with some fields changed (validated again)."""
@@ -119,8 +132,14 @@ class MemoryConfig:
 
     def short(self) -> str:
         """A compact label for tables and logs, e.g. ``mb8/f0.50/ckpt2/bf16``."""
-        text = f"mb{self.micro_batch_size}/f{self.freeze_rate:.2f}/ckpt{self.checkpoint_segments}/{self.precision}"
+        policy = "s" if self.checkpoint_policy == "selective" else ""
+        text = f"mb{self.micro_batch_size}/f{self.freeze_rate:.2f}/ckpt{self.checkpoint_segments}{policy}/{self.precision}"
         return text if self.batch_size is None else f"bs{self.batch_size}/{text}"
+
+    @property
+    def selective(self) -> bool:
+        """True when some block is checkpointed selectively (the policy is moot without checkpointing)."""
+        return self.checkpoint_policy == "selective" and self.checkpoint_segments > 0
 
     @property
     def step_micro_batch(self) -> int:
@@ -145,6 +164,8 @@ class MemoryConfig:
         prefixes = (("mb", "micro_batch_size", int), ("ckpt", "checkpoint_segments", int), ("bs", "batch_size", int),
                     ("f", "freeze_rate", float))
         for part in filter(None, text.strip().split("/")):
+            if part.startswith("ckpt") and part.endswith("s") and "checkpoint_policy" not in values:
+                values["checkpoint_policy"], part = "selective", part[:-1]  # 'ckpt2s': two blocks, selectively
             if part in PRECISIONS:
                 if "precision" in values:
                     raise ValueError(
@@ -161,8 +182,8 @@ class MemoryConfig:
             except ValueError:
                 raise ValueError(
                     f"Cannot read {part!r} in the memory configuration {text!r}: expected parts like 'mb8/f0.5/ckpt2/bf16' "
-                    f"(micro-batch, freeze rate, checkpoint segments, one of {list(PRECISIONS)}; optionally 'bs16', the "
-                    "batch per update), 'mb' required."
+                    f"(micro-batch, freeze rate, checkpoint segments with an 's' for selective, one of "
+                    f"{list(PRECISIONS)}; optionally 'bs16', the batch per update), 'mb' required."
                 ) from None
         if "micro_batch_size" not in values:
             raise ValueError(f"The memory configuration {text!r} has no micro-batch size: start it with e.g. 'mb8'.")
@@ -230,6 +251,12 @@ class MPOptArguments:
     checkpoint_segments: list[int] | None = field(
         default=None,
         metadata={"help": "Checkpoint segment counts to consider (0 = off). None: 0, half and all trainable blocks."},
+    )
+    checkpoint_policies: list[str] = field(
+        default_factory=lambda: ["block"],
+        metadata={"help": f"How checkpointed blocks recompute, values from {list(CHECKPOINT_POLICIES)}; listing "
+                  "'selective' adds, for every segment count > 0, the configuration that keeps the blocks' matmul "
+                  "outputs (between no checkpointing and 'block' in memory and in time). Default: 'block' only."},
     )
     precisions: list[str] | None = field(
         default=None,
@@ -363,6 +390,10 @@ class MPOptArguments:
                                        lambda v: is_number(v) and 0.0 <= v <= 1.0, "numbers in [0, 1]", optional=True)
         self.checkpoint_segments = check_list(where + "checkpoint_segments", self.checkpoint_segments,
                                               lambda v: is_int(v) and v >= 0, "ints >= 0", optional=True)
+        self.checkpoint_policies = check_list(where + "checkpoint_policies", self.checkpoint_policies,
+                                              lambda v: isinstance(v, str) and v in CHECKPOINT_POLICIES,
+                                              f"values from {list(CHECKPOINT_POLICIES)}")
+        self.checkpoint_policies = list(dict.fromkeys(self.checkpoint_policies))
         self.precisions = check_list(where + "precisions", self.precisions,
                                      lambda v: isinstance(v, str) and v in PRECISIONS,
                                      f"values from {list(PRECISIONS)}", optional=True)

@@ -62,6 +62,7 @@ def search_space(a: MPOptArguments, args, n_blocks: int, effective: int, plain: 
         precisions,
         n_blocks,
         batch_sizes=[None] if plain else update_batches(a, args, effective),
+        checkpoint_policies=a.checkpoint_policies,
     )
     if not configs:
         raise ValueError(

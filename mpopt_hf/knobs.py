@@ -20,6 +20,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .blocks import ModelBlocks, find_blocks, unwrap_model
 from .config import MemoryConfig
+from .selective_checkpoint import entered, selective_contexts
 
 _STATE_ATTR = "_mpopt_knob_state"
 
@@ -31,6 +32,7 @@ class KnobPlan:
     n_blocks: int
     n_frozen: int
     checkpointed: tuple[int, ...]
+    selective: bool = False  # the checkpointed blocks keep their matmul outputs (config.checkpoint_policy)
 
     @property
     def n_trainable(self) -> int:
@@ -64,7 +66,7 @@ def plan_knobs(config: MemoryConfig, n_blocks: int) -> KnobPlan:
         )
     segments = config.checkpoint_segments
     checkpointed = tuple(n_frozen + (i * trainable) // segments for i in range(segments)) if segments else ()
-    return KnobPlan(n_blocks=n_blocks, n_frozen=n_frozen, checkpointed=checkpointed)
+    return KnobPlan(n_blocks=n_blocks, n_frozen=n_frozen, checkpointed=checkpointed, selective=config.selective)
 
 
 def check_precision(precision: str, device_type: str) -> None:
@@ -209,16 +211,16 @@ def _apply_checkpointing(model: nn.Module, state: KnobState, plan: KnobPlan) -> 
                 model.activation_checkpointing_disable()
                 state.hf_checkpointing = False
             return
-        _enable_hf_checkpointing(model, state.blocks, chosen)
+        _enable_hf_checkpointing(model, state.blocks, chosen, plan.selective)
         state.hf_checkpointing = True
         return
 
     for block in chosen:
-        _wrap_block(block)
+        _wrap_block(block, plan.selective)
         state.wrapped_blocks.append(block)
 
 
-def _enable_hf_checkpointing(model: nn.Module, blocks: ModelBlocks, chosen: list[nn.Module]) -> None:
+def _enable_hf_checkpointing(model: nn.Module, blocks: ModelBlocks, chosen: list[nn.Module], selective: bool) -> None:
     from transformers.modeling_layers import GradientCheckpointingLayer
 
     layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
@@ -235,14 +237,14 @@ def _enable_hf_checkpointing(model: nn.Module, blocks: ModelBlocks, chosen: list
     # make every frozen block record a graph and keep its activations.
     if getattr(model, "_require_grads_hook", None) is not None:
         model.disable_input_require_grads()
-    for layer in chosen:
-        if _has_batchnorm(layer):
+    for layer in chosen:  # enabling again above reset every layer's function to the library's plain one
+        if selective or _has_batchnorm(layer):
             layer._gradient_checkpointing_func = functools.partial(
-                checkpoint, use_reentrant=False, context_fn=functools.partial(_recompute_context, layer)
+                checkpoint, use_reentrant=False, context_fn=functools.partial(_recompute_context, layer, selective)
             )
 
 
-def _wrap_block(block: nn.Module) -> None:
+def _wrap_block(block: nn.Module, selective: bool) -> None:
     """Checkpoint ``block`` with non-reentrant ``torch.utils.checkpoint`` (for blocks the library cannot reach)."""
     original = type(block).forward.__get__(block)
 
@@ -250,7 +252,8 @@ def _wrap_block(block: nn.Module) -> None:
     def forward(*args: Any, **kwargs: Any) -> Any:
         if block.training and torch.is_grad_enabled():
             return checkpoint(
-                original, *args, use_reentrant=False, context_fn=functools.partial(_recompute_context, block), **kwargs
+                original, *args, use_reentrant=False,
+                context_fn=functools.partial(_recompute_context, block, selective), **kwargs
             )
         return original(*args, **kwargs)
 
@@ -261,9 +264,15 @@ def _has_batchnorm(module: nn.Module) -> bool:
     return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules())
 
 
-def _recompute_context(block: nn.Module) -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
-    """Recomputation must not update BatchNorm running statistics a second time."""
-    return contextlib.nullcontext(), _bn_stats_restored(block)
+def _recompute_context(
+    block: nn.Module, selective: bool = False
+) -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
+    """Recomputation must not update BatchNorm running statistics a second time; a selective block also
+    keeps its costly ops' outputs (`selective_checkpoint`)."""
+    if not selective:
+        return contextlib.nullcontext(), _bn_stats_restored(block)
+    forward, recompute = selective_contexts()
+    return forward, entered(_bn_stats_restored(block), recompute)  # the statistics copies run outside its cache
 
 
 @contextlib.contextmanager

@@ -68,6 +68,8 @@ def test_budget_below_minimum_exits_nonzero_naming_it(capsys, store):
         (["--model", "tiny-vit", "--input-shape", "3,32,32", "--precisions", "fp8"], "accepted: ['fp32', 'bf16'"),
         (["--model", "tiny-vit", "--input-shape", "3,32,32", "--freeze-rates", "0,half"], "--freeze-rates must be"),
         (["--model", "tiny-vit", "--input-shape", "3,32,32", "--freeze-rates", "1.5"], "freeze_rate must be in [0, 1]"),
+        (["--model", "tiny-vit", "--input-shape", "3,32,32", "--checkpoint-policies", "block,sac"],
+         "--checkpoint-policies ['sac'] unknown (in 'block,sac'); accepted: ['block', 'selective']"),
     ],
 )
 def test_bad_input_names_value_and_what_is_accepted(capsys, tmp_path, argv, message):
@@ -114,6 +116,17 @@ def test_checkpoint_segments_within_the_model_still_profile(capsys):
                          "--checkpoint-segments", "4", "--fit-measurements", "0", "--json", "--no-store")
     assert code == 0, err
     assert [r["checkpoint_segments"] for r in json.loads(out)] == [4]
+
+
+def test_selective_checkpointing_is_profiled_when_listed(capsys):
+    code, out, err = run(capsys, "profile", "--model", "tiny-vit", "--input-shape", "3,32,32", "--batch-size", "4",
+                         "--precisions", "fp32", "--micro-batch-sizes", "4", "--freeze-rates", "0",
+                         "--checkpoint-segments", "0,2", "--checkpoint-policies", "block,selective",
+                         "--fit-measurements", "0", "--json", "--no-store")
+    assert code == 0, err
+    rows = {(r["checkpoint_segments"], r["checkpoint_policy"]): r["predicted_peak_mib"] for r in json.loads(out)}
+    assert list(rows) == [(0, "block"), (2, "block"), (2, "selective")]
+    assert rows[(2, "block")] < rows[(2, "selective")] < rows[(0, "block")]
 
 
 # ---------------------------------------------------------------------------- the arguments as a dataclass

@@ -127,7 +127,7 @@ def test_forward_end_rate_per_trainable_body_byte():
     end = Span("fwd", FORWARD_END, {"T": base}, {"T": Affine(-0.5, 0)})
     for key in model.spans:
         model.spans[key] = model.spans[key][:4] + [end] + model.spans[key][4:]
-    assert model.structure.body_bytes(MemoryConfig(2, 0.5)) == {"T": 100 * KIB, "C": 0.0, "F": 200 * KIB}
+    assert model.structure.body_bytes(MemoryConfig(2, 0.5)) == {"T": 100 * KIB, "C": 0.0, "S": 0.0, "F": 200 * KIB}
     full, half = model._dynamic(MemoryConfig(2), 2), model._dynamic(MemoryConfig(2, 0.5), 2)
     assert full[0] > 0 and half[0] > 0  # the frees only lower the backward part; peaks stay defined
 

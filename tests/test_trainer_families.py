@@ -18,7 +18,8 @@ from mpopt_hf.coupling_check import CoupledLossError
 from trainer_utils import ListDataset, run_steps, training_args
 
 BATCH = 8
-CONFIGS = [MemoryConfig(2, checkpoint_segments=2), MemoryConfig(3, checkpoint_segments=2)]  # 4 x 2 and 3/3/2
+CONFIGS = [MemoryConfig(2, checkpoint_segments=2), MemoryConfig(3, checkpoint_segments=2),  # 4 x 2 and 3/3/2
+           MemoryConfig(3, checkpoint_segments=2, checkpoint_policy="selective")]
 CASES = [(name, False) for name in FAMILIES] + [(name, True) for name, spec in FAMILIES.items() if spec.paddable]
 
 

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..config import PRECISIONS, InvalidTypeError, check_bool, check_int, check_number, check_str
+from ..config import CHECKPOINT_POLICIES, PRECISIONS, InvalidTypeError, check_bool, check_int, check_number, check_str
 
 EXIT_BAD_INPUT = 2
 EXIT_BUDGET_TOO_SMALL = 3
@@ -170,6 +170,8 @@ class ProfileArguments:
         "list in [0, 1] (default: 0,0.25,0.5,0.75,1)", "LIST"))
     checkpoint_segments: list[int] | None = field(default=None, metadata=_help(
         "list (default: 0,1,2,4; at most the model's blocks)", "LIST"))
+    checkpoint_policies: list[str] | None = field(default=None, metadata=_help(
+        "list of block,selective: how checkpointed blocks recompute (default: block)", "LIST"))
 
     def __post_init__(self) -> None:
         # Type errors raise InvalidTypeError (a TypeError and a ValueError), the others ValueError; each message names
@@ -188,6 +190,13 @@ class ProfileArguments:
         if self.checkpoint_segments is not None:
             self.checkpoint_segments = read_list("--checkpoint-segments", self.checkpoint_segments, int,
                                                  "non-negative integers", "0,1,2,4", lambda v: v >= 0)[0]
+        if self.checkpoint_policies is not None:
+            self.checkpoint_policies, text = read_list("--checkpoint-policies", self.checkpoint_policies, str,
+                                                       f"values from {list(CHECKPOINT_POLICIES)}", "block,selective")
+            bad = [p for p in self.checkpoint_policies if p not in CHECKPOINT_POLICIES]
+            if bad:
+                raise ValueError(f"--checkpoint-policies {bad} unknown (in {text!r}); accepted: "
+                                 f"{list(CHECKPOINT_POLICIES)}.")
 
     @property
     def device_type(self) -> str:
@@ -228,5 +237,6 @@ class ProfileArguments:
 # each flag's argparse type: scalars read and checked by `Accepts`; list items kept as words for __post_init__
 FLAG_TYPES: dict[str, Callable[[str], Any]] = {
     **{name: accepts.flag_type(flag(name)) for name, accepts in SCALARS.items()},
-    **{name: str for name in ("input_shape", "precisions", "micro_batch_sizes", "freeze_rates", "checkpoint_segments")},
+    **{name: str for name in ("input_shape", "precisions", "micro_batch_sizes", "freeze_rates", "checkpoint_segments",
+                                     "checkpoint_policies")},
 }

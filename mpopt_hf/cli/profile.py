@@ -66,7 +66,8 @@ def knob_space(args: ProfileArguments, n_blocks: int, model_name: str = "the mod
                              f"rate), got {segments}.")
     else:
         segments = DEFAULT_CHECKPOINT_SEGMENTS
-    space = config_space(args.batch_size, n_blocks, precisions, args.micro_batch_sizes, freeze, segments)
+    space = config_space(args.batch_size, n_blocks, precisions, args.micro_batch_sizes, freeze, segments,
+                         args.checkpoint_policies or ("block",))
     if not space:
         trainable = sorted({n_blocks - n_frozen_blocks(r, n_blocks) for r in freeze})
         raise UsageError(f"No configuration is valid for {model_name} ({n_blocks} blocks): --checkpoint-segments "

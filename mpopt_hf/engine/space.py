@@ -14,13 +14,16 @@ def enumerate_configs(
     precisions: Iterable[str],
     n_blocks: int,
     batch_sizes: Iterable[int | None] = (None,),
+    checkpoint_policies: Iterable[str] = ("block",),
 ) -> list[MemoryConfig]:
     """Every combination that is valid for a model with ``n_blocks`` blocks (segments <= trainable blocks).
 
     ``batch_sizes``: the batches per update (None: the loader's); under a batch ``b`` a micro-batch above ``b``
-    would run as ``b``, so it is listed as ``b``, once."""
+    would run as ``b``, so it is listed as ``b``, once. ``checkpoint_policies`` apply to segment counts above 0
+    (without checkpointing the policy is moot: that configuration is listed once, as 'block')."""
     from ..knobs import n_frozen_blocks  # pure arithmetic; knobs imports torch only for its own functions
 
+    policies = list(dict.fromkeys(checkpoint_policies))
     configs = []
     for batch in batch_sizes:
         micro = sorted({m if batch is None else min(m, batch) for m in micro_batch_sizes}, reverse=True)
@@ -30,9 +33,11 @@ def enumerate_configs(
                 for segments in sorted(set(checkpoint_segments)):
                     if segments > trainable:
                         continue
-                    for mb in micro:
-                        configs.append(MemoryConfig(mb, freeze_rate=rate, checkpoint_segments=segments,
-                                                    precision=precision, batch_size=batch))
+                    for policy in policies if segments else ["block"]:
+                        for mb in micro:
+                            configs.append(MemoryConfig(mb, freeze_rate=rate, checkpoint_segments=segments,
+                                                        precision=precision, batch_size=batch,
+                                                        checkpoint_policy=policy))
     return configs
 
 

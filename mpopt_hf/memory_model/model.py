@@ -69,7 +69,18 @@ class MemoryModel:
                 "re-fit it with that precision in the space."
             )
         context = self.context(config, self.structure.n_blocks)
-        return self.spans.get(f"{config.precision}/{context}") or self.spans[f"{config.precision}/plain"]
+        spans = self.spans.get(f"{config.precision}/{context}") or self.spans[f"{config.precision}/plain"]
+        if config.selective and context == "ckpt" and not any("S" in span.costs for span in spans):
+            raise ValueError(
+                f"The memory model was traced without selective checkpointing, which {config.short()} uses; "
+                "re-fit it with checkpoint_policy='selective' in the space."
+            )
+        return spans
+
+    @property
+    def selective(self) -> bool:
+        """True when selectively checkpointed blocks were traced (status "S")."""
+        return any("S" in span.costs for spans in self.spans.values() for span in spans)
 
     @property
     def precisions(self) -> tuple[str, ...]:

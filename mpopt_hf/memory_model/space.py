@@ -37,8 +37,10 @@ def config_space(
     micro_batch_sizes: Sequence[int] | None = None,
     freeze_rates: Sequence[float] = (0.0, 0.25, 0.5, 0.75, 1.0),
     checkpoint_segments: Sequence[int] = (0, 1, 2, 4),
+    checkpoint_policies: Sequence[str] = ("block",),
 ) -> list[MemoryConfig]:
-    """Every valid configuration of the knob grid (segments above the trainable block count are skipped)."""
+    """Every valid configuration of the knob grid (segments above the trainable block count are skipped;
+    the policies apply to segment counts above 0)."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
     sizes = sorted(set(micro_batch_sizes or _powers_of_two_upto(batch_size)))
@@ -49,13 +51,14 @@ def config_space(
     for precision in precisions:
         for rate in freeze_rates:
             for segments in checkpoint_segments:
-                for size in sizes:
-                    cfg = MemoryConfig(size, rate, segments, precision)
-                    try:
-                        plan_knobs(cfg, n_blocks)
-                    except ValueError:
-                        continue
-                    space.append(cfg)
+                for policy in checkpoint_policies if segments else ["block"]:
+                    for size in sizes:
+                        cfg = MemoryConfig(size, rate, segments, precision, checkpoint_policy=policy)
+                        try:
+                            plan_knobs(cfg, n_blocks)
+                        except ValueError:
+                            continue
+                        space.append(cfg)
     return list(dict.fromkeys(space))
 
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from ..config import MemoryConfig
 from ..knobs import plan_knobs
 
-STATUSES = ("T", "C", "F")  # trainable, checkpointed, frozen
+STATUSES = ("T", "C", "S", "F")  # trainable, checkpointed (whole block), checkpointed selectively, frozen
 
 
 @dataclass(frozen=True)
@@ -82,13 +82,13 @@ class ModelStructure:
     def statuses(self, config: MemoryConfig) -> list[str]:
         """Status per unit, then the forward glue's (frozen with the stem) as the last element."""
         plan = plan_knobs(config, self.n_blocks)
-        ckpt = set(plan.checkpointed)
+        ckpt, checkpointed = set(plan.checkpointed), "S" if plan.selective else "C"
         out = []
         for kind, block in zip(self.unit_kinds, self.unit_blocks):
             if kind == "stem":
                 out.append("F" if plan.n_frozen else "T")
             elif kind == "block":
-                out.append("F" if block < plan.n_frozen else "C" if block in ckpt else "T")
+                out.append("F" if block < plan.n_frozen else checkpointed if block in ckpt else "T")
             else:
                 out.append("T")
         return out + ["F" if plan.n_frozen else "T"]
@@ -96,7 +96,7 @@ class ModelStructure:
 
 def body_bytes_of(statuses: Sequence[str], kinds: Sequence[str], block_of: Sequence[int], stem: ParamGroup,
                   blocks: Sequence[ParamGroup]) -> dict[str, float]:
-    out = {"T": 0.0, "C": 0.0, "F": 0.0}
+    out = dict.fromkeys(STATUSES, 0.0)
     stem_status = next((st for st, kind in zip(statuses, kinds) if kind == "stem"), statuses[-1])
     out[stem_status] += stem.grad_bytes
     for st, kind, block in zip(statuses, kinds, block_of):

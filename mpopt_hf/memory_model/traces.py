@@ -148,9 +148,10 @@ def combine_traces(
 def _forward_end(key: tuple[str, int, int], seen: list[tuple[RawSpan, RawSpan, dict[str, float]]],
                  sizes: tuple[float, float]) -> Span:
     """Base from the trace with the least trainable body, a rate per trainable/checkpointed body byte."""
-    base_small, base_large, base_body = min(seen, key=lambda e: e[2].get("T", 0) + e[2].get("C", 0))
+    trained = ("T", "C", "S")  # the statuses whose body parameters get gradients
+    base_small, base_large, base_body = min(seen, key=lambda e: sum(e[2].get(st, 0) for st in trained))
     base = span_cost(base_small, base_large, *sizes)
-    statuses = [st for st in ("T", "C") if any(body.get(st, 0) > 0 for *_, body in seen)]
+    statuses = [st for st in trained if any(body.get(st, 0) > 0 for *_, body in seen)]
     rows = [[body.get(st, 0.0) - base_body.get(st, 0.0) for st in statuses] for *_, body in seen]
     at_small = _solve_signed(rows, [small.change - base_small.change for small, _, _ in seen]) if statuses else []
     at_large = _solve_signed(rows, [large.change - base_large.change for _, large, _ in seen]) if statuses else []

@@ -109,6 +109,7 @@ def fit_profile(
         raise ValueError(f"n_measure must be in 0..3 (the fit uses at most 3 measurements), got {n_measure}.")
     key = profile_key(model, batch, optimizer)
     precisions = sorted({c.precision for c in space}, key=PRECISIONS.index)
+    selective = any(c.selective for c in space)
     if store is not None:
         stored = store.load_fit(key)
         if stored is not None:
@@ -117,13 +118,13 @@ def fit_profile(
             except (KeyError, TypeError, ValueError) as err:
                 warnings.warn(f"Ignoring the stored fit in {store.location} ({err}); fitting afresh.", stacklevel=2)
             else:
-                if set(precisions) <= set(memory_model.precisions):
+                if set(precisions) <= set(memory_model.precisions) and memory_model.selective >= selective:
                     # the structure is cheap and exact: take it from the live model (optimizer state may have grown)
                     memory_model.structure = model_structure(model, batch, optimizer,
                                                              never_grad=memory_model.structure.never_grad)
                     measured = [Measurement.from_dict(m.data) for m in store.measurements(key)]
                     return Profile(key, memory_model, measured, reused=True)
-    memory_model = build_memory_model(model, batch, optimizer, precisions)
+    memory_model = build_memory_model(model, batch, optimizer, precisions, selective=selective)
     batch_size = batch_size_of(batch)
     limit = spill_dir = None
     if budget_bytes is not None:

@@ -38,12 +38,14 @@ def build_memory_model(
     optimizer: torch.optim.Optimizer,
     precisions: Iterable[str] = ("fp32", "bf16"),
     sizes: tuple[int, int] = (2, 4),
+    selective: bool = False,
 ) -> MemoryModel:
     """Trace the model on fake tensors and derive the exact terms; uncalibrated.
 
     Per precision, at two micro-batch sizes: every block trainable (T) and all frozen (F); then,
     in the checkpointing context (HF models change globally once any layer checkpoints), every
-    block checkpointed (C) and, when the context changes anything, T and F again.
+    block checkpointed (C), with ``selective`` every block checkpointed selectively (S), and, when
+    the context changes anything, T and F again.
     """
     blocks = find_blocks(model)
     setup = fake_setup(model, optimizer, batch)
@@ -54,11 +56,12 @@ def build_memory_model(
     structure: ModelStructure | None = None  # after the first all-trainable trace: it finds `setup.never_grad`
 
     def trace(precision: str, rate: float, segments: int, plain: Iterable[nn.Module] = (),
-              only: Sequence[int] = sizes) -> list[list]:
+              only: Sequence[int] = sizes, policy: str = "block") -> list[list]:
         out = []
         for size in only:
             setup.batch = batches[size]
-            out.append(split_spans(trace_step(setup, MemoryConfig(size, rate, segments, precision), units, plain)))
+            config = MemoryConfig(size, rate, segments, precision, checkpoint_policy=policy)
+            out.append(split_spans(trace_step(setup, config, units, plain)))
         return out
 
     spans: dict[str, list[Span]] = {}
@@ -83,6 +86,8 @@ def build_memory_model(
             [(*t, *mode("T", all_t)), (*f, *mode("F", all_f))], sizes)
         spans[f"{precision}/frozen"] = combine_traces([(*f, *mode("F", all_f))], sizes)
         ckpt_traces = [(*c, *mode("T", all_c))]
+        if selective:
+            ckpt_traces.append((*trace(precision, 0.0, n, policy="selective"), *mode("T", ["S"] * n)))
         # T and F inside the checkpointing context: all blocks flagged, then the flags cleared
         t_ctx = trace(precision, 0.0, n, flagged, only=sizes[:1]) if flagged else [t[0]]
         if t_ctx[0] != t[0]:
