@@ -2,7 +2,8 @@
 
 Per model, on one effective batch: the baseline (whole batch, no knob), then cumulatively + micro-batching
 (gradient accumulation over batch/4), + bf16 autocast, + checkpointing (every trainable block), + freezing (half the
-blocks) = all together; then each knob alone (micro-batching alone is the "+ micro-batching" row). On CUDA also fp16
+blocks) = all together; then each knob alone (micro-batching alone is the "+ micro-batching" row), with selective
+checkpointing and 8-bit optimizer state, and all together with 8-bit optimizer state. On CUDA also fp16
 (with a loss scaler) alone and all together with fp16. Each configuration's peak is measured
 (`mpopt_hf.profiler.measure`) beside the fake-tensor memory model's prediction; step times are given as ratios to
 the baseline, measured side by side.
@@ -18,6 +19,7 @@ import torch
 from mpopt_hf import MemoryConfig
 from mpopt_hf.blocks import find_blocks
 from mpopt_hf.knobs import n_frozen_blocks
+from mpopt_hf.optimizer_state import switchable_adamw
 
 from . import measuring
 from .architectures import build_named
@@ -26,6 +28,7 @@ from .space import PeakPredictor
 
 CHAIN = ("micro-batching", "bf16", "checkpointing", "freezing")  # the cumulative order
 SELECTIVE = "selective checkpointing"  # alone only: the policy that keeps matmul outputs
+LOW_BIT = "8-bit optimizer state"  # alone, and added to all together: bitsandbytes' blockwise AdamW moments
 QUICK_MODELS = ("resnet50", "vit")
 
 
@@ -69,7 +72,8 @@ def config_with(knobs: tuple[str, ...], n_blocks: int, settings: AblationSetting
     checkpointing = "checkpointing" in knobs or SELECTIVE in knobs
     return MemoryConfig(settings.micro_batch_size if "micro-batching" in knobs else settings.batch_size, rate,
                         trainable if checkpointing else 0, precision,
-                        checkpoint_policy="selective" if SELECTIVE in knobs else "block")
+                        checkpoint_policy="selective" if SELECTIVE in knobs else "block",
+                        optimizer_state="8bit" if LOW_BIT in knobs else "fp32")
 
 
 def ablation_rows(n_blocks: int, settings: AblationSettings, device_type: str = "cpu") -> list[AblationRow]:
@@ -78,8 +82,10 @@ def ablation_rows(n_blocks: int, settings: AblationSettings, device_type: str = 
     for i, knob in enumerate(CHAIN):
         label = "+ freezing = all together" if i == len(CHAIN) - 1 else f"+ {knob}"
         rows.append(AblationRow(label, "cumulative", CHAIN[:i + 1], config_with(CHAIN[:i + 1], n_blocks, settings)))
-    alone = [*CHAIN[1:3], SELECTIVE, *CHAIN[3:]] + (["fp16"] if device_type == "cuda" else [])
+    alone = [*CHAIN[1:3], SELECTIVE, *CHAIN[3:], LOW_BIT] + (["fp16"] if device_type == "cuda" else [])
     rows += [AblationRow(f"{k} alone", "alone", (k,), config_with((k,), n_blocks, settings)) for k in alone]
+    rows.append(AblationRow(f"all together + {LOW_BIT}", "cumulative", (*CHAIN, LOW_BIT),
+                            config_with((*CHAIN, LOW_BIT), n_blocks, settings)))
     if device_type == "cuda":
         knobs = tuple("fp16" if k == "bf16" else k for k in CHAIN)
         rows.append(AblationRow("all together, fp16", "cumulative", knobs, config_with(knobs, n_blocks, settings)))
@@ -91,18 +97,22 @@ def run_model(name: str, settings: AblationSettings, where: torch.device) -> dic
     model, make_batch, what = build_named(name, tiny=settings.tiny)
     model, batch = measuring.to_device(model, make_batch(settings.batch_size), where)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    # the 8-bit rows run bitsandbytes' AdamW (measure converts its moments); the others torch's, as a user's would
+    low_bit = switchable_adamw(torch.optim.AdamW(model.parameters(), lr=1e-4))
     n_blocks = find_blocks(model).n_blocks
     rows = ablation_rows(n_blocks, settings, where.type)
-    predictor = PeakPredictor(model, batch, optimizer)  # exact fake steps only: no trace needed for a few rows
+    predictors = {False: PeakPredictor(model, batch, optimizer), True: PeakPredictor(model, batch, low_bit)}
     cache: dict[MemoryConfig, dict[str, Any]] = {}
     out = []
     for row in rows:
+        eight = row.config.optimizer_state == "8bit"
         if row.config not in cache:
-            cache[row.config] = measuring.measured(model, batch, row.config, optimizer, settings.steps, settings.warmup)
+            cache[row.config] = measuring.measured(model, batch, row.config, low_bit if eight else optimizer,
+                                                   settings.steps, settings.warmup)
             print(f"  {row.label} ({row.config.short()}): {cache[row.config]['peak_mib']:.1f} MiB, "
                   f"{cache[row.config]['step_s']:.3g} s a step", flush=True)
         out.append({"row": row.label, "kind": row.kind, "knobs": list(row.knobs), "config": row.config.to_dict(),
-                    "predicted_mib": predictor.exact_mib(row.config), **cache[row.config]})
+                    "predicted_mib": predictors[eight].exact_mib(row.config), **cache[row.config]})
     base = out[0]
     for r in out:
         r["x_memory"] = r["peak_mib"] / base["peak_mib"]
@@ -152,7 +162,9 @@ def _setup_table(results: dict[str, Any]) -> str:
         ("selective checkpointing", "every trainable block, keeping its matmul, convolution and attention outputs "
                                     "(`checkpoint_policy='selective'`, PyTorch's selective checkpoint contexts)"),
         ("freezing", f"freeze rate {s['freeze_rate']:g}: the stem and the first round(rate x blocks) blocks"),
-        ("optimizer", "AdamW (two fp32 state tensors per trainable parameter)"),
+        ("8-bit optimizer state", "bitsandbytes' AdamW with blockwise 8-bit moments (tensors of 4096 elements or "
+                                  "more; smaller ones stay 32-bit), created at the warm-up step"),
+        ("optimizer", "torch's AdamW (two fp32 state tensors per trainable parameter); bitsandbytes' on 8-bit rows"),
         ("steps", f"{max(1, s['warmup'])} warm-up + {s['steps']} timed (median) + 1 tracked step per configuration"),
         ("device, backend", f"`{env.get('device')}`: " + ("CUDA caching allocator's peak (max_memory_allocated)"
                             if env.get("gpu") else "the larger of the profiler's allocation-event peak and "

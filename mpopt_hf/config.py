@@ -18,6 +18,8 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 # "selective" also keeps the outputs of its matmuls, convolutions and attention (the costly ops) and
 # recomputes the cheap rest, so it sits between no checkpointing and whole-block checkpointing.
 CHECKPOINT_POLICIES = ("block", "selective")
+# How AdamW holds its two moments: 32-bit floats, or bitsandbytes' blockwise 8 bits (`optimizer_state`).
+OPTIMIZER_STATES = ("fp32", "8bit")
 
 
 from .validation import (  # noqa: F401  (re-exported: the recipes and the CLI import the checks from here)
@@ -90,6 +92,13 @@ class MemoryConfig:
                   "recomputes the rest (more memory than 'block', less recomputation). Only matters with "
                   "checkpoint_segments > 0."},
     )
+    optimizer_state: str = field(
+        default="fp32",
+        metadata={"help": f"How AdamW keeps its moments, one of {OPTIMIZER_STATES}: '8bit' holds them in "
+                  "bitsandbytes' blockwise 8 bits (about 2 instead of 8 bytes per trained parameter; tensors under "
+                  "4096 elements stay 32-bit), converted in place when switched, so the moments are kept. Needs "
+                  "bitsandbytes and torch's AdamW. Label part: 'opt8'."},
+    )
 
     def __post_init__(self) -> None:
         # type errors raise InvalidTypeError (a TypeError and a ValueError), range errors ValueError
@@ -104,6 +113,7 @@ class MemoryConfig:
         set_(self, "batch_size", check_int("MemoryConfig.batch_size", self.batch_size, lambda v: v >= 1,
                                            "an int >= 1 or None", optional=True))
         check_choice("MemoryConfig.checkpoint_policy", self.checkpoint_policy, CHECKPOINT_POLICIES)
+        check_choice("MemoryConfig.optimizer_state", self.optimizer_state, OPTIMIZER_STATES)
 
     def replace(self, **changes: Any) -> "MemoryConfig":
         """A copy with some fields changed (validated again)."""
@@ -134,6 +144,7 @@ class MemoryConfig:
         """A compact label for tables and logs, e.g. ``mb8/f0.50/ckpt2/bf16``."""
         policy = "s" if self.checkpoint_policy == "selective" else ""
         text = f"mb{self.micro_batch_size}/f{self.freeze_rate:.2f}/ckpt{self.checkpoint_segments}{policy}/{self.precision}"
+        text += "/opt8" if self.optimizer_state == "8bit" else ""
         return text if self.batch_size is None else f"bs{self.batch_size}/{text}"
 
     @property
@@ -166,6 +177,9 @@ class MemoryConfig:
         for part in filter(None, text.strip().split("/")):
             if part.startswith("ckpt") and part.endswith("s") and "checkpoint_policy" not in values:
                 values["checkpoint_policy"], part = "selective", part[:-1]  # 'ckpt2s': two blocks, selectively
+            if part in ("opt8", "opt32") and "optimizer_state" not in values:
+                values["optimizer_state"] = "8bit" if part == "opt8" else "fp32"
+                continue
             if part in PRECISIONS:
                 if "precision" in values:
                     raise ValueError(
@@ -183,7 +197,8 @@ class MemoryConfig:
                 raise ValueError(
                     f"Cannot read {part!r} in the memory configuration {text!r}: expected parts like 'mb8/f0.5/ckpt2/bf16' "
                     f"(micro-batch, freeze rate, checkpoint segments with an 's' for selective, one of "
-                    f"{list(PRECISIONS)}; optionally 'bs16', the batch per update), 'mb' required."
+                    f"{list(PRECISIONS)}; optionally 'bs16', the batch per update, and 'opt8', 8-bit optimizer "
+                    "state), 'mb' required."
                 ) from None
         if "micro_batch_size" not in values:
             raise ValueError(f"The memory configuration {text!r} has no micro-batch size: start it with e.g. 'mb8'.")
@@ -257,6 +272,12 @@ class MPOptArguments:
         metadata={"help": f"How checkpointed blocks recompute, values from {list(CHECKPOINT_POLICIES)}; listing "
                   "'selective' adds, for every segment count > 0, the configuration that keeps the blocks' matmul "
                   "outputs (between no checkpointing and 'block' in memory and in time). Default: 'block' only."},
+    )
+    optimizer_states: list[str] = field(
+        default_factory=lambda: ["fp32"],
+        metadata={"help": f"Optimizer states to consider, values from {list(OPTIMIZER_STATES)}; listing '8bit' "
+                  "makes the trainer build bitsandbytes' AdamW (in 32 bits until a configuration asks for 8) and "
+                  "adds every configuration with 8-bit moments. Default: 'fp32' only."},
     )
     precisions: list[str] | None = field(
         default=None,
@@ -394,6 +415,9 @@ class MPOptArguments:
                                               lambda v: isinstance(v, str) and v in CHECKPOINT_POLICIES,
                                               f"values from {list(CHECKPOINT_POLICIES)}")
         self.checkpoint_policies = list(dict.fromkeys(self.checkpoint_policies))
+        self.optimizer_states = list(dict.fromkeys(check_list(
+            where + "optimizer_states", self.optimizer_states, lambda v: isinstance(v, str) and v in OPTIMIZER_STATES,
+            f"values from {list(OPTIMIZER_STATES)}")))
         self.precisions = check_list(where + "precisions", self.precisions,
                                      lambda v: isinstance(v, str) and v in PRECISIONS,
                                      f"values from {list(PRECISIONS)}", optional=True)

@@ -50,6 +50,10 @@ def default_precisions(args) -> list[str]:
 
 def search_space(a: MPOptArguments, args, n_blocks: int, effective: int, plain: bool) -> list[MemoryConfig]:
     """The configurations to choose from; ``plain``: a plain Trainer, whose micro-batch and precision are fixed."""
+    if plain and a.optimizer_states != ["fp32"]:
+        raise ValueError(
+            f"MPOptArguments.optimizer_states={a.optimizer_states} needs MPOptTrainer, which builds the optimizer for "
+            "8-bit state; with a plain Trainer keep optimizer_states=['fp32'].")
     if plain:
         micro, precisions = [effective], ["fp16" if args.fp16 else ("bf16" if args.bf16 else "fp32")]
     else:
@@ -63,6 +67,7 @@ def search_space(a: MPOptArguments, args, n_blocks: int, effective: int, plain: 
         n_blocks,
         batch_sizes=[None] if plain else update_batches(a, args, effective),
         checkpoint_policies=a.checkpoint_policies,
+        optimizer_states=a.optimizer_states,
     )
     if not configs:
         raise ValueError(

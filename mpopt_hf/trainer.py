@@ -31,6 +31,7 @@ from .grad_cache import RngState, device_anchors, grad_cache_backward
 from .knobs import apply_memory_config, autocast_context, check_precision, knob_state, plan_knobs
 from .loss_items import IGNORE_INDEX, LossItemCounter, count_loss_items
 from .microbatch import batch_size_of, split_batch
+from .optimizer_state import is_switchable, set_state_bits, switchable_adamw
 from .sharding import refuse_sharded_engines
 from .step_guard import NonFiniteSteps, OptimizerRollback
 from .step_peak import StepPeakMeter, process_peak_rss_bytes
@@ -84,6 +85,9 @@ class MPOptTrainer(BatchUpdates, HalvingEvaluation, StepRecovery, Trainer):
         self.last_step_loss: float | None = None  # the last optimizer step's training loss
         self.loss_items = loss_items
         self.log_memory_config = log_memory_config
+        # 8-bit optimizer state wanted at some point: the optimizer this trainer builds is bitsandbytes' AdamW
+        self.low_bit_optimizer = "8bit" in ([memory_config.optimizer_state] if memory_config else []) + list(
+            getattr(mpopt_args, "optimizer_states", None) or [])
         # how the learning rate follows a MemoryConfig.batch_size smaller than the loader's (`batch_updates`)
         self.lr_scaling = check_choice("MPOptTrainer.lr_scaling", lr_scaling or getattr(mpopt_args, "lr_scaling", None)
                                        or "sqrt", LR_SCALINGS)
@@ -176,6 +180,10 @@ class MPOptTrainer(BatchUpdates, HalvingEvaluation, StepRecovery, Trainer):
                 f"MemoryConfig.precision='fp16' needs TrainingArguments(fp16=True) on a CUDA device (device: "
                 f"{device_type!r}), which gives the loss scaler; use 'bf16' or 'fp32' otherwise."
             )
+        if config.optimizer_state == "8bit" and not (self.low_bit_optimizer or is_switchable(self.optimizer)):
+            raise ValueError(
+                "MemoryConfig.optimizer_state='8bit' needs the optimizer built for it: give MPOptTrainer a memory_config "
+                "with it, or MPOptArguments(optimizer_states=[..., '8bit']), when the trainer is created.")
         if config.precision == "bf16" and device_type == "cuda" and not torch.cuda.is_bf16_supported():
             raise ValueError("MemoryConfig.precision='bf16' is not supported by this GPU; use 'fp16' or 'fp32'.")
 
@@ -189,6 +197,8 @@ class MPOptTrainer(BatchUpdates, HalvingEvaluation, StepRecovery, Trainer):
             apply_memory_config(model, config, blocks=self._model_blocks(), device_type=self.args.device.type)
         else:
             check_precision(config.precision, self.args.device.type)
+        if self.optimizer is not None:
+            set_state_bits(self.optimizer, config.optimizer_state)
         self._memory_config = config
         loader_batch = self.args.per_device_train_batch_size
         update = (config.batch_size or loader_batch) * self.args.gradient_accumulation_steps
@@ -372,6 +382,15 @@ class MPOptTrainer(BatchUpdates, HalvingEvaluation, StepRecovery, Trainer):
     # ------------------------------------------------------------------ optimizer and logging
 
     def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
+        """Trainer's optimizer over every parameter the user made trainable; bitsandbytes' AdamW (32-bit until a
+        configuration asks for 8) when 8-bit optimizer state may be chosen."""
+        built_here = self.optimizer is None
+        optimizer = self._optimizer_over_every_parameter(model)
+        if self.low_bit_optimizer and built_here:
+            self.optimizer = optimizer = switchable_adamw(optimizer)
+        return optimizer
+
+    def _optimizer_over_every_parameter(self, model: nn.Module | None) -> torch.optim.Optimizer:
         """Give the optimizer every parameter the user made trainable, frozen by a knob or not.
 
         Trainer keeps only ``requires_grad`` parameters; a block frozen now and unfrozen later would then never

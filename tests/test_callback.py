@@ -239,3 +239,11 @@ def test_gain_metric_train_loss_needs_mpopt_trainer(tmp_path):
     trainer = Trainer(model=model, args=training_args(tmp_path, 8, steps=1), train_dataset=_data(model), callbacks=[callback])
     with pytest.raises(ValueError, match="gain_metric='train_loss' reads the loss of each training step"):
         trainer.train()
+
+def test_8_bit_optimizer_state_needs_mpopt_trainer(tmp_path):
+    model = build_tiny("vit", dropout=0.0)
+    callback = MPOptCallback(MPOptArguments(freeze_rates=[0.0], checkpoint_segments=[0], trial_steps=1,
+                                            optimizer_states=["fp32", "8bit"]), eval_dataset=_data(model, 8))
+    trainer = Trainer(model=model, args=training_args(tmp_path, 8, steps=1), train_dataset=_data(model), callbacks=[callback])
+    with pytest.raises(ValueError, match=r"optimizer_states=\['fp32', '8bit'\] needs MPOptTrainer"):
+        trainer.train()

@@ -70,6 +70,8 @@ def test_budget_below_minimum_exits_nonzero_naming_it(capsys, store):
         (["--model", "tiny-vit", "--input-shape", "3,32,32", "--freeze-rates", "1.5"], "freeze_rate must be in [0, 1]"),
         (["--model", "tiny-vit", "--input-shape", "3,32,32", "--checkpoint-policies", "block,sac"],
          "--checkpoint-policies ['sac'] unknown (in 'block,sac'); accepted: ['block', 'selective']"),
+        (["--model", "tiny-vit", "--input-shape", "3,32,32", "--optimizer-states", "fp32,4bit"],
+         "--optimizer-states ['4bit'] unknown (in 'fp32,4bit'); accepted: ['fp32', '8bit']"),
     ],
 )
 def test_bad_input_names_value_and_what_is_accepted(capsys, tmp_path, argv, message):
@@ -127,6 +129,17 @@ def test_selective_checkpointing_is_profiled_when_listed(capsys):
     rows = {(r["checkpoint_segments"], r["checkpoint_policy"]): r["predicted_peak_mib"] for r in json.loads(out)}
     assert list(rows) == [(0, "block"), (2, "block"), (2, "selective")]
     assert rows[(2, "block")] < rows[(2, "selective")] < rows[(0, "block")]
+
+
+def test_8_bit_optimizer_state_is_profiled_when_listed(capsys):
+    pytest.importorskip("bitsandbytes")
+    code, out, err = run(capsys, "profile", "--model", "tiny-gpt-neo", "--input-shape", "32", "--batch-size", "4",
+                         "--precisions", "fp32", "--micro-batch-sizes", "4", "--freeze-rates", "0",
+                         "--checkpoint-segments", "0", "--optimizer-states", "fp32,8bit",
+                         "--fit-measurements", "0", "--json", "--no-store")
+    assert code == 0, err
+    state = {r["optimizer_state"]: r["predicted_optimizer_state_mib"] for r in json.loads(out)}
+    assert list(state) == ["fp32", "8bit"] and state["8bit"] < 0.5 * state["fp32"]
 
 
 # ---------------------------------------------------------------------------- the arguments as a dataclass

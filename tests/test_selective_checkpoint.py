@@ -163,3 +163,20 @@ def test_the_engine_searches_it_only_when_listed():
     assert {c.short() for c in both} - {c.short() for c in default} == {"mb8/f0.00/ckpt2s/fp32", "mb4/f0.00/ckpt2s/fp32"}
     grid = config_space(8, 4, ("fp32",), (8,), (0.0,), (0, 2), ("block", "selective"))
     assert [c.short() for c in grid] == ["mb8/f0.00/ckpt0/fp32", "mb8/f0.00/ckpt2/fp32", "mb8/f0.00/ckpt2s/fp32"]
+
+
+def test_an_oom_rules_out_only_what_keeps_at_least_as_much():
+    """Without predicted peaks, a configuration that ran out of memory rules out those that keep at least as much:
+    a selective block keeps more than a whole-block one, fewer checkpointed blocks keep more."""
+    from mpopt_hf.engine.candidates import Candidate
+    from mpopt_hf.engine.rules import at_least_as_large
+
+    def c(segments, policy="block", micro=4):
+        return Candidate(MemoryConfig(micro, checkpoint_segments=segments, checkpoint_policy=policy))
+
+    failed_block, failed_selective = c(2), c(2, "selective")
+    assert at_least_as_large(c(2, "selective"), failed_block) and at_least_as_large(c(1, "selective"), failed_block)
+    assert at_least_as_large(c(0), failed_selective) and at_least_as_large(c(1, "selective", 8), failed_selective)
+    assert not at_least_as_large(c(2), failed_selective)  # whole blocks keep less than selective ones
+    assert not at_least_as_large(c(1), failed_selective)  # fewer blocks, but whole: not comparable
+    assert not at_least_as_large(c(4, "selective"), failed_block) and not at_least_as_large(c(2, micro=2), failed_block)

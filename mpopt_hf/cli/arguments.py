@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..config import CHECKPOINT_POLICIES, PRECISIONS, InvalidTypeError, check_bool, check_int, check_number, check_str
+from ..config import CHECKPOINT_POLICIES, OPTIMIZER_STATES, PRECISIONS, InvalidTypeError, check_bool, check_int, check_number, check_str
 
 EXIT_BAD_INPUT = 2
 EXIT_BUDGET_TOO_SMALL = 3
@@ -172,6 +172,8 @@ class ProfileArguments:
         "list (default: 0,1,2,4; at most the model's blocks)", "LIST"))
     checkpoint_policies: list[str] | None = field(default=None, metadata=_help(
         "list of block,selective: how checkpointed blocks recompute (default: block)", "LIST"))
+    optimizer_states: list[str] | None = field(default=None, metadata=_help(
+        "list of fp32,8bit: AdamW's moments (8bit: bitsandbytes' blockwise AdamW; default: fp32)", "LIST"))
 
     def __post_init__(self) -> None:
         # Type errors raise InvalidTypeError (a TypeError and a ValueError), the others ValueError; each message names
@@ -190,13 +192,8 @@ class ProfileArguments:
         if self.checkpoint_segments is not None:
             self.checkpoint_segments = read_list("--checkpoint-segments", self.checkpoint_segments, int,
                                                  "non-negative integers", "0,1,2,4", lambda v: v >= 0)[0]
-        if self.checkpoint_policies is not None:
-            self.checkpoint_policies, text = read_list("--checkpoint-policies", self.checkpoint_policies, str,
-                                                       f"values from {list(CHECKPOINT_POLICIES)}", "block,selective")
-            bad = [p for p in self.checkpoint_policies if p not in CHECKPOINT_POLICIES]
-            if bad:
-                raise ValueError(f"--checkpoint-policies {bad} unknown (in {text!r}); accepted: "
-                                 f"{list(CHECKPOINT_POLICIES)}.")
+        self.checkpoint_policies = _choices("--checkpoint-policies", self.checkpoint_policies, CHECKPOINT_POLICIES)
+        self.optimizer_states = _choices("--optimizer-states", self.optimizer_states, OPTIMIZER_STATES)
 
     @property
     def device_type(self) -> str:
@@ -234,9 +231,20 @@ class ProfileArguments:
             raise ValueError(f"--freeze-rates {text!r}: each freeze_rate must be in [0, 1]; got {bad}.")
 
 
+def _choices(name: str, values: list[str] | None, allowed: tuple[str, ...]) -> list[str] | None:
+    """A comma-separated list of words, each one of ``allowed``."""
+    if values is None:
+        return None
+    values, text = read_list(name, values, str, f"values from {list(allowed)}", ",".join(allowed))
+    bad = [v for v in values if v not in allowed]
+    if bad:
+        raise ValueError(f"{name} {bad} unknown (in {text!r}); accepted: {list(allowed)}.")
+    return values
+
+
 # each flag's argparse type: scalars read and checked by `Accepts`; list items kept as words for __post_init__
 FLAG_TYPES: dict[str, Callable[[str], Any]] = {
     **{name: accepts.flag_type(flag(name)) for name, accepts in SCALARS.items()},
     **{name: str for name in ("input_shape", "precisions", "micro_batch_sizes", "freeze_rates", "checkpoint_segments",
-                                     "checkpoint_policies")},
+                                     "checkpoint_policies", "optimizer_states")},
 }

@@ -67,7 +67,7 @@ def knob_space(args: ProfileArguments, n_blocks: int, model_name: str = "the mod
     else:
         segments = DEFAULT_CHECKPOINT_SEGMENTS
     space = config_space(args.batch_size, n_blocks, precisions, args.micro_batch_sizes, freeze, segments,
-                         args.checkpoint_policies or ("block",))
+                         args.checkpoint_policies or ("block",), args.optimizer_states or ("fp32",))
     if not space:
         trainable = sorted({n_blocks - n_frozen_blocks(r, n_blocks) for r in freeze})
         raise UsageError(f"No configuration is valid for {model_name} ({n_blocks} blocks): --checkpoint-segments "
@@ -132,6 +132,10 @@ def run_profile(args: ProfileArguments) -> int:
              for k, v in synthetic_batch(model, args.batch_size, args.input_shape).items()}
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     space = knob_space(args, find_blocks(model).n_blocks, f"{args.model} ({type(model).__name__})")
+    if any(c.optimizer_state == "8bit" for c in space):  # as MPOptTrainer builds it when 8-bit state is listed
+        from ..optimizer_state import switchable_adamw
+
+        optimizer = switchable_adamw(optimizer)
     store = None if args.no_store else open_store(args.store)
     try:
         # with a budget, the fit measures only what is predicted to fit it (a device that small cannot run more)

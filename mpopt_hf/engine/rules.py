@@ -22,10 +22,11 @@ def feasible(candidates: Iterable[Candidate], budget_bytes: float | None, margin
     return [c for c in candidates if limit is None or c.peak_bytes is None or c.peak_bytes <= limit]
 
 
-def group_key(config: MemoryConfig) -> tuple[float, str, int | None]:
-    """What a configuration learns: its trainable set, precision and batch per update (micro-batching and
-    checkpointing change only what it costs)."""
-    return (config.freeze_rate, config.precision, config.batch_size)
+def group_key(config: MemoryConfig) -> tuple[float, str, int | None, str]:
+    """What a configuration learns: its trainable set, precision, batch per update and optimizer state (8-bit
+    moments round what AdamW keeps, as bf16 rounds the forward); micro-batching and checkpointing change only
+    what it costs."""
+    return (config.freeze_rate, config.precision, config.batch_size, config.optimizer_state)
 
 
 def _speed_key(c: Candidate) -> tuple[float, int, int]:
@@ -34,12 +35,12 @@ def _speed_key(c: Candidate) -> tuple[float, int, int]:
 
 
 def dominance_prune(candidates: Iterable[Candidate]) -> list[Candidate]:
-    """Keep, per (freeze_rate, precision, batch per update), only the fastest candidate.
+    """Keep, per (freeze_rate, precision, batch per update, optimizer state), only the fastest candidate.
 
     Micro-batch size and checkpointing change cost, not what is learned (same gradient for the same effective
     batch), so within one trainable set and precision a slower candidate can never gain more per second.
     """
-    best: dict[tuple[float, str, int | None], Candidate] = {}
+    best: dict[tuple[float, str, int | None, str], Candidate] = {}
     for c in candidates:
         group = group_key(c.config)
         if group not in best or _speed_key(c) < _speed_key(best[group]):
@@ -96,6 +97,8 @@ def at_least_as_large(c: Candidate, failed: Candidate) -> bool:
     if failed.peak_bytes is not None and c.peak_bytes is not None:
         return c.peak_bytes >= failed.peak_bytes
     config = failed.config
+    # fewer checkpointed blocks keep more; a selective block keeps more than a whole-block one
+    keeps_as_much = c.config.checkpoint_segments <= config.checkpoint_segments and (
+        not c.config.checkpoint_segments or c.config.selective or not config.selective)
     return group_key(c.config) == group_key(config) and c.config.micro_batch_size >= config.micro_batch_size and (
-        c.config.checkpoint_segments <= config.checkpoint_segments
-    )
+        keeps_as_much)

@@ -15,15 +15,17 @@ def enumerate_configs(
     n_blocks: int,
     batch_sizes: Iterable[int | None] = (None,),
     checkpoint_policies: Iterable[str] = ("block",),
+    optimizer_states: Iterable[str] = ("fp32",),
 ) -> list[MemoryConfig]:
     """Every combination that is valid for a model with ``n_blocks`` blocks (segments <= trainable blocks).
 
     ``batch_sizes``: the batches per update (None: the loader's); under a batch ``b`` a micro-batch above ``b``
     would run as ``b``, so it is listed as ``b``, once. ``checkpoint_policies`` apply to segment counts above 0
-    (without checkpointing the policy is moot: that configuration is listed once, as 'block')."""
+    (without checkpointing the policy is moot: that configuration is listed once, as 'block'); every configuration
+    is listed once per ``optimizer_states``."""
     from ..knobs import n_frozen_blocks  # pure arithmetic; knobs imports torch only for its own functions
 
-    policies = list(dict.fromkeys(checkpoint_policies))
+    policies, states = list(dict.fromkeys(checkpoint_policies)), list(dict.fromkeys(optimizer_states))
     configs = []
     for batch in batch_sizes:
         micro = sorted({m if batch is None else min(m, batch) for m in micro_batch_sizes}, reverse=True)
@@ -34,10 +36,11 @@ def enumerate_configs(
                     if segments > trainable:
                         continue
                     for policy in policies if segments else ["block"]:
-                        for mb in micro:
-                            configs.append(MemoryConfig(mb, freeze_rate=rate, checkpoint_segments=segments,
+                        for state in states:
+                            configs.extend(MemoryConfig(mb, freeze_rate=rate, checkpoint_segments=segments,
                                                         precision=precision, batch_size=batch,
-                                                        checkpoint_policy=policy))
+                                                        checkpoint_policy=policy, optimizer_state=state)
+                                           for mb in micro)
     return configs
 
 

@@ -18,7 +18,7 @@ from .structure import ModelStructure, OptimizerCost, ParamGroup
 from .traces import Span, SpanCost, _status_of
 
 MiB = 2**20
-FORMAT_VERSION = 4  # 4: never_grad, the calibration's fit uncertainty
+FORMAT_VERSION = 5  # 4: never_grad, the calibration's fit uncertainty; 5: 8-bit optimizer state entries
 
 
 @dataclass(frozen=True)
@@ -123,12 +123,12 @@ class MemoryModel:
         n_micro = math.ceil(batch_size / m)
         groups = s.groups(config)
         grads = float(sum(g.grad_bytes for g in groups))
-        opt_state = s.existing_state_bytes + sum(g.fresh_tensors * s.optimizer.state_a + g.fresh_bytes * s.optimizer.state_b for g in groups)
+        opt_state = s.optimizer_state_bytes(config)
         inputs = s.input_bytes_const + s.input_bytes_per_sample * batch_size
         static = s.weights_bytes + opt_state + inputs
         workspace = cal.workspace(config.precision, m)
         peak_first, peak_later, ret_first, ret_later, grads_first = self._dynamic(config, m)
-        opt_transient = s.optimizer.transient(s.trainable_in_optimizer_order(config))
+        opt_transient = max(s.optimizer.transient(s.trainable_in_optimizer_order(config)), s.low_bit_transient(config))
         candidates = [
             (static + peak_first + workspace, "first micro-batch", grads_first, ret_first, peak_first - ret_first - grads_first),
             (static + grads + opt_transient, "optimizer step", grads, 0.0, opt_transient),
@@ -196,6 +196,7 @@ class MemoryModel:
         st["blocks"] = tuple(ParamGroup(**g) for g in st["blocks"])
         st["optimizer"] = OptimizerCost(**st["optimizer"])
         st["optimizer_order"] = tuple(tuple(pair) for pair in st.get("optimizer_order", ()))
+        st["state_entries"] = tuple((int(g), int(n), bool(h)) for g, n, h in st.get("state_entries", ()))
         spans = {p: [_span_from_dict(s) for s in items] for p, items in data["spans"].items()}
         calibration = dict(data["calibration"])
         calibration["single_point"] = {k: tuple(v) for k, v in calibration.get("single_point", {}).items()}

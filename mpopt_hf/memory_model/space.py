@@ -38,6 +38,7 @@ def config_space(
     freeze_rates: Sequence[float] = (0.0, 0.25, 0.5, 0.75, 1.0),
     checkpoint_segments: Sequence[int] = (0, 1, 2, 4),
     checkpoint_policies: Sequence[str] = ("block",),
+    optimizer_states: Sequence[str] = ("fp32",),
 ) -> list[MemoryConfig]:
     """Every valid configuration of the knob grid (segments above the trainable block count are skipped;
     the policies apply to segment counts above 0)."""
@@ -52,13 +53,15 @@ def config_space(
         for rate in freeze_rates:
             for segments in checkpoint_segments:
                 for policy in checkpoint_policies if segments else ["block"]:
-                    for size in sizes:
-                        cfg = MemoryConfig(size, rate, segments, precision, checkpoint_policy=policy)
-                        try:
-                            plan_knobs(cfg, n_blocks)
-                        except ValueError:
-                            continue
-                        space.append(cfg)
+                    for state in optimizer_states:
+                        for size in sizes:
+                            cfg = MemoryConfig(size, rate, segments, precision, checkpoint_policy=policy,
+                                               optimizer_state=state)
+                            try:
+                                plan_knobs(cfg, n_blocks)
+                            except ValueError:
+                                continue
+                            space.append(cfg)
     return list(dict.fromkeys(space))
 
 

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from ..config import MemoryConfig
 from ..knobs import plan_knobs
+from ..optimizer_state import QMAP_BYTES, state_bytes
 
 STATUSES = ("T", "C", "S", "F")  # trainable, checkpointed (whole block), checkpointed selectively, frozen
 
@@ -34,6 +35,9 @@ class OptimizerCost:
     second: float = 0.0
     total: float = 0.0
     ops_per_tensor: float = 0.0
+    # an 8-bit step's own temporaries (bitsandbytes' CPU kernel dequantizes a tensor's moments to fp32 inside one
+    # op, unseen by MemTracker), in bytes per element of the largest 8-bit tensor; probed, 0 where none is
+    low_bit_per_element: float = 0.0
 
     def transient(self, sizes: Sequence[float]) -> float:
         """Transient of one step over the trainable tensors' bytes, in the optimizer's order (a
@@ -64,6 +68,38 @@ class ModelStructure:
     # every trainable tensor the optimizer holds, in its order: (group, bytes); group -1 stem, -2 rest, i block i
     optimizer_order: tuple[tuple[int, int], ...] = ()
     never_grad: tuple[int, ...] = ()  # parameters (by index) the traced backward gave no gradient
+    # for an optimizer whose moments can be 8-bit (`optimizer_state`): (group, elements, has state) of every
+    # parameter it holds, and its smallest 8-bit tensor; 0: the optimizer keeps fp32 moments only
+    state_entries: tuple[tuple[int, int, bool], ...] = ()
+    low_bit_min_size: int = 0
+
+    def _trains(self, config: MemoryConfig) -> Callable[[int], bool]:
+        n_frozen = plan_knobs(config, self.n_blocks).n_frozen
+        return lambda group: group == -2 or (group == -1 and not n_frozen) or group >= n_frozen
+
+    def low_bit_transient(self, config: MemoryConfig) -> float:
+        """The 8-bit step's temporaries: per element of its largest 8-bit tensor (0 for fp32 moments)."""
+        if config.optimizer_state != "8bit" or not self.low_bit_min_size:
+            return 0.0
+        trains = self._trains(config)
+        sizes = [n for group, n, _ in self.state_entries if trains(group) and n >= self.low_bit_min_size]
+        return self.optimizer.low_bit_per_element * max(sizes, default=0)
+
+    def optimizer_state_bytes(self, config: MemoryConfig) -> float:
+        """The optimizer's state under ``config``: what it holds already plus what the trainable tensors add."""
+        groups = self.groups(config)
+        if not self.low_bit_min_size:
+            if config.optimizer_state != "fp32":
+                raise ValueError(f"{config.short()} asks for optimizer_state={config.optimizer_state!r}, but the "
+                                 "profiled optimizer keeps fp32 moments only; profile it with the trainer's optimizer "
+                                 "built for 8-bit state (MPOptArguments.optimizer_states).")
+            return self.existing_state_bytes + sum(g.fresh_tensors * self.optimizer.state_a
+                                                   + g.fresh_bytes * self.optimizer.state_b for g in groups)
+        trains = self._trains(config)
+        held = [n for group, n, has_state in self.state_entries if has_state or trains(group)]
+        total = sum(state_bytes(n, config.optimizer_state, self.low_bit_min_size) for n in held)
+        low_bit = config.optimizer_state == "8bit" and any(n >= self.low_bit_min_size for n in held)
+        return float(total + (QMAP_BYTES if low_bit else 0))
 
     def groups(self, config: MemoryConfig) -> list[ParamGroup]:
         """The parameter groups that train under ``config``."""

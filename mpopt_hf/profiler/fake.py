@@ -17,6 +17,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from ..config import MemoryConfig
 from ..knobs import apply_memory_config, knob_state, remove_knobs
 from ..microbatch import batch_size_of
+from ..optimizer_state import is_switchable, set_state_bits
 from .measure import CATEGORIES, Measurement, _device_label, _tracked_step
 
 
@@ -88,6 +89,9 @@ def _fake_optimizer(optimizer: torch.optim.Optimizer, memo: dict[int, Any], mode
             f"Cannot rebuild {type(optimizer).__name__} from its defaults for a fake run ({err}); the profiler "
             "supports optimizers whose constructor takes (params, **optimizer.defaults), such as the torch.optim ones."
         ) from err
+    if is_switchable(fake):  # its 8-bit code books are computed from data: fill them now, fake, outside the mode
+        fake.fill_qmap()
+        fake.name2qmap = {name: mode.from_tensor(code) for name, code in fake.name2qmap.items()}
     for p, state in optimizer.state.items():
         if id(p) in memo:
             fake.state[memo[id(p)]] = {
@@ -127,6 +131,7 @@ def predict_step(
     setup.reset_optimizer()
     init_optimizer_state(setup)
     with setup.mode:
+        set_state_bits(setup.optimizer, config.optimizer_state)
         tracked = _tracked_step(setup.model, setup.batch, config, setup.optimizer, None, max_micro_batches=2)
     device = next(model.parameters()).device
     return Measurement(

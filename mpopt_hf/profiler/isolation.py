@@ -23,6 +23,7 @@ from torch import nn
 from torch.utils._pytree import tree_map_only
 
 from ..knobs import apply_memory_config, knob_state, remove_knobs
+from ..optimizer_state import set_state_bits, state_bits
 
 
 class _Key(str):
@@ -54,6 +55,7 @@ class StateCopy:
         state = knob_state(model)
         self.config = None if state is None else state.config
         self.training = model.training
+        self.state_bits = state_bits(optimizer)
         self.rng = torch.get_rng_state()
         self.cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
         self.scaler = None if scaler is None else _to_cpu(scaler.state_dict())
@@ -105,6 +107,7 @@ class StateCopy:
             state = {index: {k: get(v) if isinstance(v, _Key) else v for k, v in entry.items()}
                      for index, entry in self.optimizer["state"].items()}
             optimizer.load_state_dict({"state": state, "param_groups": copy.deepcopy(self.optimizer["param_groups"])})
+        set_state_bits(optimizer, self.state_bits)  # the loaded state has its old form; new states take it again
         if scaler is not None and self.scaler is not None:
             scaler.load_state_dict(self.scaler)
         torch.set_rng_state(self.rng)

@@ -29,6 +29,7 @@ from torch import nn
 from ..config import MemoryConfig
 from ..knobs import apply_memory_config, autocast_context
 from ..mem_tracking import CATEGORIES, new_tracker, tracker_peak
+from ..optimizer_state import set_state_bits
 from .isolation import restored_after
 from ..microbatch import batch_size_of, micro_batch_shares, split_batch
 
@@ -216,6 +217,7 @@ def measure(
     device = next(model.parameters()).device
     with restored_after(model, optimizer, scaler, spill_dir):
         apply_memory_config(model, config)
+        set_state_bits(optimizer, config.optimizer_state)
         model.train()
         _timed_steps(model, batch, config, optimizer, scaler, max(warmup, 1))
         if device.type == "cuda":

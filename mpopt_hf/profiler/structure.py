@@ -19,6 +19,7 @@ from ..blocks import ModelBlocks, find_blocks
 from ..knobs import knob_state
 from ..memory_model import ModelStructure, OptimizerCost, ParamGroup, nonneg_least_squares
 from ..microbatch import batch_size_of
+from ..optimizer_state import is_switchable, low_bit_min_size
 from .measure import tracker_peak
 
 CUDA_BLOCK = 512  # the caching allocator rounds every allocation up to this
@@ -103,6 +104,9 @@ def model_structure(
     group_of.update({id(p): i for i, ps in enumerate(block_params) for p in ps})
     order = tuple((group_of.get(id(p), -2), _alloc_bytes(p)) for g in optimizer.param_groups for p in g["params"]
                   if trainable.get(id(p), p.requires_grad))
+    entries = tuple((group_of.get(id(p), -2), p.numel(), bool(optimizer.state.get(p)))
+                    for g in optimizer.param_groups for p in g["params"]
+                    if trainable.get(id(p), p.requires_grad) or optimizer.state.get(p)) if is_switchable(optimizer) else ()
     _, kinds, indices = units_of(blocks)
     state_tensors = [v for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v)]
     device = next(model.parameters()).device
@@ -121,6 +125,8 @@ def model_structure(
         device_type=device.type,
         optimizer_order=order,
         never_grad=tuple(never_grad),
+        state_entries=entries,
+        low_bit_min_size=low_bit_min_size(optimizer),
     )
 
 
@@ -170,4 +176,31 @@ def optimizer_cost(optimizer: torch.optim.Optimizer, device: torch.device, dtype
     rows = [[max(sz) * elem, (sorted(sz)[-2] if len(sz) > 1 else 0) * elem, sum(sz) * elem] for sz in shapes]
     f, s2, k = nonneg_least_squares(rows, [float(t) for _, t, _ in runs])
     ops_per_tensor = max((runs[3][2] - runs[0][2]) / 2, 1.0)
-    return OptimizerCost(one - b * elem, b, f, s2, k, ops_per_tensor)
+    low_bit = low_bit_step_bytes_per_element(optimizer, device, dtype) if is_switchable(optimizer) else 0.0
+    return OptimizerCost(one - b * elem, b, f, s2, k, ops_per_tensor, low_bit)
+
+
+def low_bit_step_bytes_per_element(optimizer: torch.optim.Optimizer, device: torch.device, dtype: torch.dtype,
+                                   n: int = 1 << 16) -> float:
+    """Allocator bytes an 8-bit step of bitsandbytes' AdamW holds beyond its tensors, per element, probed on one
+    tensor of ``n`` elements: its CPU kernel dequantizes the moments to fp32 inside one op, where MemTracker sees
+    nothing (allocation events and CUDA's counters do)."""
+    from .measure import _max_allocated
+
+    inner = getattr(optimizer, "optimizer", optimizer)
+    p = torch.zeros(n, device=device, dtype=dtype, requires_grad=True)
+    probe = type(inner)([p], optim_bits=8, min_8bit_size=min(n, inner.args.min_8bit_size))
+    p.grad = torch.full_like(p, 1e-3)
+    probe.step()  # the state exists from here: the next step is the steady one
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        probe.step()
+        torch.cuda.synchronize(device)
+        extra = torch.cuda.max_memory_allocated(device) - base
+    else:
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+            probe.step()
+        extra = _max_allocated(prof)
+    return max(extra, 0) / n
