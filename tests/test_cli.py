@@ -139,7 +139,7 @@ def test_8_bit_optimizer_state_is_profiled_when_listed(capsys):
                          "--fit-measurements", "0", "--json", "--no-store")
     assert code == 0, err
     state = {r["optimizer_state"]: r["predicted_optimizer_state_mib"] for r in json.loads(out)}
-    assert list(state) == ["fp32", "8bit"] and state["8bit"] < 0.5 * state["fp32"]
+    assert list(state) == ["fp32", "8bit"] and 0 < state["8bit"] < state["fp32"]
 
 
 # ---------------------------------------------------------------------------- the arguments as a dataclass
