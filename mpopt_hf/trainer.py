@@ -25,6 +25,7 @@ from .eval_halving import HalvingEvaluation
 from .blocks import ModelBlocks, find_blocks, unwrap_model
 from .checkpoint_compat import reload_renamed_weights
 from .config import LR_SCALINGS, MemoryConfig, MPOptArguments, check_choice, check_int
+from .config_checks import check_config_for_run
 from .coupled_loss import CoupledLossAdapter
 from .coupling_check import resolve_coupled_loss
 from .grad_cache import RngState, device_anchors, grad_cache_backward
@@ -160,32 +161,7 @@ class MPOptTrainer(BatchUpdates, HalvingEvaluation, StepRecovery, Trainer):
             raise ValueError(f"memory_config must be a MemoryConfig, got {type(config).__name__}.")
         if _uses_blocks(config):
             plan_knobs(config, self._model_blocks().n_blocks)
-        loader_batch = self.args.per_device_train_batch_size
-        if config.batch_size is not None and (loader_batch % config.batch_size or self.args.gradient_accumulation_steps > 1):
-            raise ValueError(
-                f"MemoryConfig.batch_size={config.batch_size} must divide per_device_train_batch_size={loader_batch} "
-                f"(the loader's batch, split into equal updates) with gradient_accumulation_steps=1 (got "
-                f"{self.args.gradient_accumulation_steps}).")
-        device_type = self.args.device.type
-        for flag, precision in (("fp16", "fp16"), ("bf16", "bf16")):
-            if getattr(self.args, flag) and config.precision != precision:
-                raise ValueError(
-                    f"MemoryConfig.precision={config.precision!r} while TrainingArguments.{flag}=True: accelerate "
-                    f"runs the whole run in {precision} then (autocast{' and its loss scaler' if flag == 'fp16' else ''}), "
-                    f"so every configuration must use precision={precision!r}; or set {flag}=False and let the "
-                    "precision knob choose."
-                )
-        if config.precision == "fp16" and not self.args.fp16:
-            raise ValueError(
-                f"MemoryConfig.precision='fp16' needs TrainingArguments(fp16=True) on a CUDA device (device: "
-                f"{device_type!r}), which gives the loss scaler; use 'bf16' or 'fp32' otherwise."
-            )
-        if config.optimizer_state == "8bit" and not (self.low_bit_optimizer or is_switchable(self.optimizer)):
-            raise ValueError(
-                "MemoryConfig.optimizer_state='8bit' needs the optimizer built for it: give MPOptTrainer a memory_config "
-                "with it, or MPOptArguments(optimizer_states=[..., '8bit']), when the trainer is created.")
-        if config.precision == "bf16" and device_type == "cuda" and not torch.cuda.is_bf16_supported():
-            raise ValueError("MemoryConfig.precision='bf16' is not supported by this GPU; use 'fp16' or 'fp32'.")
+        check_config_for_run(config, self.args, low_bit_ready=self.low_bit_optimizer or is_switchable(self.optimizer))
 
     def _switch_if_pending(self, model: nn.Module) -> None:
         config = self._pending_config
