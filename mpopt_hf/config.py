@@ -113,6 +113,8 @@ class MemoryConfig:
         set_(self, "batch_size", check_int("MemoryConfig.batch_size", self.batch_size, lambda v: v >= 1,
                                            "an int >= 1 or None", optional=True))
         check_choice("MemoryConfig.checkpoint_policy", self.checkpoint_policy, CHECKPOINT_POLICIES)
+        if self.checkpoint_segments == 0:  # nothing checkpointed: the policy is moot, and one such config is enough
+            set_(self, "checkpoint_policy", "block")
         check_choice("MemoryConfig.optimizer_state", self.optimizer_state, OPTIMIZER_STATES)
 
     def replace(self, **changes: Any) -> "MemoryConfig":

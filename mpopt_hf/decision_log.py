@@ -34,6 +34,10 @@ def decision_entry(decision: Decision, index: int, trainer: Any, gain_per: str =
     if d.budget_bytes is not None:
         entry["mpopt/budget_mib"] = round(d.budget_bytes / MIB, 2)
     config = MemoryConfig.from_dict(d.config)
+    if config.selective:  # logs are numbers: flags for the knobs that are on
+        entry["mpopt/selective_checkpointing"] = 1
+    if config.optimizer_state == "8bit":
+        entry["mpopt/optimizer_state_bits"] = 8
     if config.batch_size is not None:  # the batch as a knob: the update's batch and learning rate
         entry["mpopt/update_batch_size"] = config.batch_size
         entry["mpopt/learning_rate_scale"] = trainer.learning_rate_scale(config)

@@ -21,6 +21,8 @@ BLOCK = 256  # bitsandbytes' block for 8-bit optimizer states
 MIN_8BIT_SIZE = 4096  # bitsandbytes' default: smaller tensors keep 32-bit states
 QMAP_BYTES = 2 * 256 * 4  # the signed and unsigned 8-bit code books, shared by every parameter
 _QUANT_KEYS = ("qmap1", "qmap2", "absmax1", "absmax2", "unorm_vec")
+_NESTED = "__bnb_optimizer_quant_state__"  # where bitsandbytes' state_dict nests its moments (for FSDP)
+_MARK = "_mpopt_switchable_state"  # set on the optimizers built here: a user's own bitsandbytes one is left alone
 
 
 def bitsandbytes() -> Any:
@@ -35,10 +37,25 @@ def bitsandbytes() -> Any:
 
 
 def is_switchable(optimizer: Any) -> bool:
-    """True for the bitsandbytes AdamW this module builds (its state can be converted in place)."""
+    """True for the bitsandbytes AdamW this module builds (its state can be converted in place); a bitsandbytes
+    optimizer the user chose (``optim="adamw_bnb_8bit"``, Lion, ...) is theirs and keeps its own rules."""
     inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer
-    module = type(inner).__module__
-    return module.startswith("bitsandbytes.") and hasattr(inner, "args") and hasattr(inner.args, "optim_bits")
+    return bool(getattr(inner, _MARK, False))
+
+
+def mark_switchable(optimizer: Any) -> Any:
+    """Mark a bitsandbytes AdamW built like `switchable_adamw`'s (e.g. a fake copy of one) as switchable."""
+    setattr(optimizer, _MARK, True)
+    return optimizer
+
+
+def wants_low_bit(memory_config: Any, mpopt_args: Any, callbacks: Any) -> bool:
+    """Whether a trainer may be asked for 8-bit state: its configuration, its arguments or an engine callback's
+    (the online loop hands the next task's trainer its callback) list it."""
+    listed = [getattr(memory_config, "optimizer_state", None), *(getattr(mpopt_args, "optimizer_states", None) or [])]
+    for callback in callbacks:
+        listed += getattr(getattr(callback, "mpopt_args", None), "optimizer_states", None) or []
+    return "8bit" in listed
 
 
 def switchable_adamw(optimizer: torch.optim.Optimizer, min_8bit_size: int = MIN_8BIT_SIZE) -> torch.optim.Optimizer:
@@ -62,8 +79,9 @@ def switchable_adamw(optimizer: torch.optim.Optimizer, min_8bit_size: int = MIN_
     groups = [{"params": g["params"], "lr": g["lr"], "betas": g["betas"], "eps": g["eps"],
                "weight_decay": g["weight_decay"]} for g in optimizer.param_groups]
     first = optimizer.param_groups[0]
-    return bnb.optim.AdamW(groups, lr=first["lr"], betas=first["betas"], eps=first["eps"],
-                           weight_decay=first["weight_decay"], optim_bits=32, min_8bit_size=min_8bit_size)
+    return mark_switchable(bnb.optim.AdamW(groups, lr=first["lr"], betas=first["betas"], eps=first["eps"],
+                                           weight_decay=first["weight_decay"], optim_bits=32,
+                                           min_8bit_size=min_8bit_size))
 
 
 def low_bit_min_size(optimizer: Any) -> int:
@@ -92,7 +110,7 @@ def set_state_bits(optimizer: Any, state: str) -> int:
             f"AdamW), not {type(inner).__name__}."
         )
     bits = 8 if state == "8bit" else 32
-    inner.args.optim_bits = bits
+    inner.args.optim_bits = bits  # states created from now on; a partial conversion below still leaves each valid
     converted = 0
     for group in inner.param_groups:
         for p in group["params"]:
@@ -126,6 +144,27 @@ def _dequantize(st: dict[str, Any]) -> None:
                                                           code=st[f"qmap{i}"], blocksize=BLOCK).float()
     for key in _QUANT_KEYS:
         st.pop(key, None)
+
+
+def adapt_loaded_state(optimizer: Any) -> int:
+    """Translate moments loaded from a checkpoint of the other optimizer, in place: torch's AdamW keys
+    (``exp_avg``, ``exp_avg_sq``, a tensor ``step``) into the switchable AdamW's (``state1``, ``state2``, an int), or
+    the reverse (8-bit moments dequantized first), so a run resumes whether or not 8-bit state was listed before.
+    Returns the number of parameters translated."""
+    inner = getattr(optimizer, "optimizer", optimizer)
+    translated = 0
+    for p, st in list(inner.state.items()):
+        if is_switchable(inner) and "exp_avg" in st:
+            inner.state[p] = {"step": int(st["step"]), "state1": st["exp_avg"], "state2": st["exp_avg_sq"]}
+            translated += 1
+        elif not is_switchable(inner) and ("state1" in st or _NESTED in st):
+            st = {**{k: v for k, v in st.items() if k != _NESTED}, **st.get(_NESTED, {})}
+            if st["state1"].dtype == torch.uint8:
+                _dequantize(st)
+            inner.state[p] = {"step": torch.tensor(float(st["step"])), "exp_avg": st["state1"],
+                              "exp_avg_sq": st["state2"]}
+            translated += 1
+    return translated
 
 
 def state_bytes(numel: int, state: str, min_8bit_size: int = MIN_8BIT_SIZE) -> int:

@@ -32,7 +32,7 @@ from .grad_cache import RngState, device_anchors, grad_cache_backward
 from .knobs import apply_memory_config, autocast_context, check_precision, knob_state, plan_knobs
 from .loss_items import IGNORE_INDEX, LossItemCounter, count_loss_items
 from .microbatch import batch_size_of, split_batch
-from .optimizer_state import is_switchable, set_state_bits, switchable_adamw
+from .optimizer_state import adapt_loaded_state, is_switchable, set_state_bits, switchable_adamw, wants_low_bit
 from .sharding import refuse_sharded_engines
 from .step_guard import NonFiniteSteps, OptimizerRollback
 from .step_peak import StepPeakMeter, process_peak_rss_bytes
@@ -87,8 +87,7 @@ class MPOptTrainer(BatchUpdates, HalvingEvaluation, StepRecovery, Trainer):
         self.loss_items = loss_items
         self.log_memory_config = log_memory_config
         # 8-bit optimizer state wanted at some point: the optimizer this trainer builds is bitsandbytes' AdamW
-        self.low_bit_optimizer = "8bit" in ([memory_config.optimizer_state] if memory_config else []) + list(
-            getattr(mpopt_args, "optimizer_states", None) or [])
+        self.low_bit_optimizer = wants_low_bit(memory_config, mpopt_args, kwargs.get("callbacks") or [])
         # how the learning rate follows a MemoryConfig.batch_size smaller than the loader's (`batch_updates`)
         self.lr_scaling = check_choice("MPOptTrainer.lr_scaling", lr_scaling or getattr(mpopt_args, "lr_scaling", None)
                                        or "sqrt", LR_SCALINGS)
@@ -192,6 +191,7 @@ class MPOptTrainer(BatchUpdates, HalvingEvaluation, StepRecovery, Trainer):
     def add_callback(self, callback: Any) -> None:
         """As Trainer's, and an `MPOptCallback` added later is connected to this trainer too."""
         super().add_callback(callback)
+        self.low_bit_optimizer = self.low_bit_optimizer or wants_low_bit(None, None, [callback])
         for cb in self.callback_handler.callbacks:
             if hasattr(cb, "bind_trainer") and getattr(cb, "trainer", None) is None:
                 cb.bind_trainer(self)
@@ -349,6 +349,11 @@ class MPOptTrainer(BatchUpdates, HalvingEvaluation, StepRecovery, Trainer):
             return super().autocast_smart_context_manager(cache_enabled)
         return autocast_context(config, self.args.device.type)
 
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint is not None and self.optimizer is not None:
+            adapt_loaded_state(self.optimizer)  # saved by a run with the other optimizer (8-bit state listed or not)
+
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
         super()._load_from_checkpoint(resume_from_checkpoint, model)
         reload_renamed_weights(unwrap_model(model if model is not None else self.model), resume_from_checkpoint)
@@ -390,6 +395,7 @@ class MPOptTrainer(BatchUpdates, HalvingEvaluation, StepRecovery, Trainer):
             logs["micro_batch_size"] = self._memory_config.micro_batch_size
             logs["freeze_rate"] = self._memory_config.freeze_rate
             logs["checkpoint_segments"] = self._memory_config.checkpoint_segments
+            logs["optimizer_state_bits"] = 8 if self._memory_config.optimizer_state == "8bit" else 32
             if self._memory_config.batch_size is not None:
                 logs["update_batch_size"] = self._memory_config.batch_size
                 logs["learning_rate_scale"] = self.learning_rate_scale()

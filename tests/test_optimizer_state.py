@@ -4,6 +4,8 @@ them, that the 32-bit form is torch's AdamW, and the errors that say what to do.
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -126,8 +128,8 @@ def test_the_trainer_builds_and_switches_the_optimizer(tmp_path):
     inner = trainer.optimizer.optimizer
     assert is_switchable(inner) and state_bits(inner) == "8bit"
     assert sorted(g["weight_decay"] for g in inner.param_groups) == [0.0, 0.1]
-    dtypes = {p.numel() >= 4096: st["state1"].dtype for p, st in inner.state.items()}
-    assert dtypes == {True: torch.uint8, False: torch.float32}
+    dtypes = {(p.numel() >= 4096, st["state1"].dtype) for p, st in inner.state.items()}
+    assert dtypes == {(True, torch.uint8), (False, torch.float32)}
     assert MPOptTrainer(model=model, args=args, train_dataset=ListDataset(example_batch(model, 16)),
                         mpopt_args=MPOptArguments(optimizer_states=["fp32", "8bit"])).low_bit_optimizer
 
@@ -183,7 +185,9 @@ def test_the_engine_chooses_8_bit_state_when_only_it_fits(tmp_path):
     trainer.train()
     used = {MemoryConfig.from_dict(d.config) for d in trainer.mpopt_callback.engine.decisions}
     assert used == {MemoryConfig(16, optimizer_state="8bit")}
-    assert state_bits(trainer.optimizer) == "8bit"
+    inner = trainer.optimizer.optimizer
+    assert state_bits(inner) == "8bit"
+    assert {st["state1"].dtype for p, st in inner.state.items() if p.numel() >= 4096} == {torch.uint8}
 
 
 class _Wide(torch.nn.Module):
@@ -218,3 +222,99 @@ def test_the_8_bit_step_temporaries_are_predicted():
     assert predicted.phase == "optimizer step" and memory_model.structure.optimizer.low_bit_per_element > 0
     assert real.peak_bytes - real.tracked_peak_bytes > 2 * largest  # the kernel's fp32 copies, unseen by MemTracker
     assert predicted.peak_bytes == pytest.approx(real.peak_bytes, rel=0.03)
+
+
+def test_a_users_own_8_bit_optimizer_is_left_alone(tmp_path):
+    """``optim="adamw_bnb_8bit"`` is the user's choice, with Trainer's own rules: an fp32 configuration of the
+    knobs must not turn its moments into 32 bits."""
+    model = build_tiny("gpt_neo", num_layers=2)
+    args = training_args(tmp_path, 8, steps=2, optim="adamw_bnb_8bit")
+    trainer, _ = run_steps(MPOptTrainer, model, ListDataset(example_batch(model, 16)), args,
+                           memory_config=MemoryConfig(4))
+    inner = trainer.optimizer.optimizer
+    assert not is_switchable(inner) and inner.args.optim_bits == 8
+    assert torch.uint8 in {st["state1"].dtype for st in inner.state.values()}
+
+
+def test_an_engine_callback_listing_8_bit_state_gets_the_optimizer_for_it(tmp_path):
+    """The online loop hands each task's trainer its engine as a callback, not as mpopt_args."""
+    from mpopt_hf import MPOptCallback
+
+    model = build_tiny("vit", num_layers=2)
+    callback = MPOptCallback(MPOptArguments(optimizer_states=["fp32", "8bit"]))
+    trainer = MPOptTrainer(model=model, args=training_args(tmp_path, 8), train_dataset=ListDataset(example_batch(model, 8)),
+                           callbacks=[callback])
+    assert trainer.low_bit_optimizer
+    trainer.set_memory_config(MemoryConfig(4, optimizer_state="8bit"))  # accepted: the optimizer will be built for it
+
+
+def test_the_measurement_copy_takes_8_bit_moments_off_the_device_and_back(tmp_path):
+    """bitsandbytes nests its 8-bit moments in a dict of the state dict: the isolation copy must still name (and
+    spill) every tensor, and put the moments back exactly."""
+    from mpopt_hf.profiler.isolation import StateCopy
+
+    model, optimizer, _ = _train(lambda m: switchable_adamw(_torch_adamw(m)), 2, {1: "8bit"})
+    before = {id(p): {k: v.clone() for k, v in st.items() if torch.is_tensor(v)} for p, st in optimizer.state.items()}
+    copy = StateCopy(model, optimizer, spill_dir=str(tmp_path))
+
+    def tensors(value):
+        if isinstance(value, dict):
+            return [t for v in value.values() for t in tensors(v)]
+        return [value] if torch.is_tensor(value) else []
+
+    assert tensors(copy.optimizer["state"]) == []  # every tensor is a name in the spill file
+    x = torch.randn(4, 64)
+    model(x).sum().backward()
+    optimizer.step()  # the measured steps change the moments
+    copy.restore(model, optimizer)
+    for p, st in optimizer.state.items():
+        for key, value in before[id(p)].items():
+            assert torch.equal(st[key], value), key
+    assert state_bits(optimizer) == "8bit"
+
+
+@pytest.mark.parametrize("direction", ["torch -> switchable", "switchable -> torch"])
+def test_a_checkpoint_of_the_other_optimizer_resumes(direction):
+    """A run resumed with 8-bit state newly listed loads torch AdamW's moments (and the reverse): they are
+    translated, not dropped, and the next step is the one the saving optimizer would have taken."""
+    from mpopt_hf.optimizer_state import adapt_loaded_state
+
+    build = {"torch": _torch_adamw, "switchable": lambda m: switchable_adamw(_torch_adamw(m))}
+    saving, loading = direction.split(" -> ")
+    model, optimizer, _ = _train(build[saving], 3)
+    reference = {n: p.detach().clone() for n, p in model.named_parameters()}
+    x, y = torch.randn(32, 64, generator=torch.Generator().manual_seed(1)), torch.arange(32) % 10
+
+    def step(opt):
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    saved = copy.deepcopy(optimizer.state_dict())  # a state dict holds the live moments: the next step changes them
+    step(optimizer)
+    expected = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            p.copy_(reference[n])
+    resumed = build[loading](model)
+    resumed.load_state_dict(saved)
+    assert adapt_loaded_state(resumed) == 4
+    step(resumed)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p, expected[n], rtol=1e-5, atol=1e-6, msg=n)
+
+
+def test_resuming_with_8_bit_state_newly_listed(tmp_path):
+    """A checkpoint of a run with torch's AdamW, resumed by a trainer whose configuration asks for 8-bit state:
+    the moments carry over (translated, then quantized) and training goes on."""
+    model = build_tiny("vit", num_layers=2)
+    data = ListDataset(example_batch(model, 32))
+    args = training_args(tmp_path, 8, steps=2, save_strategy="steps", save_steps=2)
+    run_steps(MPOptTrainer, model, data, args, memory_config=MemoryConfig(4))
+    args = training_args(tmp_path, 8, steps=4, save_strategy="no")
+    trainer = MPOptTrainer(model=build_tiny("vit", num_layers=2), args=args, train_dataset=data,
+                           memory_config=MemoryConfig(4, optimizer_state="8bit"))
+    trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
+    inner = trainer.optimizer.optimizer
+    assert trainer.state.global_step == 4 and state_bits(inner) == "8bit"
+    assert {st["step"] for st in inner.state.values()} == {4}  # two saved steps, two more: not restarted

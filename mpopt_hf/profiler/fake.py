@@ -17,7 +17,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from ..config import MemoryConfig
 from ..knobs import apply_memory_config, knob_state, remove_knobs
 from ..microbatch import batch_size_of
-from ..optimizer_state import is_switchable, set_state_bits
+from ..optimizer_state import is_switchable, low_bit_min_size, mark_switchable, set_state_bits
 from .measure import CATEGORIES, Measurement, _device_label, _tracked_step
 
 
@@ -89,7 +89,8 @@ def _fake_optimizer(optimizer: torch.optim.Optimizer, memo: dict[int, Any], mode
             f"Cannot rebuild {type(optimizer).__name__} from its defaults for a fake run ({err}); the profiler "
             "supports optimizers whose constructor takes (params, **optimizer.defaults), such as the torch.optim ones."
         ) from err
-    if is_switchable(fake):  # its 8-bit code books are computed from data: fill them now, fake, outside the mode
+    if is_switchable(optimizer):  # its 8-bit code books are computed from data: fill them now, fake, outside the mode
+        mark_switchable(fake).args.min_8bit_size = low_bit_min_size(optimizer)
         fake.fill_qmap()
         fake.name2qmap = {name: mode.from_tensor(code) for name, code in fake.name2qmap.items()}
     for p, state in optimizer.state.items():

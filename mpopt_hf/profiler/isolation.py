@@ -69,12 +69,16 @@ class StateCopy:
         self.params = [name(f"p{i}", p) for i, p in enumerate(params)]
         self.buffers = [name(f"b{i}", b) for i, b in enumerate(model.buffers())]
         self.grads = [None if p.grad is None else name(f"g{i}", p.grad) for i, p in enumerate(params)]
+        def named(key: str, value: Any) -> Any:  # at any depth: bitsandbytes nests its 8-bit moments in a dict
+            if torch.is_tensor(value):
+                return name(key, value)
+            if isinstance(value, dict):
+                return {k: named(f"{key}.{k}", v) for k, v in value.items()}
+            return copy.deepcopy(value)
+
         saved = optimizer.state_dict()
-        self.optimizer = {
-            "param_groups": copy.deepcopy(saved["param_groups"]),
-            "state": {index: {k: name(f"o{index}.{k}", v) if torch.is_tensor(v) else copy.deepcopy(v)
-                              for k, v in entry.items()} for index, entry in saved["state"].items()},
-        }
+        self.optimizer = {"param_groups": copy.deepcopy(saved["param_groups"]),
+                          "state": {index: named(f"o{index}", entry) for index, entry in saved["state"].items()}}
         self.file: str | None = None
         self.held: dict[str, torch.Tensor] = {}
         if spill_dir is None:
@@ -104,8 +108,12 @@ class StateCopy:
                 p.grad = None if grad is None else get(grad).to(p.device)
             for b, key in zip(model.buffers(), self.buffers):
                 b.copy_(get(key))
-            state = {index: {k: get(v) if isinstance(v, _Key) else v for k, v in entry.items()}
-                     for index, entry in self.optimizer["state"].items()}
+            def loaded(value: Any) -> Any:
+                if isinstance(value, _Key):
+                    return get(value)
+                return {k: loaded(v) for k, v in value.items()} if isinstance(value, dict) else value
+
+            state = {index: loaded(entry) for index, entry in self.optimizer["state"].items()}
             optimizer.load_state_dict({"state": state, "param_groups": copy.deepcopy(self.optimizer["param_groups"])})
         set_state_bits(optimizer, self.state_bits)  # the loaded state has its old form; new states take it again
         if scaler is not None and self.scaler is not None:
