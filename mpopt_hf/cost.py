@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from .config import MemoryConfig
+from .microbatch import batch_size_of
 
 MiB = 2**20
 
@@ -43,6 +44,7 @@ class FakeTensorCostModel:
         self.setup = fake_setup(self.model, self.optimizer, self.batch)  # one fake copy serves every prediction
         self.peaks_mib: dict[MemoryConfig, float] = {}
         self.seconds = 0.0
+        self._structure: Any = None  # the exact terms, for 8-bit optimizer steps (built at the first one)
 
     def peak_mib(self, config: MemoryConfig) -> float:
         if config not in self.peaks_mib:
@@ -50,12 +52,26 @@ class FakeTensorCostModel:
 
             start = time.perf_counter()
             prediction = predict_step(self.model, self.batch, config, self.optimizer, setup=self.setup)
-            self.peaks_mib[config] = prediction.peak_mib
+            self.peaks_mib[config] = max(prediction.peak_mib, self._low_bit_step_mib(config))
             self.seconds += time.perf_counter() - start
         return self.peaks_mib[config]
 
     def predict(self, config: MemoryConfig) -> tuple[float | None, float | None]:
         return self.peak_mib(config) * MiB, None
+
+    def _low_bit_step_mib(self, config: MemoryConfig) -> float:
+        """An 8-bit optimizer step with its kernel's hidden fp32 copies, which fake tensors cannot see: weights,
+        moments, inputs and every gradient, plus those copies for the largest 8-bit tensor (exact terms)."""
+        if config.optimizer_state != "8bit":
+            return 0.0
+        if self._structure is None:
+            from .profiler import model_structure
+
+            self._structure = model_structure(self.model, self.batch, self.optimizer)
+        s = self._structure
+        inputs = s.input_bytes_const + s.input_bytes_per_sample * batch_size_of(self.batch)
+        grads = sum(g.grad_bytes for g in s.groups(config))
+        return (s.weights_bytes + s.optimizer_state_bytes(config) + inputs + grads + s.low_bit_transient(config)) / MiB
 
 
 class ProfileCostModel:

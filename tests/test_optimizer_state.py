@@ -318,3 +318,20 @@ def test_resuming_with_8_bit_state_newly_listed(tmp_path):
     inner = trainer.optimizer.optimizer
     assert trainer.state.global_step == 4 and state_bits(inner) == "8bit"
     assert {st["step"] for st in inner.state.values()} == {4}  # two saved steps, two more: not restarted
+
+
+def test_the_fake_cost_model_adds_the_8_bit_steps_hidden_bytes():
+    """`cost_predictor="fake"` prices budgets from fake steps, which cannot see the CPU kernel's fp32 copies; for
+    an 8-bit configuration it takes the exact optimizer-step floor with those copies, as the memory model does."""
+    from mpopt_hf.cost import FakeTensorCostModel
+
+    net = _Wide()
+    batch = {"x": torch.randn(2, 16), "labels": torch.tensor([0, 1])}
+    optimizer = switchable_adamw(torch.optim.AdamW(net.parameters(), lr=1e-3))
+    config = MemoryConfig(2, optimizer_state="8bit")
+    fake_step = predict_step(net, batch, config, optimizer).peak_bytes
+    priced = FakeTensorCostModel(net, batch, optimizer).predict(config)[0]
+    real = measure(net, batch, config, optimizer, steps=1)
+    assert fake_step < real.peak_bytes and priced == pytest.approx(real.peak_bytes, rel=0.03)
+    assert FakeTensorCostModel(net, batch, optimizer).predict(MemoryConfig(2))[0] == pytest.approx(
+        predict_step(net, batch, MemoryConfig(2), optimizer).peak_bytes)

@@ -67,6 +67,8 @@ def choose_fit_configs(model: MemoryModel, space: list[MemoryConfig], batch_size
     stands) stays at or under it are candidates, so that profiling never runs what the budget forbids."""
     if limit_bytes is not None:
         space = [c for c in space if model.predict(c, batch_size).peak_bytes <= limit_bytes]
+    # the time model has no 8-bit optimizer term: calibrate on fp32 moments where the space has them
+    space = [c for c in space if c.optimizer_state == "fp32"] or space
     if k <= 0 or not space:
         return []
     ranked = sorted(space, key=lambda c: model.predict(c, batch_size).peak_bytes)
