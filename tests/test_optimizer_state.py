@@ -335,3 +335,12 @@ def test_the_fake_cost_model_adds_the_8_bit_steps_hidden_bytes():
     assert fake_step < real.peak_bytes and priced == pytest.approx(real.peak_bytes, rel=0.03)
     assert FakeTensorCostModel(net, batch, optimizer).predict(MemoryConfig(2))[0] == pytest.approx(
         predict_step(net, batch, MemoryConfig(2), optimizer).peak_bytes)
+
+
+def test_an_8_bit_oom_rules_out_its_fp32_twin_and_not_the_reverse():
+    from mpopt_hf.engine.candidates import Candidate
+    from mpopt_hf.engine.rules import at_least_as_large
+
+    eight, fp32 = Candidate(MemoryConfig(8, optimizer_state="8bit")), Candidate(MemoryConfig(8))
+    assert at_least_as_large(fp32, eight) and not at_least_as_large(eight, fp32)
+    assert not at_least_as_large(Candidate(MemoryConfig(4)), eight)  # a smaller micro-batch may fit

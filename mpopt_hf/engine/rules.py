@@ -100,5 +100,7 @@ def at_least_as_large(c: Candidate, failed: Candidate) -> bool:
     # fewer checkpointed blocks keep more; a selective block keeps more than a whole-block one
     keeps_as_much = c.config.checkpoint_segments <= config.checkpoint_segments and (
         not c.config.checkpoint_segments or c.config.selective or not config.selective)
-    return group_key(c.config) == group_key(config) and c.config.micro_batch_size >= config.micro_batch_size and (
-        keeps_as_much)
+    # fp32 moments hold more than 8-bit ones
+    same_learning = group_key(c.config)[:3] == group_key(config)[:3] and (
+        c.config.optimizer_state == config.optimizer_state or c.config.optimizer_state == "fp32")
+    return same_learning and c.config.micro_batch_size >= config.micro_batch_size and keeps_as_much
