@@ -44,7 +44,14 @@ def is_switchable(optimizer: Any) -> bool:
 
 
 def mark_switchable(optimizer: Any) -> Any:
-    """Mark a bitsandbytes AdamW built like `switchable_adamw`'s (e.g. a fake copy of one) as switchable."""
+    """Mark a bitsandbytes AdamW built like `switchable_adamw`'s (e.g. a fake copy of one) as switchable, with a
+    config manager of its own: bitsandbytes' global one keeps per-parameter overrides by (group, index), which
+    another optimizer in the process (Trainer's ``adamw_bnb_8bit`` registers its embeddings there) would
+    otherwise impose on this one."""
+    manager_cls = type(optimizer.mng)
+    own = manager_cls.__new__(manager_cls)
+    own.initialize()
+    optimizer.mng = own
     setattr(optimizer, _MARK, True)
     return optimizer
 

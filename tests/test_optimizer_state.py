@@ -325,13 +325,20 @@ def test_the_fake_cost_model_adds_the_8_bit_steps_hidden_bytes():
     an 8-bit configuration it takes the exact optimizer-step floor with those copies, as the memory model does."""
     from mpopt_hf.cost import FakeTensorCostModel
 
+    from bitsandbytes.optim import GlobalOptimManager
+
     net = _Wide()
     batch = {"x": torch.randn(2, 16), "labels": torch.tensor([0, 1])}
     optimizer = switchable_adamw(torch.optim.AdamW(net.parameters(), lr=1e-3))
     config = MemoryConfig(2, optimizer_state="8bit")
-    fake_step = predict_step(net, batch, config, optimizer).peak_bytes
-    priced = FakeTensorCostModel(net, batch, optimizer).predict(config)[0]
-    real = measure(net, batch, config, optimizer, steps=1)
+    shared = GlobalOptimManager.get_instance()  # another optimizer's override by index (as Trainer registers one)
+    shared.index2config[(0, 0)] = shared.index2config[(0, 2)] = {"optim_bits": 32}
+    try:
+        fake_step = predict_step(net, batch, config, optimizer).peak_bytes
+        priced = FakeTensorCostModel(net, batch, optimizer).predict(config)[0]
+        real = measure(net, batch, config, optimizer, steps=1)
+    finally:
+        del shared.index2config[(0, 0)], shared.index2config[(0, 2)]
     assert fake_step < real.peak_bytes and priced == pytest.approx(real.peak_bytes, rel=0.03)
     assert FakeTensorCostModel(net, batch, optimizer).predict(MemoryConfig(2))[0] == pytest.approx(
         predict_step(net, batch, MemoryConfig(2), optimizer).peak_bytes)

@@ -19,7 +19,7 @@ from ..blocks import ModelBlocks, find_blocks
 from ..knobs import knob_state
 from ..memory_model import ModelStructure, OptimizerCost, ParamGroup, nonneg_least_squares
 from ..microbatch import batch_size_of
-from ..optimizer_state import is_switchable, low_bit_min_size
+from ..optimizer_state import is_switchable, low_bit_min_size, mark_switchable
 from .measure import tracker_peak
 
 CUDA_BLOCK = 512  # the caching allocator rounds every allocation up to this
@@ -189,7 +189,7 @@ def low_bit_step_bytes_per_element(optimizer: torch.optim.Optimizer, device: tor
 
     inner = getattr(optimizer, "optimizer", optimizer)
     p = torch.zeros(n, device=device, dtype=dtype, requires_grad=True)
-    probe = type(inner)([p], optim_bits=8, min_8bit_size=min(n, inner.args.min_8bit_size))
+    probe = mark_switchable(type(inner)([p], optim_bits=8, min_8bit_size=min(n, inner.args.min_8bit_size)))
     p.grad = torch.full_like(p, 1e-3)
     probe.step()  # the state exists from here: the next step is the steady one
     if device.type == "cuda":
