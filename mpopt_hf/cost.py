@@ -69,9 +69,7 @@ class FakeTensorCostModel:
 
             self._structure = model_structure(self.model, self.batch, self.optimizer)
         s = self._structure
-        inputs = s.input_bytes_const + s.input_bytes_per_sample * batch_size_of(self.batch)
-        grads = sum(g.grad_bytes for g in s.groups(config))
-        return (s.weights_bytes + s.optimizer_state_bytes(config) + inputs + grads + s.low_bit_transient(config)) / MiB
+        return s.optimizer_step_bytes(config, batch_size_of(self.batch), s.low_bit_transient(config)) / MiB
 
 
 class ProfileCostModel:

@@ -121,17 +121,16 @@ class MemoryModel:
         s, cal = self.structure, self.calibration
         m = min(config.micro_batch_size, batch_size)
         n_micro = math.ceil(batch_size / m)
-        groups = s.groups(config)
-        grads = float(sum(g.grad_bytes for g in groups))
+        grads = s.grad_bytes(config)
         opt_state = s.optimizer_state_bytes(config)
-        inputs = s.input_bytes_const + s.input_bytes_per_sample * batch_size
+        inputs = s.input_bytes(batch_size)
         static = s.weights_bytes + opt_state + inputs
         workspace = cal.workspace(config.precision, m)
         peak_first, peak_later, ret_first, ret_later, grads_first = self._dynamic(config, m)
         opt_transient = max(s.optimizer.transient(s.trainable_in_optimizer_order(config)), s.low_bit_transient(config))
         candidates = [
             (static + peak_first + workspace, "first micro-batch", grads_first, ret_first, peak_first - ret_first - grads_first),
-            (static + grads + opt_transient, "optimizer step", grads, 0.0, opt_transient),
+            (s.optimizer_step_bytes(config, batch_size, opt_transient), "optimizer step", grads, 0.0, opt_transient),
         ]
         if n_micro > 1:
             candidates.append((static + grads + peak_later + workspace, "later micro-batches", grads, ret_later,

@@ -85,16 +85,27 @@ class ModelStructure:
         sizes = [n for group, n, _ in self.state_entries if trains(group) and n >= self.low_bit_min_size]
         return self.optimizer.low_bit_per_element * max(sizes, default=0)
 
+    def input_bytes(self, batch_size: int) -> float:
+        return self.input_bytes_const + self.input_bytes_per_sample * batch_size
+
+    def grad_bytes(self, config: MemoryConfig) -> float:
+        """Every gradient of the parameters that train under ``config``."""
+        return float(sum(g.grad_bytes for g in self.groups(config)))
+
+    def optimizer_step_bytes(self, config: MemoryConfig, batch_size: int, transient: float) -> float:
+        """The optimizer step's peak: weights, moments, inputs and every gradient, plus the step's ``transient``."""
+        return (self.weights_bytes + self.optimizer_state_bytes(config) + self.input_bytes(batch_size)
+                + self.grad_bytes(config) + transient)
+
     def optimizer_state_bytes(self, config: MemoryConfig) -> float:
         """The optimizer's state under ``config``: what it holds already plus what the trainable tensors add."""
-        groups = self.groups(config)
         if not self.low_bit_min_size:
             if config.optimizer_state != "fp32":
                 raise ValueError(f"{config.short()} asks for optimizer_state={config.optimizer_state!r}, but the "
                                  "profiled optimizer keeps fp32 moments only; profile it with the trainer's optimizer "
                                  "built for 8-bit state (MPOptArguments.optimizer_states).")
             return self.existing_state_bytes + sum(g.fresh_tensors * self.optimizer.state_a
-                                                   + g.fresh_bytes * self.optimizer.state_b for g in groups)
+                                                   + g.fresh_bytes * self.optimizer.state_b for g in self.groups(config))
         trains = self._trains(config)
         held = [n for group, n, has_state in self.state_entries if has_state or trains(group)]
         total = sum(state_bytes(n, config.optimizer_state, self.low_bit_min_size) for n in held)

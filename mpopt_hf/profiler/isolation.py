@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import itertools
 import os
 import tempfile
 from collections.abc import Callable, Iterator
@@ -20,7 +21,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
-from torch.utils._pytree import tree_map_only
+from torch.utils._pytree import tree_map, tree_map_only
 
 from ..knobs import apply_memory_config, knob_state, remove_knobs
 from ..optimizer_state import set_state_bits, state_bits
@@ -69,16 +70,11 @@ class StateCopy:
         self.params = [name(f"p{i}", p) for i, p in enumerate(params)]
         self.buffers = [name(f"b{i}", b) for i, b in enumerate(model.buffers())]
         self.grads = [None if p.grad is None else name(f"g{i}", p.grad) for i, p in enumerate(params)]
-        def named(key: str, value: Any) -> Any:  # at any depth: bitsandbytes nests its 8-bit moments in a dict
-            if torch.is_tensor(value):
-                return name(key, value)
-            if isinstance(value, dict):
-                return {k: named(f"{key}.{k}", v) for k, v in value.items()}
-            return copy.deepcopy(value)
-
-        saved = optimizer.state_dict()
-        self.optimizer = {"param_groups": copy.deepcopy(saved["param_groups"]),
-                          "state": {index: named(f"o{index}", entry) for index, entry in saved["state"].items()}}
+        saved, count = optimizer.state_dict(), itertools.count()
+        # every tensor at any depth (bitsandbytes nests its 8-bit moments in a dict of the state) becomes a name
+        state = tree_map(lambda v: name(f"o{next(count)}", v) if torch.is_tensor(v) else copy.deepcopy(v),
+                         saved["state"])
+        self.optimizer = {"param_groups": copy.deepcopy(saved["param_groups"]), "state": state}
         self.file: str | None = None
         self.held: dict[str, torch.Tensor] = {}
         if spill_dir is None:
@@ -108,12 +104,7 @@ class StateCopy:
                 p.grad = None if grad is None else get(grad).to(p.device)
             for b, key in zip(model.buffers(), self.buffers):
                 b.copy_(get(key))
-            def loaded(value: Any) -> Any:
-                if isinstance(value, _Key):
-                    return get(value)
-                return {k: loaded(v) for k, v in value.items()} if isinstance(value, dict) else value
-
-            state = {index: loaded(entry) for index, entry in self.optimizer["state"].items()}
+            state = tree_map_only(_Key, get, self.optimizer["state"])
             optimizer.load_state_dict({"state": state, "param_groups": copy.deepcopy(self.optimizer["param_groups"])})
         set_state_bits(optimizer, self.state_bits)  # the loaded state has its old form; new states take it again
         if scaler is not None and self.scaler is not None:
