@@ -90,7 +90,7 @@ def choose_budget(model: nn.Module, fake: FakeTensorCostModel, batch: int, space
                   race: bool) -> dict[str, float]:
     """The run's budget (MiB) from the fake-tensor peaks, with what it was derived from."""
     from mpopt_hf import MemoryConfig
-    from mpopt_hf.engine_setup import host_copy_bytes
+    from mpopt_hf.callback.setup import host_copy_bytes
 
     whole = fake.peak_mib(MemoryConfig(batch))
     smallest = min(fake.peak_mib(MemoryConfig(m, f, k)) for m in space["micro_batch_sizes"]
@@ -145,7 +145,7 @@ def one_run(spec: RunSpec) -> dict[str, Any]:
     from memory_cards.architectures import build
     from mpopt_hf import MPOptArguments, MPOptTrainer
     from mpopt_hf.cost import FakeTensorCostModel
-    from mpopt_hf.step_peak import process_peak_rss_bytes
+    from mpopt_hf.training.step_peak import process_peak_rss_bytes
 
     sys.path.insert(0, str(ROOT / "tests"))
     from trainer_utils import ListDataset

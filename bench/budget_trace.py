@@ -49,7 +49,7 @@ from transformers import Trainer  # noqa: E402
 
 import small_cnn  # noqa: E402
 from mpopt_hf import MemoryConfig, MPOptArguments, MPOptTrainer  # noqa: E402
-from mpopt_hf.blocks import find_blocks  # noqa: E402
+from mpopt_hf.model.blocks import find_blocks  # noqa: E402
 from mpopt_hf.engine import MIB  # noqa: E402
 from mpopt_hf.engine.candidates import DecisionKind  # noqa: E402
 

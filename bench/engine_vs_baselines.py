@@ -44,7 +44,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments  # noqa: E4
 import small_cnn  # noqa: E402
 import vision  # noqa: E402
 from mpopt_hf import MemoryConfig, MPOptArguments, MPOptTrainer, WallClockLimit  # noqa: E402
-from mpopt_hf.blocks import find_blocks  # noqa: E402
+from mpopt_hf.model.blocks import find_blocks  # noqa: E402
 from mpopt_hf.engine import MIB, Candidate, enumerate_configs, prune  # noqa: E402
 from mpopt_hf.profiler import predict_step  # noqa: E402
 
@@ -133,6 +133,8 @@ def main() -> None:
     parser.add_argument("--gain", default="val_accuracy", choices=["val_accuracy", "train_loss"],
                         help="the engine's gain signal: accuracy on the probe, or the training loss (no evaluation)")
     parser.add_argument("--lr-scaling", default="sqrt", choices=["none", "linear", "sqrt"])
+    parser.add_argument("--gain-per", default="second", choices=["second", "step"],
+                        help="what the engine divides a trial's gain by (MPOptArguments.gain_per)")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     ns = parser.parse_args()
     torch.manual_seed(0)
@@ -204,7 +206,8 @@ def main() -> None:
                                checkpoint_segments=segments, precisions=["fp32"], trial_steps=ns.trial_steps,
                                effective_batch_sizes=ns.batches if len(ns.batches) > 1 else None,
                                lr_scaling=ns.lr_scaling if len(ns.batches) > 1 else None,
-                               trial_max_s=ns.seconds / 15, search_share=ns.search_share, gain_metric=ns.gain)
+                               trial_max_s=ns.seconds / 15, search_share=ns.search_share, gain_metric=ns.gain,
+                               gain_per=ns.gain_per)
         counter = UpdateCounter()
         trainer = MPOptTrainer(model=model, args=_args(tmp, 10**6, seed=seed), train_dataset=s_train,
                                eval_dataset=s_val, mpopt_args=mpopt, cost_model=cost,
@@ -246,7 +249,7 @@ def main() -> None:
     summary = {
         "seconds": ns.seconds, "seeds": ns.seeds, "corruption": f"{ns.corruption}/{ns.severity}", "budget_mib": budget_mib,
         "default_peak_mib": cost.predict(default)[0] / MIB, "clean_acc_before": clean_acc, "batches": ns.batches,
-        "lr_scaling": ns.lr_scaling,
+        "lr_scaling": ns.lr_scaling, "gain_per": ns.gain_per,
         "shifted_acc_before": shifted_acc, "best_fixed": best_fixed, "prediction_s": cost.seconds,
         "n_configs_predicted": len(space), "same_as": same_as, "runs": runs, "torch": torch.__version__, "threads": torch.get_num_threads(),
     }

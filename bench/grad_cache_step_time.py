@@ -9,7 +9,7 @@ each repeat, so machine load falls on all three alike):
 
 * ``whole``: the effective batch in one forward/backward (the reference);
 * ``naive``: micro-batches with accumulated gradients (cheap, but the wrong objective);
-* ``grad_cache``: `mpopt_hf.grad_cache.grad_cache_backward` (exact; one extra no-graph forward).
+* ``grad_cache``: `mpopt_hf.training.grad_cache.grad_cache_backward` (exact; one extra no-graph forward).
 
 Ratios are taken within each repeat and summarised by their median and range. Expected:
 ``grad_cache / naive`` ~ 4/3 (a backward costs about two forwards, plus the extra forward).
@@ -27,10 +27,10 @@ import torch
 import transformers as tf
 
 from mpopt_hf.config import MemoryConfig
-from mpopt_hf.coupled_loss import find_coupled_loss
-from mpopt_hf.grad_cache import grad_cache_backward
-from mpopt_hf.knobs import apply_memory_config
-from mpopt_hf.microbatch import micro_batch_shares, split_batch
+from mpopt_hf.training.coupled_loss import find_coupled_loss
+from mpopt_hf.training.grad_cache import grad_cache_backward
+from mpopt_hf.model.knobs import apply_memory_config
+from mpopt_hf.training.microbatch import micro_batch_shares, split_batch
 
 
 def build_clip(width: int, layers: int, image_size: int, seq_len: int) -> tf.CLIPModel:

@@ -21,7 +21,7 @@ def main(argv: list[str]) -> int:
 
     from memory_cards.architectures import build_named
     from mpopt_hf import MemoryConfig
-    from mpopt_hf.optimizer_state import switchable_adamw
+    from mpopt_hf.training.optimizer_state import switchable_adamw
     from mpopt_hf.profiler import build_memory_model, measure
 
     print("| model | batch | configuration | predicted MiB (phase) | measured MiB | live tensors MiB |")

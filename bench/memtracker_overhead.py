@@ -1,6 +1,6 @@
 """What the CPU per-step peak costs: MPOptTrainer's step with MemTracker on every step, every ``rate``-th, and off.
 
-On a CPU the trainer measures a step's tensor bytes with MemTracker (`mpopt_hf.step_peak.StepPeakMeter`) on the
+On a CPU the trainer measures a step's tensor bytes with MemTracker (`mpopt_hf.training.step_peak.StepPeakMeter`) on the
 first step of each configuration and every ``peak_every_steps`` (10) after it. MemTracker intercepts every op, so a
 tracked step is slower; how much depends on how many ops a step runs per second of arithmetic, which is why a tiny
 model (Python and dispatch overhead dominate) is measured beside real-size ones.
@@ -38,7 +38,7 @@ from report import mean_interval, write_report  # noqa: E402
 from transformers import TrainerCallback, TrainingArguments  # noqa: E402
 
 from mpopt_hf import MemoryConfig, MPOptTrainer  # noqa: E402
-from mpopt_hf.step_peak import StepPeakMeter  # noqa: E402
+from mpopt_hf.training.step_peak import StepPeakMeter  # noqa: E402
 
 MODES = ("every", "off", "rate")
 DEFAULT_MODELS = "resnet50-cifar:64,vit-b16:8,tiny-vit-b16:8"

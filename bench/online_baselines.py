@@ -32,7 +32,7 @@ import torch  # noqa: E402
 from report import write_report  # noqa: E402
 
 from clip_online.run import default_budget_mib, load_stream, main as run_recipe, parse, source_model  # noqa: E402
-from mpopt_hf.blocks import find_blocks  # noqa: E402
+from mpopt_hf.model.blocks import find_blocks  # noqa: E402
 from mpopt_hf.config import MemoryConfig  # noqa: E402
 from mpopt_hf.cost import FakeTensorCostModel  # noqa: E402
 from mpopt_hf.engine import Candidate, enumerate_configs, prune  # noqa: E402

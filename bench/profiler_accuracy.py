@@ -28,9 +28,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from mpopt_hf.blocks import find_blocks  # noqa: E402
+from mpopt_hf.model.blocks import find_blocks  # noqa: E402
 from mpopt_hf.cli import load_model, synthetic_batch  # noqa: E402
-from mpopt_hf.knobs import apply_memory_config  # noqa: E402
+from mpopt_hf.model.knobs import apply_memory_config  # noqa: E402
 from mpopt_hf.memory_model import config_space  # noqa: E402
 from mpopt_hf.store.keys import machine_signature  # noqa: E402
 from mpopt_hf.profiler import (  # noqa: E402

@@ -6,7 +6,7 @@ so the untrained classifier *is* CLIP's zero-shot classifier. Only the vision
 tower is kept: the text tower is needed once, to build the head.
 
 The attribute names (``vision_model``, ``visual_projection``, ``classifier``)
-are the ones `mpopt_hf.blocks` looks for, so the knobs see family ``clip`` with
+are the ones `mpopt_hf.model.blocks` looks for, so the knobs see family ``clip`` with
 the vision encoder layers as blocks, the embeddings + ``pre_layrnorm`` as stem
 and the projection + head as head.
 """

@@ -17,9 +17,9 @@ from typing import Any
 import torch
 
 from mpopt_hf import MemoryConfig
-from mpopt_hf.blocks import find_blocks
-from mpopt_hf.knobs import n_frozen_blocks
-from mpopt_hf.optimizer_state import switchable_adamw
+from mpopt_hf.model.blocks import find_blocks
+from mpopt_hf.model.plan import n_frozen_blocks
+from mpopt_hf.training.optimizer_state import switchable_adamw
 
 from . import measuring
 from .architectures import build_named
@@ -34,7 +34,7 @@ QUICK_MODELS = ("resnet50", "vit")
 
 def _default_models() -> tuple[str, ...]:
     import small_cnn
-    from mpopt_hf.tiny_models import TINY_FAMILIES
+    from mpopt_hf.testing.tiny_models import TINY_FAMILIES
 
     return (*small_cnn.MODEL_NAMES, *TINY_FAMILIES)
 

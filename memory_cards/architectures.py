@@ -121,13 +121,13 @@ def _build_full(name: str, size: int | None, seed: int) -> tuple[torch.nn.Module
         cfg = tf.GPTNeoConfig(vocab_size=50257, hidden_size=768, num_layers=12, num_heads=12, window_size=256,
                               attention_types=[[["global", "local"], 6]], max_position_embeddings=2048)
         return tf.GPTNeoForCausalLM(cfg), _lm_batches(cfg.vocab_size, GPT_NEO_SEQ_LEN, seed)
-    from mpopt_hf.tiny_models import SamForMaskTraining
+    from mpopt_hf.testing.tiny_models import SamForMaskTraining
 
     return SamForMaskTraining(_sam_config(size or 512)), _sam_batches(size or 512, seed)
 
 
 def _build_tiny(name: str, seed: int) -> tuple[torch.nn.Module, MakeBatch]:
-    from mpopt_hf import tiny_models
+    from mpopt_hf.testing import tiny_models
 
     if name in _TINY_ZOO:
         import small_cnn
@@ -160,10 +160,10 @@ def build_named(name: str, tiny: bool = False, image_size: int | None = None,
     """``(model, make_batch, what the input is)`` for any name the cards accept.
 
     An `ARCHITECTURES` name; a `small_cnn.MODEL_NAMES` name (the zoo at full width, 32 px, 10 classes; ``tiny``: its
-    few-channel variant); or a `mpopt_hf.tiny_models.TINY_FAMILIES` name (always the tiny HF model).
+    few-channel variant); or a `mpopt_hf.testing.tiny_models.TINY_FAMILIES` name (always the tiny HF model).
     """
     import small_cnn
-    from mpopt_hf import tiny_models
+    from mpopt_hf.testing import tiny_models
 
     if name in ARCHITECTURES_INFO:
         model, make = build(name, image_size=image_size, tiny=tiny, seed=seed)
@@ -177,7 +177,7 @@ def build_named(name: str, tiny: bool = False, image_size: int | None = None,
         return model, _classify_batches(size, 10, seed), f"{size}x{size} RGB images, 10 classes ({width})"
     if name in tiny_models.TINY_FAMILIES:
         model = tiny_models.build_tiny(name, seed=seed)
-        return model, lambda n: tiny_models.example_batch(model, n, seed=seed), "mpopt_hf.tiny_models config"
+        return model, lambda n: tiny_models.example_batch(model, n, seed=seed), "mpopt_hf.testing.tiny_models config"
     known = [*ARCHITECTURES_INFO, *small_cnn.MODEL_NAMES, *tiny_models.TINY_FAMILIES]
     raise ValueError(f"unknown model {name!r}; known: {', '.join(known)}")
 

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from mpopt_hf import MemoryConfig
-from mpopt_hf.mem_tracking import CATEGORIES
+from mpopt_hf.training.mem_tracking import CATEGORIES
 from mpopt_hf.profiler import measure
 
 MiB = 2**20

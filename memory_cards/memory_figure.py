@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from mpopt_hf import MemoryConfig
-from mpopt_hf.blocks import find_blocks
+from mpopt_hf.model.blocks import find_blocks
 
 from . import measuring
 from .architectures import ARCHITECTURES, ARCHITECTURES_INFO, build_named

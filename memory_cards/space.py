@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from mpopt_hf import MemoryConfig
-from mpopt_hf.knobs import n_frozen_blocks
+from mpopt_hf.model.plan import n_frozen_blocks
 
 MiB = 2**20
 
@@ -54,7 +54,7 @@ class PeakPredictor:
 
     def __init__(self, model: nn.Module, batch: Mapping[str, Any], optimizer: torch.optim.Optimizer,
                  precisions: Sequence[str] = ("fp32", "bf16")) -> None:
-        from mpopt_hf.microbatch import batch_size_of
+        from mpopt_hf.training.microbatch import batch_size_of
         from mpopt_hf.profiler import fake_setup
 
         self.model, self.batch, self.optimizer = model, dict(batch), optimizer

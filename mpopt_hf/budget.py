@@ -25,7 +25,8 @@ from typing import Any
 
 import torch
 
-MIB = 2**20
+from .config import MIB
+
 AUTO = "auto"
 # a change smaller than this share of the budget is noise (allocator rounding, another process's small buffers)
 RELATIVE_CHANGE = 0.01
@@ -85,10 +86,12 @@ def is_dynamic(budget: Any) -> bool:
 class BudgetReader:
     """Reads the budget every ``every`` steps and says when it changed by more than `RELATIVE_CHANGE`."""
 
-    def __init__(self, budget: Any, device: torch.device, every: int) -> None:
+    def __init__(self, budget: Any, device: torch.device, every: int, last_bytes: float | None = None,
+                 last_step: int | None = None) -> None:
+        """``last_bytes`` and ``last_step``: the budget already known (e.g. the engine's) and the step it was read at."""
         self.budget, self.device, self.every = budget, device, every
-        self.last_bytes: float | None = None
-        self.last_step: int | None = None
+        self.last_bytes = last_bytes
+        self.last_step = last_step
 
     @property
     def dynamic(self) -> bool:
@@ -151,6 +154,12 @@ class BudgetTrace:
 
     def start(self) -> None:
         self.started = self.clock()
+
+    def replayed_on(self, clock: Callable[[], float]) -> "BudgetTrace":
+        """The same points on another clock (e.g. a stream's steps), started at its zero; this trace is untouched."""
+        trace = BudgetTrace(self.points, clock)
+        trace.started = 0.0
+        return trace
 
     def elapsed(self) -> float:
         if self.started is None:

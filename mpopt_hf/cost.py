@@ -20,10 +20,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import MemoryConfig
-from .microbatch import batch_size_of
-
-MiB = 2**20
+from .config import MIB, MemoryConfig
+from .training.microbatch import batch_size_of
 
 
 def plain_optimizer(optimizer: Any) -> torch.optim.Optimizer:
@@ -57,7 +55,7 @@ class FakeTensorCostModel:
         return self.peaks_mib[config]
 
     def predict(self, config: MemoryConfig) -> tuple[float | None, float | None]:
-        return self.peak_mib(config) * MiB, None
+        return self.peak_mib(config) * MIB, None
 
     def _low_bit_step_mib(self, config: MemoryConfig) -> float:
         """An 8-bit optimizer step with its kernel's hidden fp32 copies, which fake tensors cannot see: weights,
@@ -69,7 +67,7 @@ class FakeTensorCostModel:
 
             self._structure = model_structure(self.model, self.batch, self.optimizer)
         s = self._structure
-        return s.optimizer_step_bytes(config, batch_size_of(self.batch), s.low_bit_transient(config)) / MiB
+        return s.optimizer_step_bytes(config, batch_size_of(self.batch), s.low_bit_transient(config)) / MIB
 
 
 class ProfileCostModel:
@@ -82,8 +80,8 @@ class ProfileCostModel:
 
     def price_grad_caching(self, model: nn.Module, batch: Mapping[str, Any]) -> None:
         """Price the extra forward and cached embeddings of gradient caching when ``model``'s loss on ``batch``
-        couples the batch (`mpopt_hf.coupled_loss`); the trainer gradient-caches every split batch then."""
-        from .coupled_loss import embedding_width, find_coupled_loss
+        couples the batch (`mpopt_hf.training.coupled_loss`); the trainer gradient-caches every split batch then."""
+        from .training.coupled_loss import embedding_width, find_coupled_loss
 
         adapter = find_coupled_loss(model, batch)
         if adapter is not None and adapter.embed_dims is not None:
@@ -95,8 +93,8 @@ class ProfileCostModel:
             margin: float = 0.05) -> "ProfileCostModel":
         """Fit (or reuse from ``store``) the memory model of ``model`` on ``batch`` for ``space``, measuring only
         configurations predicted to fit ``budget_bytes`` (with ``margin``)."""
-        from .microbatch import batch_size_of
         from .profiler import fit_profile
+        from .training.microbatch import batch_size_of
 
         start = time.perf_counter()
         profile = fit_profile(model, batch, plain_optimizer(optimizer), space, store, n_measure=n_measure,
@@ -113,7 +111,7 @@ class ProfileCostModel:
         timed = memory_model.calibration.n_time_points > 0
         peak, step_s = float(prediction.peak_bytes), (memory_model.predict_time(config, self.batch_size) if timed else None)
         if self.grad_cache is not None and config.micro_batch_size < self.batch_size:
-            from .grad_cache_cost import grad_cache_overhead
+            from .memory_model.grad_cache_cost import grad_cache_overhead
 
             overhead = grad_cache_overhead(memory_model, config, self.batch_size, *self.grad_cache)
             peak = overhead.apply(prediction)[0]
@@ -121,7 +119,7 @@ class ProfileCostModel:
         return peak, step_s
 
     def peak_mib(self, config: MemoryConfig) -> float:
-        return self.predict(config)[0] / MiB
+        return self.predict(config)[0] / MIB
 
     @property
     def uncertainty(self) -> float:

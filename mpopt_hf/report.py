@@ -172,7 +172,7 @@ def format_table(tasks: Sequence[dict[str, Any]]) -> str:
 
     metric = stream_metric(tasks)
     name = SHORT_NAMES.get(metric.metric, metric.metric)
-    from .online_timeline import why_label
+    from .online.timeline import why_label
 
     header = ("task", f"{name} before", f"{name} after", "peak MiB", "pred MiB", "budget MiB", "train s", "configs")
     traced = any(t.get("budget_min_mib") is not None and t.get("budget_min_mib") != t.get("budget_mib") for t in tasks)

@@ -1,14 +1,14 @@
 """SAM with a mask loss, so `MPOptTrainer` can retrain it: transformers' `SamModel` computes none.
 
 `SamForBoxSegmentation` is a `SamModel` (same modules and weight names, so ``facebook/sam-vit-base`` loads into it
-and `mpopt_hf.blocks.find_blocks` reads it as SAM: the vision encoder's layers are the blocks, the neck, prompt
+and `mpopt_hf.model.blocks.find_blocks` reads it as SAM: the vision encoder's layers are the blocks, the neck, prompt
 encoder and mask decoder the head, which stays trainable at every freeze rate) whose ``forward(pixel_values,
 input_boxes, labels)`` takes images in [0, 1] (it normalises them as SamProcessor does), one box prompt per image,
 and returns the single best-mask logits and, with ``labels``, dice + BCE against the mask.
 
 The loss is a mean over samples (each sample's BCE averaged over its pixels, plus its dice loss), so micro-batches
 weighted by their share of the samples sum to the whole batch's gradient exactly: what `MPOptTrainer` does for
-float labels (`mpopt_hf.loss_items.count_loss_items`).
+float labels (`mpopt_hf.training.loss_items.count_loss_items`).
 """
 
 from __future__ import annotations

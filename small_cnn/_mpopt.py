@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from mpopt_hf.blocks import ModelBlocks, register_block_adapter
+from mpopt_hf.model.blocks import ModelBlocks, register_block_adapter
 
 
 def zoo_blocks(model: nn.Module) -> ModelBlocks | None:

@@ -16,7 +16,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from trainer_utils import ListDataset, training_args  # noqa: E402
 
 from mpopt_hf import MemoryConfig, MPOptTrainer  # noqa: E402
-from mpopt_hf.tiny_models import build_tiny, example_batch  # noqa: E402
+from mpopt_hf.testing.tiny_models import build_tiny, example_batch  # noqa: E402
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--out", required=True)

@@ -18,7 +18,7 @@ from transformers import TrainerCallback  # noqa: E402
 
 from dist_fakes import FakeCost, FakeOOM, StepClock  # noqa: E402
 from mpopt_hf import MPOptArguments, MPOptTrainer  # noqa: E402
-from mpopt_hf.tiny_models import build_tiny, example_batch  # noqa: E402
+from mpopt_hf.testing.tiny_models import build_tiny, example_batch  # noqa: E402
 from trainer_utils import ListDataset, training_args  # noqa: E402
 
 

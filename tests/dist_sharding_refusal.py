@@ -11,7 +11,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from trainer_utils import ListDataset, training_args  # noqa: E402
 
 from mpopt_hf import MemoryConfig, MPOptArguments, MPOptCallback, MPOptTrainer  # noqa: E402
-from mpopt_hf.tiny_models import build_tiny, example_batch  # noqa: E402
+from mpopt_hf.testing.tiny_models import build_tiny, example_batch  # noqa: E402
 
 model = build_tiny("vit", dropout=0.0)
 args = training_args(sys.argv[1], 4, fsdp=True, fsdp_config={"version": 2})

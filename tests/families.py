@@ -4,7 +4,7 @@ Every family is built from its config (nothing downloads) with every dropout and
 probability at 0 and a fixed seed, so two builds are bitwise equal and a forward pass is
 deterministic; sizes are a few thousand parameters (hidden 16-32, 2 layers per stack, images
 of 16-32 pixels, sequences of 10 tokens; the project's own tiny families keep the sizes of
-`mpopt_hf.tiny_models`), so one forward/backward takes milliseconds. Every model has at least
+`mpopt_hf.testing.tiny_models`), so one forward/backward takes milliseconds. Every model has at least
 2 blocks per stack, so ``checkpoint_segments=2`` is valid everywhere. ``ENCODER_DECODER`` and
 ``STAGED`` name the families of those shapes; `build_tied_bart` is BART with its hub layout.
 
@@ -33,8 +33,8 @@ import transformers as tf
 from torch import nn
 
 import small_cnn
-import mpopt_hf.tiny_models as tiny
-from mpopt_hf.tiny_models import build_tiny, set_dropout
+import mpopt_hf.testing.tiny_models as tiny
+from mpopt_hf.testing.tiny_models import build_tiny, set_dropout
 
 VOCAB = 64
 SEQ = 10  # tokens per sample (encoder and decoder alike)

@@ -74,7 +74,7 @@ def run_dataclass(name, **kwargs):
 def online(**kwargs):
     def build():
         from mpopt_hf.online import OnlineRetrainer
-        from mpopt_hf.tiny_models import build_tiny
+        from mpopt_hf.testing.tiny_models import build_tiny
         from transformers import TrainingArguments
 
         args = TrainingArguments(output_dir=TESTS_DIR, use_cpu=True, report_to=[], per_device_train_batch_size=4)

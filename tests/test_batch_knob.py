@@ -15,8 +15,8 @@ from transformers import Trainer
 
 from dist_fakes import FakeCost, FakeOOM, StepClock
 from mpopt_hf import MemoryConfig, MPOptArguments, MPOptTrainer
-from mpopt_hf.batch_updates import lr_scale
-from mpopt_hf.tiny_models import build_tiny, example_batch
+from mpopt_hf.training.batch_updates import lr_scale
+from mpopt_hf.testing.tiny_models import build_tiny, example_batch
 from trainer_utils import ListDataset, training_args
 
 

@@ -19,9 +19,10 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 
 import small_cnn
 from families import ENCODER_DECODER, FAMILIES, STAGED, build_tied_bart
-from mpopt_hf.blocks import BLOCK_ADAPTERS, ModelBlocks, find_blocks
+from mpopt_hf.model.blocks import BLOCK_ADAPTERS, ModelBlocks, find_blocks
 from mpopt_hf.config import MemoryConfig
-from mpopt_hf.knobs import apply_memory_config, count_trainable_parameters, n_frozen_blocks
+from mpopt_hf.model.knobs import apply_memory_config, count_trainable_parameters
+from mpopt_hf.model.plan import n_frozen_blocks
 
 N = 4
 NAMES = sorted(FAMILIES)
@@ -344,7 +345,7 @@ def test_an_adapters_head_is_completed():
     """A user adapter names stem and blocks only; whatever is left is head."""
     model = _StagedNet()
     blocks = ModelBlocks(family="user", blocks=[b for st in model.stages for b in st.blocks], stem=[model.embed])
-    from mpopt_hf.blocks import complete_head
+    from mpopt_hf.model.blocks import complete_head
 
     complete_head(model, blocks)
     assert model.classifier in blocks.head and model.cls_token in blocks.head_parameters
@@ -364,12 +365,12 @@ def test_small_cnn_registers_its_adapter():
 def test_mpopt_hf_does_not_import_small_cnn_and_any_zoo_import_registers():
     code = (
         "import sys\n"
-        "import mpopt_hf.blocks, mpopt_hf.knobs\n"
+        "import mpopt_hf.model.blocks, mpopt_hf.model.knobs\n"
         "assert 'small_cnn' not in sys.modules, 'mpopt_hf imported small_cnn'\n"
-        "assert 'small_cnn' not in mpopt_hf.blocks.BLOCK_ADAPTERS\n"
+        "assert 'small_cnn' not in mpopt_hf.model.blocks.BLOCK_ADAPTERS\n"
         "from small_cnn.resnet import SmallResNetConfig, SmallResNetForImageClassification\n"
         "model = SmallResNetForImageClassification(SmallResNetConfig(stem_width=8, widths=(4, 4, 8, 8)))\n"
-        "assert mpopt_hf.blocks.find_blocks(model).family == 'small_cnn'\n"
+        "assert mpopt_hf.model.blocks.find_blocks(model).family == 'small_cnn'\n"
         "import importlib, small_cnn._mpopt; importlib.reload(small_cnn._mpopt)  # re-import must not fail\n"
     )
     root = Path(__file__).resolve().parents[1]

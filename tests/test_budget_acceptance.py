@@ -10,9 +10,9 @@ from transformers import TrainerCallback
 from dist_fakes import FakeCost, StepClock
 from mpopt_hf import MemoryConfig, MPOptArguments, MPOptTrainer
 from mpopt_hf.engine import Candidate, RuleEngine, enumerate_configs
-from mpopt_hf.engine_setup import host_copy_bytes
+from mpopt_hf.callback.setup import host_copy_bytes
 from mpopt_hf.profiler import measure
-from mpopt_hf.tiny_models import build_tiny, example_batch
+from mpopt_hf.testing.tiny_models import build_tiny, example_batch
 from trainer_utils import ListDataset, training_args
 
 MIB = 2**20
@@ -114,8 +114,7 @@ def test_the_engine_races_or_not_by_the_room_its_copies_take():
     candidates = [Candidate(c, *cost.predict(c)) for c in configs]  # mb8/f0: 74 MiB, mb8/f0.5: 42 MiB
     for copy_mib, races in ((1.0, True), (10.0, False)):
         engine = RuleEngine(candidates, budget_bytes=85 * MIB, margin=0.0, strategy="race", trial_steps=1,
-                            late_gain=False, search_share=None)
-        engine.copy_bytes = copy_mib * MIB
+                            late_gain=False, search_share=None, copy_bytes=copy_mib * MIB)
         engine.start(0, 0.0)
         assert engine.racing is races, (copy_mib, engine.decisions[-1].reason)
         assert ("snapshot" in engine.take_ops()) is races  # no race, no copy
@@ -126,7 +125,7 @@ def test_the_coupling_check_runs_outside_the_step_and_within_its_micro_batch(tmp
     """The check that weighted micro-batches give the whole batch's gradient runs once, before the first split
     step's measured window, on no more samples than the micro-batch (two at micro-batch 1): the first step's peak is
     the configuration's, as the later steps' (which also hold the optimizer state made by the first)."""
-    from mpopt_hf.microbatch import batch_size_of
+    from mpopt_hf.training.microbatch import batch_size_of
 
     from memory_cards.architectures import build
 
@@ -138,7 +137,7 @@ def test_the_coupling_check_runs_outside_the_step_and_within_its_micro_batch(tmp
         train_dataset=ListDataset(make_batch(batch * steps)), memory_config=MemoryConfig(1),
         peak_every_steps=1)
     log.trainer = trainer
-    import mpopt_hf.trainer as trainer_module
+    import mpopt_hf.training.trainer as trainer_module
 
     resolve = trainer_module.resolve_coupled_loss
 

@@ -14,7 +14,7 @@ from mpopt_hf import MemoryConfig, MPOptArguments, MPOptTrainer
 from mpopt_hf.budget import BudgetReader, BudgetTrace, read_budget_bytes
 from mpopt_hf.engine import MIB, Candidate, RuleEngine, enumerate_configs
 from mpopt_hf.engine.candidates import DecisionKind
-from mpopt_hf.tiny_models import build_tiny, example_batch
+from mpopt_hf.testing.tiny_models import build_tiny, example_batch
 from trainer_utils import ListDataset, training_args
 
 COST = FakeCost(base_mib=10.0, per_sample_mib=8.0)  # mb8/f0: 74 MiB, mb4: 42, mb2: 26, mb1: 18
@@ -158,10 +158,8 @@ def test_a_race_without_room_for_its_copies_beside_the_fastest_races_smaller_sib
     configurations of the same sets that do, and its winner goes on at the fastest of its set (same learning)."""
     configs = enumerate_configs([8, 4], [0.0, 0.5], [0], ["fp32"], n_blocks=4)
     engine = RuleEngine([Candidate(c, *COST.predict(c)) for c in configs], budget_bytes=80 * MIB, margin=0.0,
-                        strategy="race", trial_steps=1, late_gain=False)
+                        strategy="race", trial_steps=1, late_gain=False, copy_bytes=10 * MIB)
     # fastest per set: mb8/f0 (74 MiB), mb8/f0.5 (42 MiB); with 2 x 10 MiB of copies only mb4/f0 (42) and mb8/f0.5 fit
-    engine.copy_bytes = 10 * MIB
-    engine.survivors = engine._prune()
     first = engine.start(0, 0.0)
     assert engine.racing and "leave room for its two host copies" in engine.decisions[-1].reason
     raced = {first, *engine.race_state.queue}

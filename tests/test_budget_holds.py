@@ -9,7 +9,7 @@ from transformers import TrainerCallback
 from dist_fakes import StepClock
 from mpopt_hf import MemoryConfig, MPOptArguments, MPOptTrainer
 from mpopt_hf.profiler import fitting, measure
-from mpopt_hf.tiny_models import build_tiny, example_batch
+from mpopt_hf.testing.tiny_models import build_tiny, example_batch
 from trainer_utils import ListDataset, training_args
 
 MIB = 2**20

@@ -9,9 +9,9 @@ from transformers import Trainer, TrainerCallback
 
 from dist_fakes import FakeCost, StepClock
 from mpopt_hf import MemoryConfig, MPOptArguments, MPOptCallback, MPOptTrainer
-from mpopt_hf.blocks import find_blocks
-from mpopt_hf.callback import metric_from_logits, resolve_metric
-from mpopt_hf.tiny_models import build_tiny, example_batch
+from mpopt_hf.model.blocks import find_blocks
+from mpopt_hf.callback.gain import metric_from_logits, resolve_metric
+from mpopt_hf.testing.tiny_models import build_tiny, example_batch
 from trainer_utils import ListDataset, training_args
 
 

@@ -8,9 +8,9 @@ import torch.nn.functional as F
 
 import clip_online
 from clip_online import CLIPClassifier, CLIPClassifierConfig, WordTokenizer, adaptation_loss
-from mpopt_hf.blocks import find_blocks
+from mpopt_hf.model.blocks import find_blocks
 from mpopt_hf.config import MemoryConfig
-from mpopt_hf.knobs import apply_memory_config, count_trainable_parameters
+from mpopt_hf.model.knobs import apply_memory_config, count_trainable_parameters
 
 NAMES = ["zero", "one", "two", "three"]
 

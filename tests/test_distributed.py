@@ -23,7 +23,7 @@ def test_two_processes_match_one(tmp_path):
     _run([sys.executable, str(SCRIPT), "--out", str(one), "--micro-batch-size", "8"], tmp_path)
     _run(torchrun_two(SCRIPT, "--out", two, "--micro-batch-size", "3"), tmp_path)
     reference, distributed = load_file(one / "weights.safetensors"), load_file(two / "weights.safetensors")
-    start = __import__("mpopt_hf.tiny_models", fromlist=["build_tiny"]).build_tiny("vit", dropout=0.0).state_dict()
+    start = __import__("mpopt_hf.testing.tiny_models", fromlist=["build_tiny"]).build_tiny("vit", dropout=0.0).state_dict()
     assert reference.keys() == distributed.keys()
     assert any(not torch.equal(reference[k], start[k]) for k in reference)  # training moved the weights
     for key in reference:

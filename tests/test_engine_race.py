@@ -10,6 +10,19 @@ import pytest
 
 from mpopt_hf.config import MemoryConfig
 from mpopt_hf.engine import Candidate, RuleEngine, project_metric
+from mpopt_hf.engine.events import (
+    Action,
+    Drop,
+    Evaluate,
+    Metric,
+    Restore,
+    Run,
+    Snapshot,
+    Start,
+    StepBegin,
+    StepDone,
+    TaskBoundary,
+)
 
 FULL, HALF, HEAD = MemoryConfig(8), MemoryConfig(8, freeze_rate=0.5), MemoryConfig(8, freeze_rate=1.0)
 # accuracy moves towards a ceiling at a rate: freezing trains faster per second but caps lower
@@ -27,33 +40,40 @@ class SimulatedTraining:
         self.trial_starts: list[tuple[str, float]] = []  # (reason, accuracy when the trial began)
         self.seconds = 0.0
 
-    def run_ops(self) -> None:
-        for op in self.engine.take_ops():
-            if op in ("snapshot", "save_best"):
-                self.copies["start" if op == "snapshot" else "best"] = self.accuracy
-            elif op.startswith("restore_"):
-                self.accuracy = self.copies[op.split("_")[1]]
-            elif op == "drop":
+    def carry_out(self, actions: list[Action], step: int) -> MemoryConfig | None:
+        """Carry out the engine's actions on the one-number 'weights'; returns the configuration it asks for."""
+        config = None
+        for action in actions:
+            if isinstance(action, Snapshot):
+                self.copies[action.which] = self.accuracy
+            elif isinstance(action, Restore):
+                self.accuracy = self.copies[action.which]
+            elif isinstance(action, Drop):
                 self.copies.clear()
+            elif isinstance(action, Run):
+                config = action.config
+            elif isinstance(action, Evaluate):
+                config = self.carry_out(self.engine.step(Metric(step=step, value=self.evaluate(), eval_s=self.eval_s)),
+                                        step) or config
+        return config
 
     def evaluate(self) -> float:
-        self.engine.add_search_time(self.eval_s)
         self.seconds += self.eval_s
         return self.accuracy
 
-    def run(self, seconds: float) -> None:
-        config = self.engine.start(0, self.evaluate())
+    def run(self, seconds: float, horizon_s: float | None = None) -> None:
+        start = Start(step=0, metric=self.evaluate(), eval_s=self.eval_s, horizon_s=horizon_s)
+        config = self.carry_out(self.engine.step(start), 0)
         step = 0
         while self.seconds < seconds:
-            self.run_ops()
+            self.carry_out(self.engine.step(StepBegin(step=step)), step)
             if len(self.trial_starts) < len(self.engine.decisions):
                 self.trial_starts.append((self.engine.decisions[-1].reason, self.accuracy))
             step += 1
             dt = STEP_S[config]
             self.accuracy += RATE[config] * (CEILING[config] - self.accuracy) * dt
             self.seconds += dt
-            if self.engine.observe_step(step, dt):
-                config = self.engine.observe_metric(step, self.evaluate())
+            config = self.carry_out(self.engine.step(StepDone(step=step, seconds=dt)), step) or config
 
 
 def test_a_trial_is_judged_on_its_second_half():
@@ -108,8 +128,7 @@ def test_each_candidate_is_judged_by_the_metric_it_would_reach_by_the_horizon():
     assert cost / sim.seconds < 0.15  # the search's own cost stays near search_share of the time
 
     short = RuleEngine([Candidate(c, None, STEP_S[c]) for c in (FULL, HALF, HEAD)], trial_steps=2, search_share=0.4)
-    short.set_horizon(2.0)  # ~1.3 s left after the race: half-frozen gets further in that
-    SimulatedTraining(short).run(1.0)
+    SimulatedTraining(short).run(1.0, horizon_s=2.0)  # ~1.3 s left after the race: half-frozen gets further in that
     assert [MemoryConfig.from_dict(d.config) for d in short.decisions if d.reason.startswith("race won")] == [HALF]
 
 
@@ -173,9 +192,8 @@ def _evaluations(sim: SimulatedTraining) -> int:
 
 def test_a_race_that_cannot_pay_for_itself_in_the_time_left_is_not_run():
     engine = _engine()
-    engine.set_horizon(2.0)  # a race costs ~0.5 s here, over search_share=0.1 of 2 s
     sim = SimulatedTraining(engine)
-    sim.run(2.0)
+    sim.run(2.0, horizon_s=2.0)  # a race costs ~0.5 s here, over search_share=0.1 of 2 s
     assert engine.decisions[0].reason.startswith("start: no race (a race would cost ~0.52 s, over 0.1 of the 2.0 s left)")
     assert [MemoryConfig.from_dict(d.config) for d in engine.decisions] == [FULL]  # the least frozen, all along
     assert engine.discarded_seconds == 0 and _evaluations(sim) == 1  # only the start's evaluation was spent
@@ -183,12 +201,11 @@ def test_a_race_that_cannot_pay_for_itself_in_the_time_left_is_not_run():
 
 def test_the_estimated_race_cost_matches_what_the_race_cost():
     engine = _engine()
-    engine.set_horizon(100.0)
     sim = SimulatedTraining(engine)
-    sim.evaluate()  # the start's evaluation: its time sizes the trials
+    engine.add_search_time(sim.eval_s)  # the start's evaluation: its time sizes the trials
     predicted = engine.race_cost_s([FULL, HALF, HEAD])
-    engine.search_seconds, sim.seconds = 0.0, 0.0
-    sim.run(3.0)
+    engine.search_seconds = 0.0
+    sim.run(3.0, horizon_s=100.0)
     assert any(d.reason.startswith("race won") for d in engine.decisions)
     spent = engine.discarded_seconds + engine.search_seconds - sim.eval_s  # less the start's evaluation
     assert predicted == pytest.approx(0.52) and spent == pytest.approx(predicted, rel=0.2)
@@ -196,9 +213,8 @@ def test_the_estimated_race_cost_matches_what_the_race_cost():
 
 def test_near_the_end_of_the_horizon_the_winner_is_exploited_without_a_new_race():
     engine = _engine()
-    engine.set_horizon(8.0)
     sim = SimulatedTraining(engine)
-    sim.run(8.0)
+    sim.run(8.0, horizon_s=8.0)
     races = [d for d in engine.decisions if d.reason.startswith("race won")]
     assert len(races) == 1  # unbounded, the same run races again once its first exploitation ends
     last = engine.decisions[-1]
@@ -274,8 +290,8 @@ def test_gain_per_is_checked():
 def test_under_gain_per_step_a_race_must_pay_in_the_steps_it_throws_away(steps_left, races):
     engine = RuleEngine([Candidate(FULL, None, 0.125), Candidate(HALF, None, 0.0625)], trial_steps=4,
                         search_share=0.05, gain_per="step")
-    engine.steps_left = steps_left  # one trial of 4 steps is thrown away: 4 <= 0.05 x 400, > 0.05 x 36
-    assert engine.start(0, 0.2) == FULL  # the race starts with the least frozen; without one, it runs
+    # one trial of 4 steps is thrown away: 4 <= 0.05 x 400, > 0.05 x 36
+    assert engine.step(Start(step=0, metric=0.2, steps_left=steps_left)) == [Run(FULL)]  # the least frozen first
     assert engine.racing is races
     if not races:
         assert "a race would throw away ~4 steps, over 0.05 of the 36 steps left" in engine.decisions[-1].reason
@@ -284,13 +300,12 @@ def test_under_gain_per_step_a_race_must_pay_in_the_steps_it_throws_away(steps_l
 def test_a_task_boundary_takes_the_new_tasks_steps_not_the_last_ones_zero():
     engine = RuleEngine([Candidate(FULL, None, 0.125), Candidate(HALF, None, 0.0625)], trial_steps=4,
                         search_share=0.05, gain_per="step")
-    engine.steps_left = 36
-    engine.start(0, 0.2)
+    engine.step(Start(step=0, metric=0.2, steps_left=36))
     assert not engine.racing  # 4 steps thrown away > 0.05 x 36
-    engine.steps_left = 0  # the end of the first task
-    engine.task_boundary(36, steps_left=400)
+    engine.step(StepDone(step=36, seconds=0.125, steps_left=0))  # the end of the first task
+    engine.step(TaskBoundary(step=36, steps_left=400))
     assert engine.racing and engine.steps_left == 400
-    engine.task_boundary(436)  # a task of unknown length: the race is judged per step, its cost not refused
+    engine.step(TaskBoundary(step=436))  # a task of unknown length: the race is judged per step, its cost not refused
     assert engine.steps_left is None and engine.racing
 
 

@@ -23,7 +23,7 @@ from mpopt_hf.callback import (  # noqa: E402
     EngineStateError,
     EngineStateWarning,
 )
-from mpopt_hf.engine_state import atomic_write  # noqa: E402
+from mpopt_hf.callback.engine_state import atomic_write  # noqa: E402
 
 
 def _engine_entry(checkpoint):
@@ -72,7 +72,7 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path):
 def test_resume_restores_hf_weights_saved_under_legacy_names(tmp_path):
     """transformers 5.23 saves ViT under legacy key names; Trainer's resume alone would keep random blocks."""
     from mpopt_hf import MemoryConfig, MPOptTrainer
-    from mpopt_hf.tiny_models import build_tiny, example_batch
+    from mpopt_hf.testing.tiny_models import build_tiny, example_batch
     from trainer_utils import ListDataset, training_args
 
     model = build_tiny("vit", num_layers=2, dropout=0.0)
@@ -273,7 +273,7 @@ def test_atomic_write_never_leaves_a_truncated_file(tmp_path):
 
 def test_trainer_rebuilding_the_callback_from_its_state_is_refused(tmp_path):
     from mpopt_hf import MPOptArguments, MPOptTrainer
-    from mpopt_hf.tiny_models import build_tiny, example_batch
+    from mpopt_hf.testing.tiny_models import build_tiny, example_batch
     from trainer_utils import ListDataset, training_args
 
     model = build_tiny("vit", num_layers=2, dropout=0.0)
@@ -290,7 +290,7 @@ def test_a_plain_trainer_saves_and_restores_the_engine_state(tmp_path, monkeypat
     import small_cnn
     from dist_fakes import FakeCost, StepClock
     from mpopt_hf import MPOptArguments, MPOptCallback
-    from mpopt_hf.tiny_models import example_batch
+    from mpopt_hf.testing.tiny_models import example_batch
     from trainer_utils import ListDataset, training_args
 
     def run(out, resume):

@@ -46,9 +46,9 @@ from torch import nn
 from torch.distributed._tools.mem_tracker import MemTracker
 
 from families import FAMILIES
-from mpopt_hf.blocks import ModelBlocks, find_blocks
+from mpopt_hf.model.blocks import ModelBlocks, find_blocks
 from mpopt_hf.config import MemoryConfig
-from mpopt_hf.knobs import apply_memory_config, count_trainable_parameters
+from mpopt_hf.model.knobs import apply_memory_config, count_trainable_parameters
 
 N = 8
 NAMES = sorted(FAMILIES)

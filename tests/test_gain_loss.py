@@ -14,7 +14,7 @@ import torch
 from dist_fakes import StepClock
 from families import build_family
 from mpopt_hf import MPOptArguments, MPOptTrainer
-from mpopt_hf.gain import GainMeter, resolve_for_output
+from mpopt_hf.callback.gain import GainMeter, resolve_for_output
 from trainer_utils import ListDataset, training_args
 
 def collate(rows):

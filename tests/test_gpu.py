@@ -4,15 +4,15 @@ import pytest
 import torch
 
 from mpopt_hf import MemoryConfig, MPOptTrainer
-from mpopt_hf.tiny_models import build_tiny, example_batch
+from mpopt_hf.testing.tiny_models import build_tiny, example_batch
 from trainer_utils import ListDataset, training_args
 
 pytestmark = pytest.mark.gpu
 
 
 def _peak_of_one_step(model, batch, cfg):
-    from mpopt_hf.knobs import apply_memory_config, autocast_context
-    from mpopt_hf.microbatch import micro_batch_shares, split_batch
+    from mpopt_hf.model.knobs import apply_memory_config, autocast_context
+    from mpopt_hf.training.microbatch import micro_batch_shares, split_batch
 
     apply_memory_config(model, cfg)
     torch.cuda.synchronize()

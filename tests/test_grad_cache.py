@@ -9,7 +9,7 @@ import transformers as tf
 from torch import nn
 
 from mpopt_hf.config import MemoryConfig
-from mpopt_hf.coupled_loss import (
+from mpopt_hf.training.coupled_loss import (
     CLIP_CONTRASTIVE,
     SIGLIP_SIGMOID,
     CoupledLossAdapter,
@@ -20,11 +20,11 @@ from mpopt_hf.coupled_loss import (
     register_coupled_loss,
     unregister_coupled_loss,
 )
-from mpopt_hf.coupling_check import CoupledLossError, check_batch_coupling, resolve_coupled_loss
-from mpopt_hf.grad_cache import RngState, grad_cache_backward
-from mpopt_hf.knobs import apply_memory_config
-from mpopt_hf.microbatch import micro_batch_shares, split_batch
-from mpopt_hf.tiny_models import build_tiny, example_batch
+from mpopt_hf.training.coupling_check import CoupledLossError, check_batch_coupling, resolve_coupled_loss
+from mpopt_hf.training.grad_cache import RngState, grad_cache_backward
+from mpopt_hf.model.knobs import apply_memory_config
+from mpopt_hf.training.microbatch import micro_batch_shares, split_batch
+from mpopt_hf.testing.tiny_models import build_tiny, example_batch
 
 SPLITS = {"4": 4, "2": 2, "1": 1, "3+3+2": 3}
 KNOBS = {
@@ -388,7 +388,7 @@ def test_activation_bytes_follow_the_micro_batch():
 
 
 def test_cost_terms():
-    from mpopt_hf.grad_cache_cost import cached_bytes, extra_forward_work, forward_fraction, grad_cache_overhead
+    from mpopt_hf.memory_model.grad_cache_cost import cached_bytes, extra_forward_work, forward_fraction, grad_cache_overhead
     from mpopt_hf.memory_model import (Affine, MemoryModel, ModelStructure, OptimizerCost, ParamGroup, Span,
                                        SpanCost)
 

@@ -5,9 +5,9 @@ import torch
 from torch import nn
 
 from mpopt_hf import MemoryConfig
-from mpopt_hf.blocks import ModelBlocks, find_blocks, register_block_adapter
-from mpopt_hf.knobs import apply_memory_config, autocast_context, count_trainable_parameters, plan_knobs, remove_knobs
-from mpopt_hf.tiny_models import TINY_FAMILIES, build_tiny, example_batch
+from mpopt_hf.model.blocks import ModelBlocks, find_blocks, register_block_adapter
+from mpopt_hf.model.knobs import apply_memory_config, autocast_context, count_trainable_parameters, plan_knobs, remove_knobs
+from mpopt_hf.testing.tiny_models import TINY_FAMILIES, build_tiny, example_batch
 from trainer_utils import saved_activation_bytes, train_for
 
 

@@ -5,8 +5,8 @@ import torch
 
 import small_cnn
 from mpopt_hf import MemoryConfig
-from mpopt_hf.blocks import find_blocks
-from mpopt_hf.knobs import apply_memory_config, count_trainable_parameters
+from mpopt_hf.model.blocks import find_blocks
+from mpopt_hf.model.knobs import apply_memory_config, count_trainable_parameters
 from trainer_utils import saved_activation_bytes, train_for
 
 

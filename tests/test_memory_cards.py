@@ -10,8 +10,8 @@ from memory_cards import ablation, card, memory_figure
 from memory_cards.architectures import ARCHITECTURES, build, build_named
 from memory_cards.space import PeakPredictor, divisors, knob_space, minimum_peak
 from mpopt_hf import MemoryConfig
-from mpopt_hf.blocks import find_blocks
-from mpopt_hf.knobs import plan_knobs
+from mpopt_hf.model.blocks import find_blocks
+from mpopt_hf.model.knobs import plan_knobs
 
 # Published counts, or the published count with the head changed by arithmetic:
 #  resnet50-cifar: torchvision resnet50 25,557,032 - 7x7 stem conv (9,408) + 3x3 (1,728) - 1000-class fc (2,049,000)
@@ -99,7 +99,7 @@ def test_knob_space_is_every_divisor_freeze_count_and_segment_count():
 
 @pytest.mark.usefixtures("one_torch_thread")
 def test_minimum_search_finds_the_brute_force_minimum_of_exact_fake_steps():
-    from mpopt_hf.tiny_models import build_tiny, example_batch
+    from mpopt_hf.testing.tiny_models import build_tiny, example_batch
 
     model = build_tiny("vit", num_layers=2)
     batch = example_batch(model, 2)

@@ -222,7 +222,7 @@ def test_a_precision_measured_once_is_never_predicted_under_its_reading():
 
 
 def test_the_engine_keeps_free_what_the_fit_is_unsure_of():
-    from mpopt_hf.engine_setup import engine_margin
+    from mpopt_hf.callback.setup import engine_margin
 
     class Unsure:
         uncertainty = 0.12

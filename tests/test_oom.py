@@ -9,8 +9,8 @@ import torch
 
 from dist_fakes import MIB, FakeCost, FakeOOM, StepClock
 from mpopt_hf import MemoryConfig, MPOptArguments, MPOptTrainer
-from mpopt_hf.oom import is_out_of_memory
-from mpopt_hf.tiny_models import build_tiny, example_batch
+from mpopt_hf.training.oom import is_out_of_memory
+from mpopt_hf.testing.tiny_models import build_tiny, example_batch
 from trainer_utils import ListDataset, run_steps, training_args
 
 
@@ -169,3 +169,26 @@ def test_oom_marks_reach_the_profile_store_and_the_next_run_skips_them(tmp_path)
     second.train()
     assert second.oom_events == [] and second.memory_config == MemoryConfig(2)
     store.close()
+
+
+@pytest.mark.parametrize("strategy", ["halving", "fixed", "race"])
+def test_the_baselines_run_as_engine_strategies_without_evaluating(tmp_path, strategy):
+    """'halving' backs off through the engine (no restart, no step lost) and 'fixed' ends the run at its OOM, neither
+    evaluating the gain metric on the 8 evaluation samples, which 'race' does."""
+    model = build_tiny("vit", dropout=0.0)
+    oom = FakeOOM(model, train_limit=2)
+    trainer = _engine_trainer(tmp_path, model, strategy=strategy)
+    if strategy == "fixed":
+        with pytest.raises(RuntimeError, match="strategy='fixed' cannot leave mb8/f0.00/ckpt0/fp32"):
+            trainer.train()
+        assert "eval8" not in oom.sizes
+        return
+    trainer.train()
+    assert ("eval8" in oom.sizes) is (strategy == "race")  # the gain metric, at the evaluation batch of 8
+    if strategy == "race":
+        return
+    train_sizes = [s for s in oom.sizes if s.startswith("train")]
+    assert train_sizes == ["train8!", "train4!"] + ["train2"] * 16 and trainer.state.global_step == 4
+    decisions = trainer.mpopt_callback.engine.decisions
+    assert [(d.kind, d.config["micro_batch_size"]) for d in decisions] == [("start", 8), ("oom", 4), ("oom", 2)]
+    assert trainer.mpopt_callback.engine.search_seconds == 0.0

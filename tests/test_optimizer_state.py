@@ -11,9 +11,9 @@ import torch
 
 from mpopt_hf import MemoryConfig, MPOptArguments, MPOptTrainer
 from mpopt_hf.engine.space import enumerate_configs
-from mpopt_hf.optimizer_state import QMAP_BYTES, is_switchable, set_state_bits, state_bits, state_bytes, switchable_adamw
+from mpopt_hf.training.optimizer_state import QMAP_BYTES, is_switchable, set_state_bits, state_bits, state_bytes, switchable_adamw
 from mpopt_hf.profiler import build_memory_model, measure, predict_step
-from mpopt_hf.tiny_models import build_tiny, example_batch
+from mpopt_hf.testing.tiny_models import build_tiny, example_batch
 from trainer_utils import ListDataset, run_steps, training_args
 
 pytest.importorskip("bitsandbytes")
@@ -277,7 +277,7 @@ def test_the_measurement_copy_takes_8_bit_moments_off_the_device_and_back(tmp_pa
 def test_a_checkpoint_of_the_other_optimizer_resumes(direction):
     """A run resumed with 8-bit state newly listed loads torch AdamW's moments (and the reverse): they are
     translated, not dropped, and the next step is the one the saving optimizer would have taken."""
-    from mpopt_hf.optimizer_state import adapt_loaded_state
+    from mpopt_hf.training.optimizer_state import adapt_loaded_state
 
     build = {"torch": _torch_adamw, "switchable": lambda m: switchable_adamw(_torch_adamw(m))}
     saving, loading = direction.split(" -> ")

@@ -11,7 +11,7 @@ import torch
 
 from mpopt_hf.profiler import fitting
 from mpopt_hf.config import MemoryConfig
-from mpopt_hf.knobs import apply_memory_config, knob_state
+from mpopt_hf.model.knobs import apply_memory_config, knob_state
 from mpopt_hf.memory_model import Calibration, MemoryModel, config_space
 from mpopt_hf.profiler import (
     Measurement,
@@ -21,7 +21,7 @@ from mpopt_hf.profiler import (
     predict_step,
 )
 from mpopt_hf.store import open_store
-from mpopt_hf.tiny_models import build_tiny, example_batch
+from mpopt_hf.testing.tiny_models import build_tiny, example_batch
 
 BATCH = 8
 

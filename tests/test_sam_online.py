@@ -132,8 +132,8 @@ def test_the_mask_loss_has_the_whole_batchs_gradient_in_weighted_micro_batches(t
 
 
 def test_blocks_are_the_vision_layers_and_the_decoder_stays_trainable():
-    from mpopt_hf.blocks import find_blocks
-    from mpopt_hf.knobs import apply_memory_config
+    from mpopt_hf.model.blocks import find_blocks
+    from mpopt_hf.model.knobs import apply_memory_config
 
     model = build_model("tiny", image_size=32)
     blocks = find_blocks(model)

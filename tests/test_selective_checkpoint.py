@@ -14,11 +14,11 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from mpopt_hf import MemoryConfig, MPOptArguments
 from mpopt_hf.engine.space import enumerate_configs
-from mpopt_hf.knobs import apply_memory_config, remove_knobs
+from mpopt_hf.model.knobs import apply_memory_config, remove_knobs
 from mpopt_hf.memory_model import config_space
 from mpopt_hf.profiler import build_memory_model, measure, predict_step
-from mpopt_hf.selective_checkpoint import costly_ops
-from mpopt_hf.tiny_models import build_tiny, example_batch
+from mpopt_hf.model.selective_checkpoint import costly_ops
+from mpopt_hf.testing.tiny_models import build_tiny, example_batch
 
 BATCH = 8
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

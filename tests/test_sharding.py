@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from processes import torchrun_two
 
-from mpopt_hf.sharding import refuse_sharded_engines, sharded_engine
+from mpopt_hf.training.sharding import refuse_sharded_engines, sharded_engine
 
 SCRIPT = Path(__file__).with_name("dist_sharding_refusal.py")
 

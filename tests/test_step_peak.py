@@ -8,8 +8,8 @@ from transformers import TrainerCallback
 
 from mpopt_hf import MemoryConfig, MPOptTrainer
 from mpopt_hf.profiler import measure
-from mpopt_hf.step_peak import StepPeakMeter, process_peak_rss_bytes
-from mpopt_hf.tiny_models import build_tiny, example_batch
+from mpopt_hf.training.step_peak import StepPeakMeter, process_peak_rss_bytes
+from mpopt_hf.testing.tiny_models import build_tiny, example_batch
 from trainer_utils import ListDataset, training_args
 
 BATCH = 8

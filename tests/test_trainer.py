@@ -5,9 +5,9 @@ import torch
 from transformers import TrainerCallback
 
 from mpopt_hf import MemoryConfig, MPOptTrainer
-from mpopt_hf.blocks import find_blocks
-from mpopt_hf.knobs import count_trainable_parameters
-from mpopt_hf.tiny_models import build_tiny, example_batch
+from mpopt_hf.model.blocks import find_blocks
+from mpopt_hf.model.knobs import count_trainable_parameters
+from mpopt_hf.testing.tiny_models import build_tiny, example_batch
 from trainer_utils import ListDataset, plain_trainer_grads, run_steps, training_args
 
 BATCH = 6

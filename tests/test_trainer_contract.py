@@ -177,7 +177,7 @@ def test_a_knob_that_needs_blocks_names_the_fix(tmp_path):
 
 def test_auto_find_batch_size_says_what_happens(tmp_path, caplog):
     trainer = _trainer(MPOptTrainer, _model(), _args(tmp_path, "m", auto_find_batch_size=True), MemoryConfig(4))
-    with caplog.at_level(logging.WARNING, logger="mpopt_hf.trainer"):
+    with caplog.at_level(logging.WARNING, logger="mpopt_hf.training.trainer"):
         trainer.train()
     assert any("auto_find_batch_size=True" in r.message and "effective batch (8 per device) is kept" in r.message
                for r in caplog.records)
@@ -266,7 +266,7 @@ def test_oom_after_the_optimizer_began_updating_is_refused(tmp_path):
 
 @pytest.mark.parametrize("metric, worst", [("val_accuracy", 0.0), ("confidence", 0.25), ("entropy", -1.3862944)])
 def test_the_gain_metric_scores_a_non_finite_output_as_the_worst(metric, worst):
-    from mpopt_hf.callback import item_scores
+    from mpopt_hf.callback.gain import item_scores
 
     logits = torch.tensor([[9.0, 0.0, 0.0, 0.0], [float("nan"), 9.0, 0.0, 0.0], [0.0, float("inf"), 0.0, 0.0]])
     scores = item_scores(logits, torch.tensor([0, 1, 1]), metric)

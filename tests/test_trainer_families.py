@@ -14,7 +14,7 @@ from transformers import Trainer
 
 from families import FAMILIES
 from mpopt_hf import MemoryConfig, MPOptTrainer
-from mpopt_hf.coupling_check import CoupledLossError
+from mpopt_hf.training.coupling_check import CoupledLossError
 from trainer_utils import ListDataset, run_steps, training_args
 
 BATCH = 8

@@ -7,12 +7,12 @@ from transformers import Trainer
 
 from dist_fakes import StepClock
 from mpopt_hf import WallClockLimit
-from mpopt_hf.tiny_models import build_tiny
+from mpopt_hf.testing.tiny_models import build_tiny
 from trainer_utils import ListDataset, training_args
 
 
 def _data(model, n=64):
-    from mpopt_hf.tiny_models import example_batch
+    from mpopt_hf.testing.tiny_models import example_batch
 
     return ListDataset(example_batch(model, n))
 

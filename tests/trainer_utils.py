@@ -85,7 +85,7 @@ def saved_activation_bytes(model: torch.nn.Module, batch: dict) -> int:
 
 def train_for(model: torch.nn.Module, batch: dict, config, optimizer, steps: int) -> None:
     """Apply ``config`` and run ``steps`` real steps as the profiler runs them; every weight must stay finite."""
-    from mpopt_hf.knobs import apply_memory_config
+    from mpopt_hf.model.knobs import apply_memory_config
     from mpopt_hf.profiler import train_step
 
     apply_memory_config(model, config)

@@ -6,7 +6,7 @@ Resizing the data would multiply a stream's memory by (224/32)^2 = 49, and every
 evaluation, the engine) reads the data with ``with_format("torch")``, which drops a lazy transform. So the model
 does it: ``forward`` resizes to ``config.image_size`` and normalises with ``config.image_mean``/``image_std``
 (extra keys of the `ViTConfig`, saved with it). Everything else is ViT's own: the same modules, weights and keys,
-so ``from_pretrained`` loads any ViT checkpoint and `mpopt_hf.blocks` sees family ``vit`` (the encoder layers as
+so ``from_pretrained`` loads any ViT checkpoint and `mpopt_hf.model.blocks` sees family ``vit`` (the encoder layers as
 blocks, the embeddings as stem, the final norm and the classifier as head).
 
 Three ways to get one (`build_tiny`, `build_random`, `load_pretrained`); ``PUBLIC_CONFIGS`` holds the published

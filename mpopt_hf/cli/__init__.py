@@ -35,7 +35,9 @@ SUBCOMMANDS: dict[str, Callable[[Any], None]] = {"profile": add_profile_parser}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from transformers import HfArgumentParser  # here, not at import: importing transformers takes a second
+    from transformers import (
+        HfArgumentParser,  # here, not at import: importing transformers takes a second
+    )
 
     parser = argparse.ArgumentParser(prog="mpopt", description="Memory-aware online retraining tools.")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",

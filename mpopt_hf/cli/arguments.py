@@ -20,7 +20,16 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..config import CHECKPOINT_POLICIES, OPTIMIZER_STATES, PRECISIONS, InvalidTypeError, check_bool, check_int, check_number, check_str
+from ..config import (
+    CHECKPOINT_POLICIES,
+    OPTIMIZER_STATES,
+    PRECISIONS,
+    InvalidTypeError,
+    check_bool,
+    check_int,
+    check_number,
+    check_str,
+)
 
 EXIT_BAD_INPUT = 2
 EXIT_BUDGET_TOO_SMALL = 3

@@ -37,7 +37,7 @@ def load_model(name: str, num_labels: int = 10) -> Any:
     """Resolve ``--model``: zoo name, tiny config, local path or hub id."""
     zoo = _zoo()
     if name in TINY_FAMILIES:
-        from ..tiny_models import build_tiny
+        from ..testing.tiny_models import build_tiny
 
         return build_tiny(TINY_FAMILIES[name])
     base = name[len("tiny-"):] if name.startswith("tiny-") else name

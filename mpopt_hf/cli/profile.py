@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from ..config import MIB
 from .arguments import (
     DEFAULT_CHECKPOINT_SEGMENTS,
     DEFAULT_FREEZE_RATES,
@@ -52,8 +53,8 @@ class Row:
 
 def knob_space(args: ProfileArguments, n_blocks: int, model_name: str = "the model") -> list[Any]:
     """Every configuration the flags span for a model of ``n_blocks`` blocks; refuses flags out of its range."""
-    from ..knobs import n_frozen_blocks
     from ..memory_model import config_space
+    from ..model.plan import n_frozen_blocks
 
     precisions = args.precisions or (["fp32", "bf16", "fp16"] if args.device_type == "cuda" else ["fp32", "bf16"])
     freeze = args.freeze_rates if args.freeze_rates is not None else DEFAULT_FREEZE_RATES
@@ -121,8 +122,8 @@ def run_profile(args: ProfileArguments) -> int:
     """Fit (or reuse) the memory model, measure where asked, print the rows; the exit status."""
     import torch
 
-    from ..blocks import find_blocks
     from ..memory_model import BudgetTooSmallError, check_budget
+    from ..model.blocks import find_blocks
     from ..profiler import fit_profile, measure
     from ..store import open_store
 
@@ -133,13 +134,13 @@ def run_profile(args: ProfileArguments) -> int:
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     space = knob_space(args, find_blocks(model).n_blocks, f"{args.model} ({type(model).__name__})")
     if any(c.optimizer_state == "8bit" for c in space):  # as MPOptTrainer builds it when 8-bit state is listed
-        from ..optimizer_state import switchable_adamw
+        from ..training.optimizer_state import switchable_adamw
 
         optimizer = switchable_adamw(optimizer)
     store = None if args.no_store else open_store(args.store)
     try:
         # with a budget, the fit measures only what is predicted to fit it (a device that small cannot run more)
-        budget = None if args.budget_mib is None else args.budget_mib * 2**20
+        budget = None if args.budget_mib is None else args.budget_mib * MIB
         fitted = fit_profile(model, batch, optimizer, space, store, n_measure=args.fit_measurements,
                              steps=args.steps, warmup=1, budget_bytes=budget)
     finally:

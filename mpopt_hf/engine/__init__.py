@@ -17,21 +17,71 @@ is at most ``search_share`` of that time; otherwise the incumbent goes on, or, w
 of the fastest candidates, whose accuracy freezing does not cap. ``ucb``: trials follow each other on the
 running weights and a discounted UCB bandit picks the next; it needs no snapshot, but a trial's gain then
 depends on what the trial before it did. Nothing here imports torch or touches a model: the callback feeds
-numbers in and applies the configurations that come out.
+numbers in and applies the configurations that come out: `RuleEngine.step` takes an event (`events`) and answers
+the actions to carry out.
 """
 
 from __future__ import annotations
 
-from .candidates import MIB, Candidate, CostModel, Decision, DecisionKind, FunctionCostModel, RaceTrial
+from ..config import MIB
+from .candidates import (
+    Candidate,
+    CostModel,
+    Decision,
+    DecisionKind,
+    FunctionCostModel,
+    RaceTrial,
+)
 from .clock import SearchClock
 from .engine import RuleEngine
+from .events import (
+    Action,
+    Baseline,
+    BudgetChanged,
+    Drop,
+    Evaluate,
+    Event,
+    Metric,
+    OutOfMemory,
+    Restore,
+    Run,
+    Snapshot,
+    Start,
+    StepBegin,
+    StepDone,
+    Stop,
+    TaskBoundary,
+    TrainEnd,
+)
 from .rules import _speed_key as _speed_key  # importable from here before the split
 from .rules import batchnorm_filter, dominance_prune, feasible, prune, usable_bytes
 from .scoring import ArmStats, project_metric, ucb_choice
-from .space import default_checkpoint_segments, default_freeze_rates, default_micro_batch_sizes, enumerate_configs
+from .space import (
+    default_checkpoint_segments,
+    default_freeze_rates,
+    default_micro_batch_sizes,
+    enumerate_configs,
+)
 from .strategies import STRATEGY_TYPES, Strategy
 
 __all__ = [
+    "Action",
+    "Baseline",
+    "BudgetChanged",
+    "Drop",
+    "Evaluate",
+    "Event",
+    "Metric",
+    "OutOfMemory",
+    "Restore",
+    "Run",
+    "Snapshot",
+    "Start",
+    "StepBegin",
+    "StepDone",
+    "Stop",
+    "TaskBoundary",
+    "TrainEnd",
     "MIB",
     "STRATEGY_TYPES",
     "ArmStats",

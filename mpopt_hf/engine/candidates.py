@@ -11,8 +11,6 @@ from typing import Any, Protocol
 
 from ..config import MemoryConfig
 
-MIB = 2**20
-
 
 class CostModel(Protocol):
     """What a configuration costs: ``(peak_bytes, step_seconds)``; either may be None when unknown."""

@@ -10,21 +10,28 @@ from dataclasses import replace
 from typing import Any
 
 from ..config import GAIN_UNITS, STRATEGIES, MemoryConfig
-from .candidates import MIB, Candidate, Decision, DecisionKind, RaceTrial
+from .candidates import Candidate, Decision, DecisionKind, RaceTrial
 from .clock import SearchClock
-from .rules import at_least_as_large, batchnorm_filter, group_key, prune, usable_bytes
-from .scoring import ArmStats, payback_seconds, relative_change
-from .forwarding import forwarded, mib_text
+from .forwarding import forwarded
+from .inputs import EngineInputs
 from .persistence import engine_state_dict, load_engine_state
+from .rules import batchnorm_filter, group_key, prune, usable_bytes
+from .scoring import ArmStats, payback_seconds
 from .step_times import StepTimeLearner
 from .strategies import STRATEGY_TYPES, Race, RaceState
 
-class RuleEngine:
+
+class RuleEngine(EngineInputs):
     """Chooses among pruned candidates by measured gain per second; reacts to drift and out-of-memory.
 
-    Driven by its caller: `start` with the metric before training, `observe_step` after each optimizer step
-    (it answers whether a trial just ended and a metric is wanted), `observe_metric` with that metric (it
-    answers the next configuration), `on_oom` when a step ran out of memory, `task_boundary` at a drift.
+    Driven by its caller through `step`: an event in (`events.Start`, `StepDone`, `Metric`, `OutOfMemory`,
+    `TaskBoundary`, `BudgetChanged`, ...), the actions to carry out back (`Run`, `Evaluate`, `Snapshot`,
+    `Restore`, `Drop`, `Stop`). The inputs behind it (`start`, `observe_step`, `observe_metric`, `on_oom`,
+    `task_boundary`, `set_budget`, in `inputs`) stay callable one at a time.
+
+    ``copy_bytes``: bytes of one host copy of the training state (weights, optimizer state) that count against
+    the budget (on a CPU the host is the device); a race holds two while it runs, the start and the best trial's
+    end. ``metric_ceiling``: the gain metric's best value (1 for accuracy; None: unbounded).
     """
 
     # the clock's and the race's state, under the names they have always had on the engine
@@ -54,6 +61,7 @@ class RuleEngine:
         significance: float = 2.0,
         late_gain: bool = True,
         metric_ceiling: float | None = None,
+        copy_bytes: float = 0.0,
         exploration: float = 0.5,
         discount: float = 0.25,
         drift_threshold: float | None = None,
@@ -73,7 +81,7 @@ class RuleEngine:
             raise ValueError(f"RuleEngine gain_per must be one of {list(GAIN_UNITS)}, got {gain_per!r}.")
         self.strategy, self.significance, self.late_gain = strategy, significance, late_gain
         self.gain_per = gain_per  # a trial's gain is per training second, or per Trainer step (fixed epochs)
-        self.steps_left: int | None = None  # Trainer steps left to the run (the caller's, every step), if known
+        self.steps_left: int | None = None  # Trainer steps left to the run (every event's), if known
         self.metric_ceiling = metric_ceiling  # the gain metric's best value (1 for accuracy), None: unbounded
         self.candidates = list(candidates)
         self.budget_bytes, self.margin = budget_bytes, margin
@@ -83,9 +91,7 @@ class RuleEngine:
         self.clock = SearchClock(time_budget_s)
         self.has_batchnorm, self.bn_min_micro_batch, self.effective_batch = has_batchnorm, bn_min_micro_batch, effective_batch
         self.on_infeasible = on_infeasible
-        # bytes of one host copy of the training state (weights, optimizer state) that count against the budget
-        # (on a CPU the host is the device); a race holds two while it runs: the start and the best trial's end
-        self.copy_bytes = 0.0
+        self.copy_bytes = copy_bytes
         # e.g. from the profile store: what ran out of memory in an earlier run on this model and device
         self.infeasible: dict[MemoryConfig, str] = dict(known_infeasible or {})
         # the budget under which each mark was made (None: unknown, e.g. the store's): a larger budget lifts it
@@ -139,6 +145,11 @@ class RuleEngine:
         """The configuration with the best estimated gain per second (None before any estimate)."""
         rated = [(c, s.mean) for c, s in self.arms.items() if s.mean is not None]
         return max(rated, key=lambda x: x[1])[0] if rated else None
+
+    @property
+    def measures(self) -> bool:
+        """Whether the strategy compares configurations by the gain metric (``fixed`` and ``halving`` do not)."""
+        return self.policy.measures
 
     @property
     def out_of_time(self) -> bool:
@@ -204,140 +215,6 @@ class RuleEngine:
             return self.trial_seconds >= part * self.race_state.trial_s
         return (self.trial_steps_done >= math.ceil(part * self.trial_steps)
                 and self.trial_seconds >= part * self.min_trial_seconds)
-
-    # -------------------------------------------------------------- inputs
-
-    def start(self, step: int, metric: float | None, se: float | None = None) -> MemoryConfig:
-        """The first configuration to run; ``metric`` is the gain metric before any training (``se``: its
-        standard error over the evaluation items, when known)."""
-        self.baseline = self.last_metric = metric
-        self.last_se = se
-        self.cause = DecisionKind.START
-        return self.policy.start(step)
-
-    def observe_step(self, step: int, step_s: float, peak_bytes: float | None = None, timed: bool = True) -> bool:
-        """Count one optimizer step of the current trial; True when the trial is over and a metric is wanted.
-        ``timed``: ``step_s`` is a plain step's time (not one slowed by measuring its memory), so it corrects the
-        configuration's predicted step time."""
-        if timed and self.current is not None:
-            self.step_times.observe(self.current, step_s)
-        self.clock.elapsed_s += step_s
-        self.trial_seconds += step_s
-        self.trial_steps_done += 1
-        self.last_peak = peak_bytes
-        limit = usable_bytes(self.budget_bytes, self.margin)
-        over = peak_bytes is not None and limit is not None and peak_bytes > limit
-        if over and self.current is not None and not self.below_minimum:
-            self.cause = DecisionKind.OVER_BUDGET
-            self._mark(self.current, f"measured peak {peak_bytes / MIB:.1f} MiB > usable budget {limit / MIB:.1f} MiB")
-            self.restart_trial()
-            self.policy.on_infeasible(step, self.current, "over budget")
-            return False
-        retuned = bool(self.retune_every_steps) and step - self.last_retune_step >= self.retune_every_steps
-        self.cause = DecisionKind.RETUNE if retuned else DecisionKind.TRIAL
-        if retuned:
-            self.last_retune_step = step
-            self.reopen()
-        return self.policy.wants_metric(step, retuned)
-
-    def set_budget(self, step: int, budget_bytes: float | None) -> MemoryConfig:
-        """The memory budget is now ``budget_bytes`` (another process took memory or gave it back): re-plan from
-        the predicted peaks at this step boundary, before an out-of-memory error can happen. A lower budget
-        moves off a configuration that no longer fits; a higher one lifts the marks made under a smaller budget
-        and, when faster configurations fit again, re-opens the search. Returns the configuration to run."""
-        old, self.budget_bytes = self.budget_bytes, budget_bytes
-        self.cause = DecisionKind.BUDGET
-        if budget_bytes is None or (old is not None and budget_bytes > old):
-            for config in [c for c, b in self.marked_under.items() if b is not None and (budget_bytes is None or b < budget_bytes)]:
-                del self.infeasible[config], self.marked_under[config]
-        before = {c.config for c in self.survivors}
-        self.survivors = self.reprune("a budget change")
-        after = {c.config for c in self.survivors}
-        self.queue = [c for c in self.queue if c in after]
-        self.race_state.queue = [c for c in self.race_state.queue if c in after]
-        note = f"budget {mib_text(old)} -> {mib_text(budget_bytes)}"
-        if self.below_minimum:
-            note += f", below every candidate's predicted peak: the smallest ({mib_text(self.survivors[0].peak_bytes)}) runs"
-        if self.current is None:
-            return self.current
-        limit = usable_bytes(budget_bytes, self.margin)
-        peak = self.candidate(self.current).peak_bytes
-        if self.current not in after and (self.below_minimum or (limit is not None and (peak or 0.0) > limit)):
-            self.restart_trial()
-            return self.policy.on_infeasible(step, self.current, f"{note}: {self.current.short()} no longer fits")
-        if after - before:
-            self.reopen()
-            self.restart_trial()
-            return self.policy.restart(step, f"{note}: {len(after - before)} more candidate(s) fit")
-        return self.decide(step, self.current, f"{note}: {self.current.short()} still fits")
-
-    def add_search_time(self, seconds: float) -> None:
-        """The caller spent ``seconds`` measuring the gain metric (it sets how long the next trials last)."""
-        self.clock.add_search_time(seconds)
-
-    def observe_metric(self, step: int, metric: float, proxy: bool = False, se: float | None = None) -> MemoryConfig:
-        """The metric (higher is better) at the end of a trial, and its standard error over the evaluation items
-        when known; returns the configuration for the next one."""
-        previous = self.last_metric
-        self.last_metric, self.last_se = metric, se
-        self.cause = DecisionKind.TRIAL
-        if proxy and self.drift_threshold is not None and previous is not None:
-            jump = relative_change(metric, previous)
-            if jump > self.drift_threshold:
-                self.cause = DecisionKind.DRIFT
-                self.reopen()
-                self.baseline = metric
-                self.restart_trial()
-                return self.policy.restart(step, f"drift: proxy jumped by {jump:.0%}")
-        return self.policy.on_metric(step, metric)
-
-    def task_boundary(self, step: int, horizon_s: float | None = None, steps_left: int | None = None) -> MemoryConfig:
-        """The data changed: discount what was learned, trial every survivor again (when the new task's
-        ``horizon_s`` seconds, or under gain_per='step' its ``steps_left``, if known, pay for a race), re-measure
-        the baseline."""
-        self.cause = DecisionKind.TASK
-        self.set_horizon(horizon_s)
-        self.steps_left = steps_left  # the last task's count (0 at its end) says nothing of the new one
-        self.reopen()
-        self.baseline = None  # the caller's next `observe_metric` sets it on the new data
-        self.restart_trial()
-        return self.policy.restart(step, "task boundary", new_task=True)
-
-    def set_baseline(self, metric: float, se: float | None = None) -> None:
-        self.baseline = self.last_metric = metric
-        self.last_se = se
-        if self.racing and self.race_state.start_metric is None:
-            self.race_state.start_metric = metric  # a race opened at a task boundary starts from the new data's metric
-
-    def take_ops(self) -> list[str]:
-        """What the caller must do to the weights (with optimizer and scheduler state) before the next step:
-
-        * ``snapshot``: copy them as the race's start;
-        * ``save_best``: copy them as the best race trial's end state so far;
-        * ``restore_start``: load the race's start (the next trial starts where the others did);
-        * ``restore_best``: load the best trial's end state (the winner, when it was not the last trial);
-        * ``drop``: forget both copies (the race is over).
-        """
-        ops, self.ops = self.ops, []
-        return ops
-
-    def stop_race(self, step: int) -> MemoryConfig:
-        """Training stopped in the middle of a race: keep the best trial that ended (``restore_best`` in
-        `take_ops`; with none ended, the weights stay as they are), drop the race, and exploit that
-        configuration; the next step end asks for the metric that begins a new race."""
-        self.cause = DecisionKind.STOP
-        return self._race.stop(step)
-
-    def on_oom(self, step: int, config: MemoryConfig) -> MemoryConfig:
-        """``config`` ran out of memory: it and every configuration predicted at least as large are infeasible."""
-        self.cause = DecisionKind.OOM
-        failed = self.candidate(config)
-        self._mark(config, "out of memory")
-        for c in self.candidates:
-            if c.config not in self.infeasible and at_least_as_large(c, failed):
-                self._mark(c.config, f"predicted larger than {config.short()}, which ran out of memory")
-        self.restart_trial()
-        return self.policy.on_infeasible(step, config, f"out of memory with {config.short()}")
 
     # -------------------------------------------------------------- for the strategies
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Generic, TypeVar
 
-from .candidates import MIB
+from ..config import MIB
 
 T = TypeVar("T")
 

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
-from ..config import MemoryConfig
-from .candidates import MIB, Candidate
+from ..config import MIB, MemoryConfig
+from .candidates import Candidate
 
 
 def usable_bytes(budget_bytes: float | None, margin: float) -> float | None:

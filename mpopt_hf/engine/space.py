@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from ..config import MemoryConfig
+from ..model.plan import n_frozen_blocks
 
 
 def enumerate_configs(
@@ -23,8 +24,6 @@ def enumerate_configs(
     would run as ``b``, so it is listed as ``b``, once. ``checkpoint_policies`` apply to segment counts above 0
     (without checkpointing the policy is moot: that configuration is listed once, as 'block'); every configuration
     is listed once per ``optimizer_states``."""
-    from ..knobs import n_frozen_blocks  # pure arithmetic; knobs imports torch only for its own functions
-
     policies, states = list(dict.fromkeys(checkpoint_policies)), list(dict.fromkeys(optimizer_states))
     configs = []
     for batch in batch_sizes:
@@ -56,8 +55,6 @@ def default_micro_batch_sizes(effective_batch: int) -> list[int]:
 
 def default_freeze_rates(n_blocks: int) -> list[float]:
     """0, 1/4, 1/2, 3/4, keeping only rates that freeze a distinct number of blocks."""
-    from ..knobs import n_frozen_blocks
-
     rates, seen = [], set()
     for rate in (0.0, 0.25, 0.5, 0.75):
         frozen = n_frozen_blocks(rate, n_blocks)

@@ -34,7 +34,7 @@ Modules, from the bottom up (each imports only those above it in this list; `cal
 from .calibration import Calibration, fit_calibration
 from .envelope import Affine, envelope_max, upper_envelope
 from .least_squares import nonneg_least_squares
-from .model import FORMAT_VERSION, MemoryModel, MiB, Prediction
+from .model import FORMAT_VERSION, MemoryModel, Prediction
 from .space import BudgetTooSmallError, check_budget, config_space, min_peak
 from .structure import (
     STATUSES,
@@ -55,7 +55,7 @@ from .traces import (
 )
 
 __all__ = [
-    "FORMAT_VERSION", "FORWARD_END", "STATUSES", "Affine", "BudgetTooSmallError", "Calibration", "MemoryModel", "MiB",
+    "FORMAT_VERSION", "FORWARD_END", "STATUSES", "Affine", "BudgetTooSmallError", "Calibration", "MemoryModel",
     "ModelStructure", "OptimizerCost", "ParamGroup", "Prediction", "RawSpan", "Record", "Span", "SpanCost",
     "body_bytes_of", "check_budget", "combine_traces", "config_space", "envelope_max", "fit_calibration", "min_peak",
     "nonneg_least_squares", "span_cost", "split_spans", "upper_envelope",

@@ -10,14 +10,13 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from ..config import PRECISIONS, MemoryConfig
-from ..knobs import plan_knobs
+from ..config import MIB, PRECISIONS, MemoryConfig
+from ..model.knobs import plan_knobs
 from .calibration import Calibration, fit_calibration
 from .envelope import Affine, envelope_max
 from .structure import ModelStructure, OptimizerCost, ParamGroup
 from .traces import Span, SpanCost, _status_of
 
-MiB = 2**20
 FORMAT_VERSION = 5  # 4: never_grad, the calibration's fit uncertainty; 5: 8-bit optimizer state entries
 
 
@@ -38,11 +37,11 @@ class Prediction:
 
     @property
     def peak_mib(self) -> float:
-        return self.peak_bytes / MiB
+        return self.peak_bytes / MIB
 
     def categories_mib(self) -> dict[str, float]:
         names = ("weights", "gradients", "optimizer_state", "activations", "temporaries", "inputs")
-        return {name: getattr(self, name) / MiB for name in names}
+        return {name: getattr(self, name) / MIB for name in names}
 
 
 @dataclass
@@ -62,7 +61,7 @@ class MemoryModel:
             return "frozen"
         return "ckpt" if config.checkpoint_segments else "plain"
 
-    def _spans_for(self, config: MemoryConfig) -> list[Span]:
+    def spans_for(self, config: MemoryConfig) -> list[Span]:
         if config.precision not in self.precisions:
             raise ValueError(
                 f"The memory model was traced for precisions {list(self.precisions)}, not {config.precision!r}; "
@@ -97,7 +96,7 @@ class MemoryModel:
         grads_first = 0.0
         peak_first = peak_later = 0.0
         retained_first = retained_later = grads_at_first = 0.0
-        for span in self._spans_for(config):
+        for span in self.spans_for(config):
             status = _status_of(span, statuses)
             if span.phase == "bwd" and status == "F":
                 continue
@@ -152,7 +151,7 @@ class MemoryModel:
         m = min(config.micro_batch_size, batch_size)
         sizes = [m] * (batch_size // m) + ([batch_size % m] if batch_size % m else [])
         ops = flops = 0.0
-        for span in self._spans_for(config):
+        for span in self.spans_for(config):
             status = _status_of(span, statuses)
             if span.phase == "bwd" and status == "F":
                 continue

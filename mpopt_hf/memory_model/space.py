@@ -6,7 +6,7 @@ import math
 from collections.abc import Iterable, Sequence
 
 from ..config import MemoryConfig
-from ..knobs import plan_knobs
+from ..model.knobs import plan_knobs
 from .model import MemoryModel, Prediction
 
 

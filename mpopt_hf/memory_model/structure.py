@@ -6,8 +6,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from ..config import MemoryConfig
-from ..knobs import plan_knobs
-from ..optimizer_state import QMAP_BYTES, state_bytes
+from ..model.knobs import plan_knobs
+from ..training.optimizer_state import QMAP_BYTES, state_bytes
 
 STATUSES = ("T", "C", "S", "F")  # trainable, checkpointed (whole block), checkpointed selectively, frozen
 

@@ -10,7 +10,13 @@
 """
 
 from .fake import FakeSetup, fake_batch, fake_setup, init_optimizer_state, predict_step
-from .fitting import Profile, choose_fit_configs, fit_profile, input_signature, profile_key
+from .fitting import (
+    Profile,
+    choose_fit_configs,
+    fit_profile,
+    input_signature,
+    profile_key,
+)
 from .measure import (
     CATEGORIES,
     Measurement,

@@ -15,9 +15,14 @@ from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from ..config import MemoryConfig
-from ..knobs import apply_memory_config, knob_state, remove_knobs
-from ..microbatch import batch_size_of
-from ..optimizer_state import is_switchable, low_bit_min_size, mark_switchable, set_state_bits
+from ..model.knobs import apply_memory_config, knob_state, remove_knobs
+from ..training.microbatch import batch_size_of
+from ..training.optimizer_state import (
+    is_switchable,
+    low_bit_min_size,
+    mark_switchable,
+    set_state_bits,
+)
 from .measure import CATEGORIES, Measurement, _device_label, _tracked_step
 
 

@@ -13,10 +13,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..config import PRECISIONS, MemoryConfig
+from ..config import MIB, PRECISIONS, MemoryConfig
 from ..memory_model import MemoryModel
-from ..microbatch import batch_size_of
 from ..store import ProfileKey, ProfileStore, make_key
+from ..training.microbatch import batch_size_of
 from .measure import Measurement, device_type_of, measure
 from .structure import model_structure
 from .tracing import build_memory_model
@@ -136,7 +136,7 @@ def fit_profile(
     chosen = choose_fit_configs(memory_model, space, batch_size, n_measure, limit)
     if limit is not None and n_measure and not chosen:
         warnings.warn(
-            f"No configuration's traced peak fits the budget of {budget_bytes / 2**20:.1f} MiB less its "
+            f"No configuration's traced peak fits the budget of {budget_bytes / MIB:.1f} MiB less its "
             f"margin: nothing is measured, and predictions are the fake-tensor bytes (no kernel workspaces) with "
             f"{UNMEASURED_UNCERTAINTY:.0%} of the budget kept free for what the machine adds.", stacklevel=2)
     measured = []

@@ -23,8 +23,8 @@ from safetensors.torch import save_file
 from torch import nn
 from torch.utils._pytree import tree_map, tree_map_only
 
-from ..knobs import apply_memory_config, knob_state, remove_knobs
-from ..optimizer_state import set_state_bits, state_bits
+from ..model.knobs import apply_memory_config, knob_state, remove_knobs
+from ..training.optimizer_state import set_state_bits, state_bits
 
 
 class _Key(str):

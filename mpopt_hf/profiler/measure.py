@@ -26,14 +26,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..config import MemoryConfig
-from ..knobs import apply_memory_config, autocast_context
-from ..mem_tracking import CATEGORIES, new_tracker, tracker_peak
-from ..optimizer_state import set_state_bits
+from ..config import MIB, MemoryConfig
+from ..model.knobs import apply_memory_config, autocast_context
+from ..training.mem_tracking import CATEGORIES, new_tracker, tracker_peak
+from ..training.microbatch import batch_size_of, micro_batch_shares, split_batch
+from ..training.optimizer_state import set_state_bits
 from .isolation import restored_after
-from ..microbatch import batch_size_of, micro_batch_shares, split_batch
 
-MiB = 2**20
 
 @dataclass
 class Measurement:
@@ -62,7 +61,7 @@ class Measurement:
 
     @property
     def peak_mib(self) -> float:
-        return self.peak_bytes / MiB
+        return self.peak_bytes / MIB
 
     def categories(self) -> dict[str, int]:
         return {name: getattr(self, name) for name in CATEGORIES}

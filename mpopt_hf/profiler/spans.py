@@ -14,8 +14,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
 
 from ..config import MemoryConfig
-from ..knobs import apply_memory_config, autocast_context
 from ..memory_model import FORWARD_END
+from ..model.knobs import apply_memory_config, autocast_context
 from .fake import FakeSetup
 from .measure import _tracked_tensors, device_type_of, loss_of, new_tracker
 

@@ -15,11 +15,16 @@ from torch._subclasses.fake_tensor import FakeTensor
 from torch.distributed._tools.mem_tracker import MemTracker
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from ..blocks import ModelBlocks, find_blocks
-from ..knobs import knob_state
-from ..memory_model import ModelStructure, OptimizerCost, ParamGroup, nonneg_least_squares
-from ..microbatch import batch_size_of
-from ..optimizer_state import is_switchable, low_bit_min_size, mark_switchable
+from ..memory_model import (
+    ModelStructure,
+    OptimizerCost,
+    ParamGroup,
+    nonneg_least_squares,
+)
+from ..model.blocks import ModelBlocks, find_blocks
+from ..model.knobs import knob_state
+from ..training.microbatch import batch_size_of
+from ..training.optimizer_state import is_switchable, low_bit_min_size, mark_switchable
 from .measure import tracker_peak
 
 CUDA_BLOCK = 512  # the caching allocator rounds every allocation up to this

@@ -10,10 +10,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..blocks import find_blocks
 from ..config import MemoryConfig
-from ..knobs import knob_state, remove_knobs
-from ..memory_model import MemoryModel, ModelStructure, Span, body_bytes_of, combine_traces, split_spans
+from ..memory_model import (
+    MemoryModel,
+    ModelStructure,
+    Span,
+    body_bytes_of,
+    combine_traces,
+    split_spans,
+)
+from ..model.blocks import find_blocks
+from ..model.knobs import knob_state, remove_knobs
 from .fake import fake_batch, fake_setup
 from .spans import trace_step
 from .structure import model_structure, units_of

@@ -13,7 +13,10 @@ if TYPE_CHECKING:  # pragma: no cover
 
 class Strategy(Protocol):
     """How the survivors are compared. The engine keeps the counts, the clock and the survivors; a strategy is
-    told what happened and answers the configuration to run next (recording it with `RuleEngine.decide`)."""
+    told what happened and answers the configuration to run next (recording it with `RuleEngine.decide`).
+    ``measures``: whether it compares configurations by the gain metric (False: no evaluation is ever spent)."""
+
+    measures: bool
 
     def start(self, step: int) -> MemoryConfig:
         """The first configuration, the gain metric before training being the engine's baseline."""

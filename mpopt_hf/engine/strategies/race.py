@@ -12,8 +12,8 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from ...config import DEFAULT_SEARCH_SHARE, MemoryConfig
-from ..candidates import MIB, Candidate, RaceTrial, config_or_none, dict_or_none
+from ...config import DEFAULT_SEARCH_SHARE, MIB, MemoryConfig
+from ..candidates import Candidate, RaceTrial, config_or_none, dict_or_none
 from ..scoring import ArmStats, judge_race, payback_seconds, trial_gain
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -87,6 +87,8 @@ def _slow_key(c: Candidate) -> tuple[float, float, int, int]:
 
 class Race:
     """The race's decisions, on the engine's `RaceState` (``engine.race_state``)."""
+
+    measures = True
 
     def __init__(self, engine: RuleEngine) -> None:
         self.engine = engine

@@ -16,6 +16,8 @@ if TYPE_CHECKING:  # pragma: no cover
 class Bandit:
     """Each survivor is measured once (the engine's ``queue``), then UCB on the gain per second picks."""
 
+    measures = True
+
     def __init__(self, engine: RuleEngine) -> None:
         self.engine = engine
 
