@@ -135,6 +135,8 @@ def main() -> None:
     parser.add_argument("--lr-scaling", default="sqrt", choices=["none", "linear", "sqrt"])
     parser.add_argument("--gain-per", default="second", choices=["second", "step"],
                         help="what the engine divides a trial's gain by (MPOptArguments.gain_per)")
+    parser.add_argument("--only-mpopt", action="store_true",
+                        help="run only the engine's row (e.g. to compare two versions of the code side by side)")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     ns = parser.parse_args()
     torch.manual_seed(0)
@@ -234,8 +236,14 @@ def main() -> None:
     for seed in range(ns.seeds):
         run_mpopt(seed)
         for name, (config, batch) in plan.items():
-            if name not in same_as:
+            if name not in same_as and not ns.only_mpopt:
                 run_fixed(name, config, batch, seed)
+    if ns.only_mpopt:
+        accs = [r["accuracy"] for r in runs["mpopt"]]
+        lines = [f"mpopt only: shifted test accuracy {mean_interval(accs)} over {ns.seeds} seed(s): "
+                 + ", ".join(f"{a:.3f}" for a in accs), "finals: " + ", ".join(r["final"] for r in runs["mpopt"])]
+        write_report(lines, {"runs": runs["mpopt"]}, ns.out, "engine_mpopt_only.md")
+        return
     for name, first in same_as.items():
         runs[name] = runs[first]
 

@@ -203,7 +203,7 @@ def run_model(name: str, args) -> dict:
                   f"{r['measured_s'] if r['measured_s'] is not None else float('nan'):.4f} s", flush=True)
     errors = [abs(r["error"]) for r in rows]
     uncertainty = memory_model.calibration.uncertainty
-    margin = max(args.margin, uncertainty)  # what the engine applies (engine_setup.engine_margin)
+    margin = max(args.margin, uncertainty)  # what the engine applies (callback.setup.engine_margin)
     under = max([0.0] + [-r["error"] / (1 + r["error"]) for r in rows])  # share of the measured peak missed
     t_errors = [abs(r["predicted_s"] / r["measured_s"] - 1) for r in rows if r["measured_s"]]
     return {

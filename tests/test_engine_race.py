@@ -307,6 +307,12 @@ def test_a_task_boundary_takes_the_new_tasks_steps_not_the_last_ones_zero():
     assert engine.racing and engine.steps_left == 400
     engine.step(TaskBoundary(step=436))  # a task of unknown length: the race is judged per step, its cost not refused
     assert engine.steps_left is None and engine.racing
+    direct = RuleEngine([Candidate(FULL, None, 0.125), Candidate(HALF, None, 0.0625)], trial_steps=4,
+                        search_share=0.05, gain_per="step")
+    direct.start(0, 0.2)
+    direct.steps_left = 0  # called directly (no event), task_boundary takes the new task's count itself
+    direct.task_boundary(36, steps_left=400)
+    assert direct.racing and direct.steps_left == 400
 
 
 def test_a_step_race_resumes_mid_trial_with_its_units_and_refuses_another_unit():

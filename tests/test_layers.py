@@ -1,5 +1,7 @@
 """The import graph runs one way: inside mpopt_hf, each layer imports only the layers below it (README "Layout"),
-and mpopt_hf imports none of the packages built on it. Read from the source (AST), so a lazy import counts too."""
+and mpopt_hf imports none of the packages built on it. Read from the source (AST): an import statement inside a
+function counts too. Imports by name at run time are not seen: the packages' lazy exports (`lazy_exports`, maps of
+their own submodules) and the CLI's `importlib.import_module("small_cnn")` when a user asks for a zoo model."""
 
 from __future__ import annotations
 
@@ -68,8 +70,8 @@ def test_each_module_imports_only_lower_layers(path):
         assert head not in OUTSIDE, f"mpopt_hf.{name} imports {target}: mpopt_hf must not import the packages on it"
         if head == "mpopt_hf":
             target = target[len("mpopt_hf."):]
-        elif target.split(".")[0] not in {n for layer in LAYERS for n in layer} or not path.is_relative_to(ROOT):
-            continue
+        elif target.split(".")[0] not in {n for layer in LAYERS for n in layer}:
+            continue  # the standard library and third-party packages
         if not target or target == "__init__":
             continue
         short = ".".join(target.split(".")[:2])

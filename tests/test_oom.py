@@ -181,14 +181,15 @@ def test_the_baselines_run_as_engine_strategies_without_evaluating(tmp_path, str
     if strategy == "fixed":
         with pytest.raises(RuntimeError, match="strategy='fixed' cannot leave mb8/f0.00/ckpt0/fp32"):
             trainer.train()
-        assert "eval8" not in oom.sizes
+        assert oom.sizes == ["train8!"] and trainer.mpopt_callback.engine.search_seconds == 0.0
         return
     trainer.train()
     assert ("eval8" in oom.sizes) is (strategy == "race")  # the gain metric, at the evaluation batch of 8
     if strategy == "race":
         return
-    train_sizes = [s for s in oom.sizes if s.startswith("train")]
-    assert train_sizes == ["train8!", "train4!"] + ["train2"] * 16 and trainer.state.global_step == 4
+    # the only forwards in eval mode are the coupling check's, on 4 samples whole and in halves (first split step)
+    assert oom.sizes == ["train8!", "eval4", "eval2", "eval2", "train4!"] + ["train2"] * 16
+    assert trainer.state.global_step == 4
     decisions = trainer.mpopt_callback.engine.decisions
     assert [(d.kind, d.config["micro_batch_size"]) for d in decisions] == [("start", 8), ("oom", 4), ("oom", 2)]
     assert trainer.mpopt_callback.engine.search_seconds == 0.0

@@ -24,7 +24,7 @@ from transformers import TrainerCallback
 from ..budget import BudgetReader
 from ..config import MemoryConfig, MPOptArguments
 from ..cost import first_batch
-from ..engine import CostModel, RuleEngine
+from ..engine import STRATEGY_TYPES, CostModel, RuleEngine
 from ..engine.events import (
     Action,
     Baseline,
@@ -226,7 +226,8 @@ class MPOptCallback(CheckpointedState, TrainerCallback):
 
             return halve_micro_batch(config, step)
         following = config
-        for action in self.engine.step(OutOfMemory(config=config, **self._when(self.trainer.state))):
+        steps_left = self._when(self.trainer.state)["steps_left"] if self.trainer is not None else None
+        for action in self.engine.step(OutOfMemory(config=config, step=step, steps_left=steps_left)):
             if isinstance(action, Run):
                 following = action.config
             else:
@@ -250,7 +251,7 @@ class MPOptCallback(CheckpointedState, TrainerCallback):
         if saved is not None:  # the metric a resumed run was using (it sets the engine's ceiling)
             payload, source, copies = saved
             self._gain.restore(*saved_gain(payload, source), payload.get("needs_baseline", False))
-        else:
+        elif STRATEGY_TYPES[self.mpopt_args.strategy].measures:  # 'fixed' and 'halving' never evaluate
             self._gain.resolve(self.mpopt_args.gain_metric, model, self.trainer, self.eval_dataset)
         self.engine = build_engine(self.mpopt_args, args, model, space, effective, self.cost_model, self.store,
                                    self.store_key, self._mark_infeasible, metric_ceiling=self._gain.ceiling)
@@ -262,8 +263,9 @@ class MPOptCallback(CheckpointedState, TrainerCallback):
             self._copies = copies
             self._apply(self.engine.current)
             return
+        horizon = self._wall_clock_left()  # before the evaluation, whose time the engine counts itself (eval_s)
         value, se, seconds = self._measure_metric(model) if self.engine.measures else (None, None, 0.0)
-        self._tell(Start(metric=value, se=se, eval_s=seconds, horizon_s=self._wall_clock_left(), **self._when(state)))
+        self._tell(Start(metric=value, se=se, eval_s=seconds, horizon_s=horizon, **self._when(state)))
 
     def _when(self, state) -> dict[str, Any]:
         """An event's step and the Trainer steps the run has left (what a race costs under gain_per='step')."""

@@ -265,6 +265,7 @@ __all__ = [
     "empty_entry",
     "load_copies",
     "missing_state",
+    "saved_gain",
     "read_json",
     "restore_engine",
 ]

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import inspect
 import logging
 import math
 import numbers
@@ -54,20 +53,13 @@ from ..cost import FakeTensorCostModel, plain_optimizer
 from ..metrics import load_metric
 from ..model.blocks import find_blocks
 from ..training.wall_clock import WallClockLimit
-from .evaluation import accuracy_on, predict_labels  # noqa: F401  (importable from here, as before)
+from .evaluation import accuracy_on
 from .records import ACCURACY, OnlineResult, TaskRecord, summarise
 from .timeline import StepLog, StreamSteps, task_decisions
 
 logger = logging.getLogger(__name__)
 
 BASELINES = ("mpopt", "none", "fixed", "auto_find_batch_size", "full_checkpointing")
-
-
-def engine_available() -> bool:
-    """True once `MPOptTrainer` accepts ``mpopt_args`` (the rule engine)."""
-    from ..training.trainer import MPOptTrainer
-
-    return "mpopt_args" in inspect.signature(MPOptTrainer.__init__).parameters
 
 
 # ---------------------------------------------------------------------------- the loop
@@ -147,11 +139,9 @@ class OnlineRetrainer:
                              f"evaluate_fn=(model, dataset) -> float to score it by {metric_name!r}.")
         if memory_config is not None and not isinstance(memory_config, MemoryConfig):
             raise InvalidTypeError(f"{where}memory_config must be a MemoryConfig or None, got {type(memory_config).__name__}.")
-        if baseline == "mpopt" and (mpopt_args is None or not engine_available()):
-            raise ValueError(
-                "baseline='mpopt' needs mpopt_args=MPOptArguments(...) and an MPOptTrainer that accepts them "
-                "(the rule engine); use baseline='fixed' with a memory_config otherwise."
-            )
+        if baseline == "mpopt" and mpopt_args is None:
+            raise ValueError("baseline='mpopt' needs mpopt_args=MPOptArguments(...) (the rule engine); use "
+                             "baseline='fixed' with a memory_config otherwise.")
         self.model, self.args, self.baseline = model, args, baseline
         self.memory_config, self.mpopt_args, self.budget_mib = memory_config, mpopt_args, budget_mib
         self.measure_peak, self.predict_peak = measure_peak, predict_peak

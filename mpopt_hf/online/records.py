@@ -73,7 +73,7 @@ class OnlineResult:
     tasks: list[TaskRecord]
     summary: dict[str, Any]
     paths: dict[str, str] = field(default_factory=dict)
-    timeline: list[dict[str, Any]] = field(default_factory=list)  # one row per stream step (`online_timeline`)
+    timeline: list[dict[str, Any]] = field(default_factory=list)  # one row per stream step (`online.timeline`)
 
     def to_dict(self) -> dict[str, Any]:
         result = {"tasks": [asdict(t) for t in self.tasks], "summary": self.summary}

@@ -121,7 +121,7 @@ class MPOptTrainer(BatchUpdates, HalvingEvaluation, StepRecovery, OptimizerSetup
         # ``peak_every_steps``-th after it (MemTracker's cost is paid on those steps only)
         self.peak_meter = StepPeakMeter(self.args.device, every=check_int(
             "MPOptTrainer.peak_every_steps", peak_every_steps, lambda v: v >= 1, "an integer >= 1"))
-        engines = [c for c in self.callback_handler.callbacks if hasattr(c, "bind_trainer")]  # mpopt_args= adds one
+        engines = [c for c in self.callback_handler.callbacks if _steers(c)]  # mpopt_args= adds one
         if memory_config is not None or engines:  # the knobs, by a configuration or by an MPOptCallback
             refuse_sharded_engines(self)
         if memory_config is not None or mpopt_args is not None:
@@ -205,7 +205,7 @@ class MPOptTrainer(BatchUpdates, HalvingEvaluation, StepRecovery, OptimizerSetup
         if not hasattr(self, "peak_meter"):  # Trainer's own __init__ adding its callbacks: ours connects them after
             return
         for cb in self.callback_handler.callbacks:
-            if hasattr(cb, "bind_trainer") and getattr(cb, "trainer", None) is None:
+            if _steers(cb) and getattr(cb, "trainer", None) is None:
                 self._connect(cb)
 
     def _connect(self, callback: MPOptCallback) -> None:
@@ -391,6 +391,11 @@ class MPOptTrainer(BatchUpdates, HalvingEvaluation, StepRecovery, OptimizerSetup
                 logs["peak_memory_mib"] = round(self._step_peak_bytes / MIB, 1)
             logs["peak_rss_mib"] = round(process_peak_rss_bytes() / MIB, 1)
         super().log(logs, start_time)
+
+
+def _steers(callback: Any) -> bool:
+    """An engine's callback (an `MPOptCallback`, or one that speaks its protocol): the trainer connects to it."""
+    return all(hasattr(callback, name) for name in ("bind_trainer", "on_out_of_memory", "held_bytes"))
 
 
 def _uses_blocks(config: MemoryConfig) -> bool:
