@@ -226,12 +226,12 @@ class MPOptCallback(CheckpointedState, TrainerCallback):
 
             return halve_micro_batch(config, step)
         following = config
-        steps_left = self._when(self.trainer.state)["steps_left"] if self.trainer is not None else None
+        steps_left = _steps_left(self.trainer.state) if self.trainer is not None else None
         for action in self.engine.step(OutOfMemory(config=config, step=step, steps_left=steps_left)):
             if isinstance(action, Run):
                 following = action.config
             else:
-                self._carry_out(action, None)  # e.g. a race trial's partial steps are undone
+                self._carry_out(action)  # e.g. a race trial's partial steps are undone
         self._flush_decisions()
         return following
 
@@ -248,10 +248,11 @@ class MPOptCallback(CheckpointedState, TrainerCallback):
             self.cost_model, self.store, self.store_key = default_cost_model(
                 self.mpopt_args, model, batch, optimizer, space, args, self.store, self.store_key)
         saved = self._load_saved(args, state)
+        measures = STRATEGY_TYPES[self.mpopt_args.strategy].measures  # 'fixed' and 'halving' never evaluate
         if saved is not None:  # the metric a resumed run was using (it sets the engine's ceiling)
             payload, source, copies = saved
             self._gain.restore(*saved_gain(payload, source), payload.get("needs_baseline", False))
-        elif STRATEGY_TYPES[self.mpopt_args.strategy].measures:  # 'fixed' and 'halving' never evaluate
+        elif measures:
             self._gain.resolve(self.mpopt_args.gain_metric, model, self.trainer, self.eval_dataset)
         self.engine = build_engine(self.mpopt_args, args, model, space, effective, self.cost_model, self.store,
                                    self.store_key, self._mark_infeasible, metric_ceiling=self._gain.ceiling)
@@ -264,13 +265,12 @@ class MPOptCallback(CheckpointedState, TrainerCallback):
             self._apply(self.engine.current)
             return
         horizon = self._wall_clock_left()  # before the evaluation, whose time the engine counts itself (eval_s)
-        value, se, seconds = self._measure_metric(model) if self.engine.measures else (None, None, 0.0)
+        value, se, seconds = self._measure_metric(model) if measures else (None, None, 0.0)
         self._tell(Start(metric=value, se=se, eval_s=seconds, horizon_s=horizon, **self._when(state)))
 
     def _when(self, state) -> dict[str, Any]:
         """An event's step and the Trainer steps the run has left (what a race costs under gain_per='step')."""
-        return {"step": state.global_step,
-                "steps_left": state.max_steps - state.global_step if state.max_steps > 0 else None}
+        return {"step": state.global_step, "steps_left": _steps_left(state)}
 
     def _wall_clock_left(self) -> float | None:
         """Seconds left to the trainer's `WallClockLimit` (the shortest, if several), the engine's horizon; the
@@ -302,7 +302,7 @@ class MPOptCallback(CheckpointedState, TrainerCallback):
                 if control is not None:
                     control.should_training_stop = True
             else:
-                self._carry_out(action, control)
+                self._carry_out(action)
         self._flush_decisions()
 
     def _apply(self, config: MemoryConfig) -> None:
@@ -317,7 +317,7 @@ class MPOptCallback(CheckpointedState, TrainerCallback):
     def _plain_model(self) -> nn.Module | None:
         return getattr(self, "_model_ref", None)
 
-    def _carry_out(self, action: Action, control: Any) -> None:
+    def _carry_out(self, action: Action) -> None:
         """A copy action (`Snapshot`, `Restore`, `Drop`) on the weights, optimizer and scheduler state."""
         model = self._plain_model
         if model is None:
@@ -352,6 +352,11 @@ class MPOptCallback(CheckpointedState, TrainerCallback):
 
     def _device(self) -> torch.device:
         return self.trainer.args.device if self.trainer is not None else torch.device("cpu")
+
+
+def _steps_left(state: Any) -> int | None:
+    """Trainer steps the run has left (None: its length is unknown)."""
+    return state.max_steps - state.global_step if state.max_steps > 0 else None
 
 
 __all__ = [
