@@ -29,7 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
-from report import write_report  # noqa: E402
+from report import mean_interval, write_report  # noqa: E402
 
 from clip_online.run import default_budget_mib, load_stream, main as run_recipe, parse, source_model  # noqa: E402
 from mpopt_hf.model.blocks import find_blocks  # noqa: E402
@@ -101,17 +101,17 @@ def main() -> None:
         return statistics.fmean(r[field] for r in runs[name])
 
     def accuracy(name):
-        values = [r["mean_accuracy_after"] for r in runs[name]]
-        return f"{statistics.fmean(values):.3f}" + (f" ± {statistics.pstdev(values):.3f}" if len(values) > 1 else "")
+        return mean_interval([r["mean_accuracy_after"] for r in runs[name]])
 
     budget = runs["mpopt"][0]["budget_mib"]
     lines = [
         "# Online CLIP retraining: mpopt vs baselines at equal time",
         "",
         f"Command: `python bench/online_baselines.py {' '.join(sys.argv[1:])}` (torch {torch.__version__}, CPU, "
-        f"{torch.get_num_threads()} threads). The recipe's offline default (tiny CLIP, digits, 5 corruptions at "
-        f"severity 5, budget {budget:.2f} MiB), {ns.seconds_per_task:g} s of retraining per task, {ns.seeds} seed(s) "
-        "per row (mean ± std over seeds of the mean accuracy over the 5 tasks).",
+        f"{torch.get_num_threads()} threads). The recipe's offline default (its small CLIP, digits, 5 corruptions "
+        f"at severity 5) at a fixed budget of {budget:.2f} MiB (no budget trace: it places its points by steps), "
+        f"{ns.seconds_per_task:g} s of retraining per task, {ns.seeds} seed(s) per row, interleaved (mean ± 95 % "
+        "interval over seeds of the mean accuracy over the 5 tasks).",
         "",
         "| run | configurations used | steps (5 tasks) | mean accuracy after | max measured peak MiB | search s |",
         "| --- | --- | ---: | ---: | ---: | ---: |",

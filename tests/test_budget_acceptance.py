@@ -9,7 +9,7 @@ from transformers import TrainerCallback
 
 from dist_fakes import FakeCost, StepClock
 from mpopt_hf import MemoryConfig, MPOptArguments, MPOptTrainer
-from mpopt_hf.engine import Candidate, RuleEngine, enumerate_configs
+from mpopt_hf.engine import Candidate, Outcome, RuleEngine, enumerate_configs
 from mpopt_hf.callback.setup import host_copy_bytes
 from mpopt_hf.profiler import measure
 from mpopt_hf.testing.tiny_models import build_tiny, example_batch
@@ -56,9 +56,8 @@ def test_a_cpu_race_counts_its_copies_in_the_logged_step_peak_and_stays_in_the_b
     trainer, log = _trainer(tmp_path, budget, space, steps=7)
     trainer.train()
     engine = trainer.mpopt_callback.engine
-    reasons = [d.reason for d in engine.decisions]
-    assert reasons[0] == "start: race 1/2 from the same weights", reasons
-    assert any(r.startswith("race won") for r in reasons), reasons
+    outcomes = [(d.kind, d.outcome) for d in engine.decisions]
+    assert outcomes[0] == ("start", Outcome.RACE_TRIAL) and ("trial", Outcome.RACE_WON) in outcomes, outcomes
     # every step measured (peak_every_steps=1), inside the budget, and logged as measured, copies included
     assert all(peak is not None and peak <= budget for _, _, peak, _ in log.rows), (log.rows, budget)
     # each step's peak is in its own training log row, decision steps included (a decision's log call must not take
@@ -99,8 +98,7 @@ def test_a_budget_without_room_for_the_copies_says_no_race_and_holds_no_copy(tmp
     engine = trainer.mpopt_callback.engine
     assert engine.copy_bytes == copy and not engine.racing
     first = engine.decisions[0]
-    assert first.reason == (f"start: no race (the budget leaves no room for its two host copies of {copy / MIB:.1f} "
-                            "MiB beside two candidates): the least frozen, fastest candidate"), first.reason
+    assert (first.kind, first.outcome) == ("start", Outcome.NO_RACE_ROOM), first
     assert MemoryConfig.from_dict(first.config) == MemoryConfig(BATCH)
     assert [h for *_, h in log.rows] == [0, 0, 0]  # no copy was ever held
     assert all(peak is not None and peak <= budget for _, _, peak, _ in log.rows)
@@ -116,9 +114,9 @@ def test_the_engine_races_or_not_by_the_room_its_copies_take():
         engine = RuleEngine(candidates, budget_bytes=85 * MIB, margin=0.0, strategy="race", trial_steps=1,
                             late_gain=False, search_share=None, copy_bytes=copy_mib * MIB)
         engine.start(0, 0.0)
-        assert engine.racing is races, (copy_mib, engine.decisions[-1].reason)
+        assert engine.racing is races, (copy_mib, engine.decisions[-1])
         assert ("snapshot" in engine.take_ops()) is races  # no race, no copy
-        assert ("no room for its two host copies" in engine.decisions[-1].reason) is not races
+        assert engine.decisions[-1].outcome == (Outcome.RACE_TRIAL if races else Outcome.NO_RACE_ROOM)
 
 
 def test_the_coupling_check_runs_outside_the_step_and_within_its_micro_batch(tmp_path):

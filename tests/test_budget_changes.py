@@ -13,7 +13,7 @@ from dist_fakes import FakeCost, StepClock
 from mpopt_hf import MemoryConfig, MPOptArguments, MPOptTrainer
 from mpopt_hf.budget import BudgetReader, BudgetTrace, read_budget_bytes
 from mpopt_hf.engine import MIB, Candidate, RuleEngine, enumerate_configs
-from mpopt_hf.engine.candidates import DecisionKind
+from mpopt_hf.engine.candidates import DecisionKind, Outcome
 from mpopt_hf.testing.tiny_models import build_tiny, example_batch
 from trainer_utils import ListDataset, training_args
 
@@ -37,7 +37,8 @@ def test_a_lower_budget_moves_off_what_no_longer_fits_and_a_higher_one_lets_it_b
     assert engine.set_budget(5, 29 * MIB) == MemoryConfig(2)  # still fits: no switch, but the change is recorded
     assert engine.decisions[-1].kind == "budget" and MemoryConfig.from_dict(engine.decisions[-1].config) == MemoryConfig(2)
     assert engine.set_budget(9, 80 * MIB) == MemoryConfig(8)  # the faster one fits again: searched, chosen
-    assert "1 more candidate(s) fit" in engine.decisions[-1].reason
+    last = engine.decisions[-1]  # the search re-opened: ucb measures each survivor again, the fastest first
+    assert (last.kind, last.outcome, last.budget_bytes) == ("budget", Outcome.MEASURE, 80 * MIB)
     assert not engine.infeasible  # no mark was made: the configurations were not too large, the budget was small
 
 
@@ -59,7 +60,8 @@ def test_a_budget_below_every_candidate_runs_the_smallest_instead_of_stopping():
     engine = _engine(80, strategy="race")
     engine.start(0, 0.0)
     assert engine.set_budget(2, 5 * MIB) == MemoryConfig(1)  # 18 MiB > 5 MiB, the smallest there is
-    assert engine.below_minimum and "below every candidate's predicted peak" in engine.decisions[-1].reason
+    assert engine.below_minimum and engine.decisions[-1].kind == DecisionKind.BUDGET
+    assert MemoryConfig.from_dict(engine.decisions[-1].config) == MemoryConfig(1)
     engine.observe_step(3, 1.0, peak_bytes=18 * MIB)  # over the budget, but nothing smaller exists: no mark
     assert not engine.infeasible and engine.current == MemoryConfig(1)
     with pytest.raises(ValueError, match="minimum feasible peak"):
@@ -161,7 +163,7 @@ def test_a_race_without_room_for_its_copies_beside_the_fastest_races_smaller_sib
                         strategy="race", trial_steps=1, late_gain=False, copy_bytes=10 * MIB)
     # fastest per set: mb8/f0 (74 MiB), mb8/f0.5 (42 MiB); with 2 x 10 MiB of copies only mb4/f0 (42) and mb8/f0.5 fit
     first = engine.start(0, 0.0)
-    assert engine.racing and "leave room for its two host copies" in engine.decisions[-1].reason
+    assert engine.racing and engine.decisions[-1].outcome == Outcome.RACE_TRIAL
     raced = {first, *engine.race_state.queue}
     assert raced == {MemoryConfig(4), MemoryConfig(8, freeze_rate=0.5)}
     assert engine.observe_step(1, 1.0) is True
@@ -169,5 +171,5 @@ def test_a_race_without_room_for_its_copies_beside_the_fastest_races_smaller_sib
     assert engine.observe_step(2, 1.0) is True
     chosen = engine.observe_metric(2, 0.1 if other == MemoryConfig(8, freeze_rate=0.5) else 0.9)
     assert chosen == MemoryConfig(8)  # mb4/f0 won; it goes on as mb8/f0, its set's fastest, once the copies are gone
-    assert "race won by mb4/f0.00/ckpt0/fp32" in engine.decisions[-1].reason
-    assert "run as mb8/f0.00/ckpt0/fp32" in engine.decisions[-1].reason
+    assert engine.decisions[-1].outcome == Outcome.RACE_WON and engine.race_incumbent == MemoryConfig(4)
+    assert MemoryConfig.from_dict(engine.decisions[-1].config) == MemoryConfig(8)

@@ -11,6 +11,7 @@ from dist_fakes import FakeCost, StepClock
 from mpopt_hf import MemoryConfig, MPOptArguments, MPOptCallback, MPOptTrainer
 from mpopt_hf.model.blocks import find_blocks
 from mpopt_hf.callback.gain import metric_from_logits, resolve_metric
+from mpopt_hf.engine import Outcome
 from mpopt_hf.testing.tiny_models import build_tiny, example_batch
 from trainer_utils import ListDataset, training_args
 
@@ -71,12 +72,13 @@ def test_unlabelled_data_use_entropy_and_a_task_boundary_reopens_the_search(tmp_
     trainer.train()
     callback = trainer.mpopt_callback
     assert callback.metric == "entropy"
-    reasons = [(d.step, d.reason) for d in callback.engine.decisions]
-    first, second = {"race": ("task boundary: race 1/2 from the same weights", "trial: race 2/2 from the same weights"),
-                     "ucb": ("task boundary: measure each candidate", "trial: measure each candidate")}[strategy]
-    assert (4, first) in reasons
-    after = [r for s, r in reasons if s > 4]
-    assert after and after[0] == second  # the second survivor is re-trialled too
+    decisions = [(d.step, d.kind, d.outcome) for d in callback.engine.decisions]
+    trial = {"race": Outcome.RACE_TRIAL, "ucb": Outcome.MEASURE}[strategy]
+    assert (4, "task", trial) in decisions, decisions
+    after = [(kind, outcome) for s, kind, outcome in decisions if s > 4]
+    assert after and after[0] == ("trial", trial)  # the second survivor is re-trialled too
+    if strategy == "race":
+        assert len(callback.engine.race_trials) == 2
 
 
 def test_race_trials_start_from_the_same_weights_and_the_winner_is_kept(tmp_path):
@@ -102,9 +104,10 @@ def test_race_trials_start_from_the_same_weights_and_the_winner_is_kept(tmp_path
     trainer.add_callback(Record())
     trainer.train()
     engine = trainer.mpopt_callback.engine
-    reasons = [(d.step, d.reason.split(" (")[0].split(" by ")[0]) for d in engine.decisions]
-    assert reasons[:3] == [(0, "start: race 1/2 from the same weights"), (1, "trial: race 2/2 from the same weights"),
-                           (2, "race won")]
+    decisions = [(d.step, d.kind, d.outcome) for d in engine.decisions]
+    assert decisions[:3] == [(0, "start", Outcome.RACE_TRIAL), (1, "trial", Outcome.RACE_TRIAL),
+                             (2, "trial", Outcome.RACE_WON)]
+    assert decisions[1] != decisions[0]
 
     def same(a, b):
         return all(torch.equal(a[k], b[k]) for k in a)
@@ -199,13 +202,14 @@ def test_training_that_stops_mid_race_keeps_the_best_ended_trial_and_can_go_on(t
     trainer.add_callback(Record())
     trainer.train()  # trial 1 ends at step 2, trial 2 is cut after one step
     engine = trainer.mpopt_callback.engine
-    assert engine.decisions[-1].reason == "training stopped mid-race: keep the best trial that ended"
+    assert (engine.decisions[-1].kind, engine.decisions[-1].outcome) == ("stop", Outcome.KEEP_BEST)
+    first_run = list(engine.decisions)
     assert not engine.racing and engine.current == MemoryConfig.from_dict(engine.decisions[0].config)
     assert all(torch.equal(v, ends[2][k]) for k, v in model.state_dict().items())  # trial 1's end state
     trainer.args.max_steps = 8
     trainer.train()  # a later run on the same callback races again from there, its copies taken afresh
-    reasons = [d.reason for d in engine.decisions]
-    assert "exploitation over: race 1/2 from the same weights" in reasons and reasons[-1].startswith("race won")
+    later = [(d.kind, d.outcome) for d in engine.decisions][len(first_run):]
+    assert later[0] == ("trial", Outcome.RACE_TRIAL) and later[-1] == ("trial", Outcome.RACE_WON), later
 
 
 def test_without_eval_data_the_gain_is_the_training_loss(tmp_path):

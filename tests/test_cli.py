@@ -46,8 +46,26 @@ def test_json_rows_then_reuse_from_store(capsys, store):
     code, out, _ = run(capsys, "profile", "--model", "tiny-vit", "--input-shape", "3,32,32", *SMALL_SPACE,
                        "--fit-measurements", "1", "--budget-mib", "1000", "--store", store)
     assert code == 0
-    assert "fit reused from the store" in out and "6 of 6 configurations fit 1000 MiB" in out
+    assert "fit reused from the store" in out and "6 of 6 configurations fit 1000 MiB less a margin of 0.05" in out
     assert "peak MiB" in out.splitlines()[1]
+
+
+def test_a_configuration_fits_the_budget_less_the_engines_margin(capsys, store):
+    """The CLI judges "fits" as the engine does: the predicted peak at most budget x (1 - safety margin)."""
+    flags = ["profile", "--model", "tiny-vit", "--input-shape", "3,32,32", *SMALL_SPACE, "--fit-measurements", "1",
+             "--json", "--store", store]
+    _, out, _ = run(capsys, *flags)
+    smallest = min(r["predicted_peak_mib"] for r in json.loads(out))
+    budget = smallest / 0.97  # the smallest fits 97 % of it: inside the budget, not inside 95 % of it
+    code, _, err = run(capsys, *flags, "--budget-mib", f"{budget:.6f}")
+    assert code == EXIT_BUDGET_TOO_SMALL and "less its safety margin of 0.05" in err
+    code, out, _ = run(capsys, *flags, "--budget-mib", f"{budget:.6f}", "--safety-margin", "0")
+    rows = json.loads(out)
+    assert code == 0 and min(rows, key=lambda r: r["predicted_peak_mib"])["fits"] is True
+    assert all(not r["fits"] for r in rows if r["predicted_peak_mib"] > 1.001 * budget)
+    with pytest.raises(SystemExit):
+        main([*flags, "--safety-margin", "0.5"])
+    assert "--safety-margin must be a number in [0, 0.5), got '0.5'" in capsys.readouterr().err
 
 
 def test_budget_below_minimum_exits_nonzero_naming_it(capsys, store):

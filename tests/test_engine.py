@@ -9,6 +9,8 @@ from mpopt_hf.config import MemoryConfig, MPOptArguments
 from mpopt_hf.engine import (
     MIB,
     Candidate,
+    DecisionKind,
+    Outcome,
     RuleEngine,
     batchnorm_filter,
     dominance_prune,
@@ -122,8 +124,9 @@ def test_settles_on_the_best_gain_per_second_within_12_trials():
     assert chosen[:3] == [b, a, c] or set(chosen[:3]) == {a, b, c}  # each candidate is measured once first
     assert engine.best == b
     assert chosen[12:].count(b) >= 9  # exploits b after 12 trials, re-measuring challengers now and then
-    reasons = [d.reason for d in engine.decisions]
-    assert any("exploit best" in r for r in reasons) and any("re-measure challenger" in r for r in reasons)
+    outcomes = [d.outcome for d in engine.decisions]
+    assert Outcome.EXPLOIT in outcomes and Outcome.CHALLENGER in outcomes, outcomes
+    assert outcomes[:3] == [Outcome.MEASURE] * 3 and all(d.kind in ("start", "trial") for d in engine.decisions)
 
 
 def test_trials_lengthen_so_that_evaluation_stays_within_search_share():
@@ -152,7 +155,7 @@ def test_redecides_after_a_drift_event():
     after = {a: 0.004, b: 0.002, c: 0.012}  # the new domain needs the head-heavy, fast configuration
     engine = RuleEngine(cands, strategy="ucb", trial_steps=3, exploration=0.3, discount=0.1)
     chosen = _simulate(engine, before, step_s, 40, random.Random(1), drift_at=16, drift_gain=after)
-    assert "task boundary" in [d.reason.split(":")[0] for d in engine.decisions]
+    assert sum(d.kind == DecisionKind.TASK for d in engine.decisions) == 1
     assert engine.best == c
     assert chosen[-10:].count(c) >= 7
 
@@ -167,7 +170,7 @@ def test_proxy_jump_reopens_the_search():
     assert not engine.queue
     engine.observe_step(4, 1.0)
     engine.observe_metric(4, -0.5, proxy=True)  # entropy fell from 1.97 to 0.5: another domain
-    assert engine.decisions[-1].reason.startswith("drift: proxy jumped")
+    assert (engine.decisions[-1].kind, engine.decisions[-1].outcome) == ("drift", Outcome.MEASURE)
     assert len(engine.queue) == 2  # every survivor is trialled again (the first is running)
 
 
@@ -181,7 +184,8 @@ def test_oom_marks_larger_configs_and_prefers_the_same_trainable_set():
     # everything predicted >= mb8/f0.5's 42 MiB is gone, the same trainable set continues with mb4
     assert nxt.short() == "mb4/f0.50/ckpt0/fp32"
     assert marked == ["mb8/f0.50/ckpt0/fp32", "mb8/f0.00/ckpt0/fp32", "mb4/f0.00/ckpt0/fp32"]
-    assert engine.decisions[-1].reason == "out of memory with mb8/f0.50/ckpt0/fp32"
+    last = engine.decisions[-1]
+    assert (last.kind, last.outcome, MemoryConfig.from_dict(last.config)) == ("oom", Outcome.SAME_GROUP, nxt)
 
 
 def test_oom_with_nothing_left_raises():
@@ -210,7 +214,8 @@ def test_a_measured_peak_over_budget_switches_at_the_next_step():
     assert first == MemoryConfig(8)
     assert engine.observe_step(1, 1.0, peak_bytes=95 * MIB) is False  # 95 > 90 usable: the prediction was wrong
     assert engine.current == MemoryConfig(4) and MemoryConfig(8) in engine.infeasible
-    assert engine.decisions[-1].reason == "over budget" and engine.decisions[-1].measured_peak_bytes == 95 * MIB
+    last = engine.decisions[-1]
+    assert (last.kind, last.outcome, last.measured_peak_bytes) == ("over_budget", Outcome.SAME_GROUP, 95 * MIB)
 
 
 def test_periodic_retune_requeues_every_survivor():

@@ -9,7 +9,7 @@ import math
 import pytest
 
 from mpopt_hf.config import MemoryConfig
-from mpopt_hf.engine import Candidate, RuleEngine, project_metric
+from mpopt_hf.engine import Candidate, Outcome, RuleEngine, project_metric
 from mpopt_hf.engine.events import (
     Action,
     Drop,
@@ -68,7 +68,8 @@ class SimulatedTraining:
         while self.seconds < seconds:
             self.carry_out(self.engine.step(StepBegin(step=step)), step)
             if len(self.trial_starts) < len(self.engine.decisions):
-                self.trial_starts.append((self.engine.decisions[-1].reason, self.accuracy))
+                # (outcome, trials of this race ended before it, accuracy): a race's first trial has none
+                self.trial_starts.append((self.engine.decisions[-1].outcome, len(self.engine.race_trials), self.accuracy))
             step += 1
             dt = STEP_S[config]
             self.accuracy += RATE[config] * (CEILING[config] - self.accuracy) * dt
@@ -104,10 +105,10 @@ def test_every_race_trial_starts_from_the_same_weights():
     sim = SimulatedTraining(_engine())
     sim.run(30.0)
     races: list[list[float]] = []
-    for reason, accuracy in sim.trial_starts:
-        if "race 1/" in reason:
+    for outcome, ended, accuracy in sim.trial_starts:
+        if outcome == Outcome.RACE_TRIAL and ended == 0:
             races.append([accuracy])
-        elif "race " in reason and "from the same weights" in reason:
+        elif outcome == Outcome.RACE_TRIAL:
             races[-1].append(accuracy)
     assert len(races) >= 3 and all(len(r) == 3 for r in races)
     for starts in races:
@@ -118,18 +119,18 @@ def test_each_candidate_is_judged_by_the_metric_it_would_reach_by_the_horizon():
     engine = _engine()
     sim = SimulatedTraining(engine)
     sim.run(40.0)
-    winners = [MemoryConfig.from_dict(d.config) for d in engine.decisions if d.reason.startswith("race won")]
+    winners = [MemoryConfig.from_dict(d.config) for d in engine.decisions if d.outcome == Outcome.RACE_WON]
     # half-frozen gains fastest over the 0.2 s trials, but its two halves show it slowing towards 0.7; over the
     # exploitation the race buys (~5 s), full training gets further
     first = engine.decisions[3]
-    assert winners[0] == FULL and first.reason.startswith("race won")
+    assert winners[0] == FULL and first.outcome == Outcome.RACE_WON
     assert sim.accuracy > 0.88  # the best fixed configuration in hindsight (FULL for 40 s) ends at ~0.9
     cost = engine.search_seconds + engine.discarded_seconds
     assert cost / sim.seconds < 0.15  # the search's own cost stays near search_share of the time
 
     short = RuleEngine([Candidate(c, None, STEP_S[c]) for c in (FULL, HALF, HEAD)], trial_steps=2, search_share=0.4)
     SimulatedTraining(short).run(1.0, horizon_s=2.0)  # ~1.3 s left after the race: half-frozen gets further in that
-    assert [MemoryConfig.from_dict(d.config) for d in short.decisions if d.reason.startswith("race won")] == [HALF]
+    assert [MemoryConfig.from_dict(d.config) for d in short.decisions if d.outcome == Outcome.RACE_WON] == [HALF]
 
 
 def test_projection_follows_an_exponential_approach_and_extends_a_steady_climb():
@@ -179,8 +180,8 @@ def test_a_lead_within_the_significance_goes_to_the_least_frozen(head_lead, sign
     assert engine.observe_metric(1, 0.6, se=0.04) == HEAD
     engine.observe_step(2, 1.0)
     assert engine.observe_metric(2, 0.6 + head_lead, se=0.04) == winner
-    reason = engine.decisions[-1].reason
-    assert reason.startswith("race won") and ("least frozen" in reason) == (winner == FULL)
+    assert engine.decisions[-1].outcome == Outcome.RACE_WON
+    assert engine.race_winner() == (winner, winner == FULL)  # FULL wins only as the least frozen of a tie
     # FULL's end state was kept when its trial ended; HEAD's replaces it only when HEAD wins
     assert engine.take_ops() == ["snapshot", "save_best", "restore_start"] + (
         ["restore_best", "drop"] if winner == FULL else ["save_best", "drop"])
@@ -194,7 +195,9 @@ def test_a_race_that_cannot_pay_for_itself_in_the_time_left_is_not_run():
     engine = _engine()
     sim = SimulatedTraining(engine)
     sim.run(2.0, horizon_s=2.0)  # a race costs ~0.5 s here, over search_share=0.1 of 2 s
-    assert engine.decisions[0].reason.startswith("start: no race (a race would cost ~0.52 s, over 0.1 of the 2.0 s left)")
+    assert (engine.decisions[0].kind, engine.decisions[0].outcome) == ("start", Outcome.NO_RACE_COST)
+    cost = engine.race_cost_s([FULL, HALF, HEAD])
+    assert cost == pytest.approx(0.52) and cost > 0.1 * 2.0  # over search_share of the 2 s
     assert [MemoryConfig.from_dict(d.config) for d in engine.decisions] == [FULL]  # the least frozen, all along
     assert engine.discarded_seconds == 0 and _evaluations(sim) == 1  # only the start's evaluation was spent
 
@@ -206,7 +209,7 @@ def test_the_estimated_race_cost_matches_what_the_race_cost():
     predicted = engine.race_cost_s([FULL, HALF, HEAD])
     engine.search_seconds = 0.0
     sim.run(3.0, horizon_s=100.0)
-    assert any(d.reason.startswith("race won") for d in engine.decisions)
+    assert any(d.outcome == Outcome.RACE_WON for d in engine.decisions)
     spent = engine.discarded_seconds + engine.search_seconds - sim.eval_s  # less the start's evaluation
     assert predicted == pytest.approx(0.52) and spent == pytest.approx(predicted, rel=0.2)
 
@@ -215,14 +218,14 @@ def test_near_the_end_of_the_horizon_the_winner_is_exploited_without_a_new_race(
     engine = _engine()
     sim = SimulatedTraining(engine)
     sim.run(8.0, horizon_s=8.0)
-    races = [d for d in engine.decisions if d.reason.startswith("race won")]
+    races = [d for d in engine.decisions if d.outcome == Outcome.RACE_WON]
     assert len(races) == 1  # unbounded, the same run races again once its first exploitation ends
     last = engine.decisions[-1]
-    assert last.reason.startswith("exploitation over: no new race") and MemoryConfig.from_dict(last.config) == engine.current
+    assert last.outcome == Outcome.EXPLOITATION_OVER and MemoryConfig.from_dict(last.config) == engine.current
     assert _evaluations(sim) == 1 + 3 * 2  # start, then a half-way and an end evaluation per trial; none after
     unbounded = _engine()
     SimulatedTraining(unbounded).run(8.0)
-    assert sum(d.reason.startswith("race won") for d in unbounded.decisions) > 1
+    assert sum(d.outcome == Outcome.RACE_WON for d in unbounded.decisions) > 1
 
 
 def test_a_short_task_keeps_the_last_race_winner_and_a_long_one_races_again():
@@ -232,9 +235,10 @@ def test_a_short_task_keeps_the_last_race_winner_and_a_long_one_races_again():
     winner = engine.race_incumbent
     assert winner is not None and not engine.racing
     assert engine.task_boundary(100, horizon_s=1.0) == winner and engine.take_ops() == []
-    assert "no race" in engine.decisions[-1].reason and "last race's winner" in engine.decisions[-1].reason
+    assert (engine.decisions[-1].kind, engine.decisions[-1].outcome) == ("task", Outcome.NO_RACE_COST)
     assert engine.task_boundary(200, horizon_s=60.0) == FULL and engine.take_ops() == ["snapshot"]
-    assert engine.decisions[-1].reason == "task boundary: race 1/3 from the same weights"
+    assert (engine.decisions[-1].kind, engine.decisions[-1].outcome) == ("task", Outcome.RACE_TRIAL)
+    assert len(engine.race_state.queue) == 2 and engine.race_trials == {}  # race 1 of 3
     state = json.loads(json.dumps(engine.state_dict()))
     restored = _engine()
     restored.load_state_dict(state)
@@ -294,7 +298,7 @@ def test_under_gain_per_step_a_race_must_pay_in_the_steps_it_throws_away(steps_l
     assert engine.step(Start(step=0, metric=0.2, steps_left=steps_left)) == [Run(FULL)]  # the least frozen first
     assert engine.racing is races
     if not races:
-        assert "a race would throw away ~4 steps, over 0.05 of the 36 steps left" in engine.decisions[-1].reason
+        assert engine.decisions[-1].outcome == Outcome.NO_RACE_COST  # 4 steps thrown away > 0.05 x 36
 
 
 def test_a_task_boundary_takes_the_new_tasks_steps_not_the_last_ones_zero():

@@ -85,4 +85,4 @@ def test_the_engine_imports_nothing_but_the_config_the_knob_arithmetic_and_itsel
         for target in _imports(path):
             head = target.split(".")[0] if not target.startswith("model.") else target
             assert head in {"engine", "config", "model.plan", "__future__", "math", "collections", "dataclasses", "typing",
-                            "enum", "itertools", "statistics", "functools", "json", "time", "bisect"}, (path, target)
+                            "enum", "itertools", "statistics", "functools", "json", "time", "bisect", "types"}, (path, target)

@@ -22,6 +22,11 @@ def test_is_out_of_memory_recognises_allocator_failures_only():
     assert not is_out_of_memory(RuntimeError("shape mismatch: out of memory order"))
     assert not is_out_of_memory(ValueError("CUDA out of memory."))
     assert not is_out_of_memory(KeyboardInterrupt())
+    # accelerate's own list (HIP, XPU) and the messages it lacks, but nothing with a non-string argument
+    assert is_out_of_memory(RuntimeError("HIP out of memory. Tried to allocate 2.00 GiB"))
+    assert is_out_of_memory(RuntimeError("CUDA error: out of memory\nCUDA kernel errors might be reported later"))
+    assert is_out_of_memory(RuntimeError("[enforce fail] DefaultCPUAllocator: not enough memory: you tried 9 GB"))
+    assert not is_out_of_memory(RuntimeError(2))
 
 
 def test_without_engine_the_step_is_rerun_with_half_the_micro_batch(tmp_path):
@@ -90,11 +95,10 @@ def test_engine_backs_off_and_records_the_decisions(tmp_path):
     assert trainer.state.global_step == 4
     assert all(s == "train2" for s in train_sizes[2:]) and len(train_sizes) == 2 + 4 * 4  # 8 samples every step
     decisions = json.load(open(os.path.join(tmp_path, "decisions.json")))
-    assert [(d["step"], d["config"]["micro_batch_size"], d["reason"]) for d in decisions[:3]] == [
-        (0, 8, "start: the only feasible candidate"),
-        (0, 4, "out of memory with mb8/f0.00/ckpt0/fp32: the only feasible candidate"),
-        (0, 2, "out of memory with mb4/f0.00/ckpt0/fp32: the only feasible candidate"),
+    assert [(d["step"], d["config"]["micro_batch_size"], d["kind"], d["outcome"]) for d in decisions[:3]] == [
+        (0, 8, "start", "only_candidate"), (0, 4, "oom", "only_candidate"), (0, 2, "oom", "only_candidate"),
     ]
+    assert decisions[1]["reason"].startswith("out of memory with mb8/f0.00/ckpt0/fp32")  # the log says which
     assert decisions[1]["predicted_peak_bytes"] == FakeCost().peak(MemoryConfig(4))
     infeasible = trainer.mpopt_callback.engine.infeasible
     assert set(infeasible) == {MemoryConfig(8), MemoryConfig(4)}

@@ -59,7 +59,7 @@ class DecisionLog:
         new = list(decisions[self.logged :])
         self.logged = len(decisions)
         for d in new:
-            logger.info("mpopt decision at step %d [%s]: %s (%s)", d.step, d.kind,
+            logger.info("mpopt decision at step %d [%s/%s]: %s (%s)", d.step, d.kind, d.outcome,
                         MemoryConfig.from_dict(d.config).short(), d.reason)
             if trainer is not None:
                 # Trainer.log's on_log resets control.should_log: a step's own loss row, already due, must still come

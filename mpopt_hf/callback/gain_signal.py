@@ -57,7 +57,7 @@ class GainSignal:
         update."""
         loss = trainer.last_step_loss
         self.train_loss.add(None if loss is None else self.reduce(loss, "sum") / trainer.args.world_size)
-        starting = engine.racing and engine.race_state.start_metric is None
+        starting = engine.awaits_race_start
         if (starting or self.needs_baseline or engine.baseline is None) and self.train_loss.last is not None:
             self.needs_baseline = False
             return -self.train_loss.last

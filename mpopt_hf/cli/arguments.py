@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..config import (
+    DEFAULT_SAFETY_MARGIN,
     CHECKPOINT_POLICIES,
     OPTIMIZER_STATES,
     PRECISIONS,
@@ -92,6 +93,7 @@ def _is_device(value: str) -> bool:
 SCALARS: dict[str, Accepts] = {
     "batch_size": Accepts(int, lambda v: v >= 1, "an integer >= 1"),
     "budget_mib": Accepts(float, lambda v: v > 0, "a positive number of MiB", optional=True),
+    "safety_margin": Accepts(float, lambda v: 0 <= v < 0.5, "a number in [0, 0.5)"),
     "measure": Accepts(int, lambda v: v >= 0, "an integer >= 0"),
     "fit_measurements": Accepts(int, lambda v: 0 <= v <= 3, "an integer in 0..3"),
     "steps": Accepts(int, lambda v: v >= 1, "an integer >= 1"),
@@ -161,6 +163,9 @@ class ProfileArguments:
     input_shape: list[int] = field(metadata=_help("per-sample shape: C,H,W for images, L for text", "SHAPE"))
     batch_size: int = field(default=32, metadata=_help("effective batch", "N"))
     budget_mib: float | None = field(default=None, metadata=_help("memory budget in MiB", "MIB"))
+    safety_margin: float = field(default=DEFAULT_SAFETY_MARGIN, metadata=_help(
+        "share of the budget kept free, as the engine keeps it (MPOptArguments.safety_margin): a configuration "
+        "fits when its predicted peak is at most budget x (1 - margin)", "X"))
     measure: int = field(default=0, metadata=_help(
         "also measure N configurations (besides the <= 3 the fit uses) and print the error", "N"))
     fit_measurements: int = field(default=3, metadata=_help("measured configurations the fit uses (0..3)", "{0..3}"))

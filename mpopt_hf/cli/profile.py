@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..config import MIB
+from ..config import fits as budget_fits
 from .arguments import (
     DEFAULT_CHECKPOINT_SEGMENTS,
     DEFAULT_FREEZE_RATES,
@@ -156,7 +157,8 @@ def run_profile(args: ProfileArguments) -> int:
     rows = []
     for config in space:
         prediction = memory_model.predict(config, args.batch_size)
-        fits = None if args.budget_mib is None else prediction.peak_mib <= args.budget_mib
+        fits = None if args.budget_mib is None else budget_fits(prediction.peak_bytes, args.budget_mib * MIB,
+                                                                 args.safety_margin)
         rows.append(Row(config, prediction, fits, measured.get(config), config in fit_configs))
     n_params = sum(p.numel() for p in model.parameters())
     summary = (f"model {args.model} ({type(model).__name__}, {n_params / 1e6:.3f} M parameters), effective batch "
@@ -176,13 +178,14 @@ def run_profile(args: ProfileArguments) -> int:
                   f"median {sorted(errors)[len(errors) // 2]:.2%}, max {max(errors):.2%}")
     if args.budget_mib is not None:
         try:
-            best = check_budget(memory_model, space, args.batch_size, args.budget_mib)
+            best = check_budget(memory_model, space, args.batch_size, args.budget_mib, args.safety_margin)
         except BudgetTooSmallError as err:
             print(f"mpopt profile: {err}", file=sys.stderr)
             return EXIT_BUDGET_TOO_SMALL
         if not args.json:
             n_fit = sum(1 for r in rows if r.fits)
-            print(f"{n_fit} of {len(rows)} configurations fit {args.budget_mib:g} MiB; smallest peak "
+            print(f"{n_fit} of {len(rows)} configurations fit {args.budget_mib:g} MiB less a margin of "
+                  f"{args.safety_margin:g}; smallest peak "
                   f"{best.peak_mib:.2f} MiB ({best.config.short()})")
     return 0
 

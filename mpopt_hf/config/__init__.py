@@ -13,6 +13,7 @@ from .arguments import (
     STRATEGIES,
     MPOptArguments,
 )
+from .fits import DEFAULT_SAFETY_MARGIN, fits, min_fitting_budget, usable_bytes
 from .memory import (
     CHECKPOINT_POLICIES,
     OPTIMIZER_STATES,
@@ -35,6 +36,10 @@ from .validation import (
 MIB = 2**20  # bytes in code, MiB in what a person reads
 
 __all__ = [
+    "DEFAULT_SAFETY_MARGIN",
+    "fits",
+    "min_fitting_budget",
+    "usable_bytes",
     "CHECKPOINT_POLICIES",
     "COST_PREDICTORS",
     "DEFAULT_SEARCH_SHARE",

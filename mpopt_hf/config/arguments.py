@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from .fits import DEFAULT_SAFETY_MARGIN
 from .memory import CHECKPOINT_POLICIES, OPTIMIZER_STATES, PRECISIONS, check_budget
 from .validation import (
     check_bool,
@@ -49,7 +50,7 @@ class MPOptArguments:
                   "optimizer steps (>= 1)."},
     )
     safety_margin: float = field(
-        default=0.05,
+        default=DEFAULT_SAFETY_MARGIN,
         metadata={"help": "Share of the budget kept free for prediction error and fragmentation; in [0, 0.5)."},
     )
     micro_batch_sizes: list[int] | None = field(

@@ -26,10 +26,12 @@ from __future__ import annotations
 from ..config import MIB
 from .candidates import (
     Candidate,
+    Choice,
     CostModel,
     Decision,
     DecisionKind,
     FunctionCostModel,
+    Outcome,
     RaceTrial,
 )
 from .clock import SearchClock
@@ -86,10 +88,12 @@ __all__ = [
     "STRATEGY_TYPES",
     "ArmStats",
     "Candidate",
+    "Choice",
     "CostModel",
     "Decision",
     "DecisionKind",
     "FunctionCostModel",
+    "Outcome",
     "RaceTrial",
     "RuleEngine",
     "SearchClock",

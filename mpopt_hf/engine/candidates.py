@@ -58,6 +58,36 @@ class DecisionKind(str, Enum):
     STOP = "stop"  # training stopped mid-race
 
 
+class Outcome(str, Enum):
+    """What the engine chose (its `DecisionKind` says what it was answering): tests and reports read this."""
+
+    RACE_TRIAL = "race_trial"  # a race trial begins (the first, or the next from the same weights)
+    RACE_WON = "race_won"  # the race is over: its winner (or the fastest configuration learning the same) runs
+    NO_RACE_COST = "no_race_cost"  # no race: it would cost over search_share of the time (or steps) left
+    NO_RACE_ROOM = "no_race_room"  # no race: the budget leaves no room for its two host copies
+    ONLY_CANDIDATE = "only_candidate"  # one feasible candidate: nothing to compare
+    EXPLOITATION_OVER = "exploitation_over"  # the exploitation a race bought is over, and no new race pays
+    KEEP_BEST = "keep_best"  # training stopped mid-race: the best trial that ended is kept
+    STILL_FITS = "still_fits"  # the budget changed and the configuration running still fits it
+    MEASURE = "measure"  # ucb: a survivor not measured yet
+    EXPLOIT = "exploit"  # ucb: the best estimate
+    CHALLENGER = "challenger"  # ucb: a challenger, re-measured
+    SAME_GROUP = "same_group"  # ucb, after a configuration was marked infeasible: its group's next fastest
+    FIXED = "fixed"  # fixed (and halving between halvings): the configuration stays
+    LARGEST = "largest"  # halving's start: the largest micro-batch
+    HALVED = "halved"  # halving: the micro-batch was halved
+    UNRECORDED = "unrecorded"  # a decision saved before outcomes were recorded
+
+
+@dataclass(frozen=True)
+class Choice:
+    """A strategy's answer: the configuration to run, what kind of choice it is, and why in words (for logs)."""
+
+    config: MemoryConfig
+    outcome: Outcome
+    why: str
+
+
 @dataclass
 class Decision:
     """One choice of the engine, as it is logged and written to decisions.json."""
@@ -72,6 +102,7 @@ class Decision:
     wall_time: float = field(default_factory=time.time)
     kind: str = DecisionKind.START.value  # a `DecisionKind` value
     budget_bytes: float | None = None  # the memory budget when it was taken
+    outcome: str = Outcome.UNRECORDED.value  # an `Outcome` value
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

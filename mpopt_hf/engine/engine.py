@@ -10,7 +10,7 @@ from dataclasses import replace
 from typing import Any
 
 from ..config import GAIN_UNITS, STRATEGIES, MemoryConfig
-from .candidates import Candidate, Decision, DecisionKind, RaceTrial
+from .candidates import Candidate, Choice, Decision, DecisionKind, RaceTrial
 from .clock import SearchClock
 from .forwarding import forwarded
 from .inputs import EngineInputs
@@ -19,6 +19,7 @@ from .rules import batchnorm_filter, group_key, prune, usable_bytes
 from .scoring import ArmStats, payback_seconds
 from .step_times import StepTimeLearner
 from .strategies import STRATEGY_TYPES, Race, RaceState
+from .trial import TrialCounts
 
 
 class RuleEngine(EngineInputs):
@@ -41,6 +42,13 @@ class RuleEngine(EngineInputs):
     last_eval_s = forwarded[float | None]("clock")
     horizon_s = forwarded[float | None]("clock")
     horizon_from = forwarded[float]("clock")
+    baseline = forwarded[float | None]("counts")
+    last_metric = forwarded[float | None]("counts")
+    last_se = forwarded[float | None]("counts")
+    trial_seconds = forwarded[float]("counts")
+    trial_steps_done = forwarded[int]("counts")
+    last_retune_step = forwarded[int]("counts")
+    last_peak = forwarded[float | None]("counts")
     ops = forwarded[list[str]]("race_state")
     racing = forwarded[bool]("race_state")
     race_trials = forwarded[dict[MemoryConfig, RaceTrial]]("race_state", "trials")
@@ -100,19 +108,13 @@ class RuleEngine(EngineInputs):
         self.below_minimum = False  # the budget left no candidate: the smallest runs until it grows
         self.step_times = StepTimeLearner({c.config: c.step_s for c in self.candidates})
         self.current: MemoryConfig | None = None
+        self.counts = TrialCounts()
         self.survivors = self._prune()  # raises ValueError when the budget is below the minimum
         self.arms: dict[MemoryConfig, ArmStats] = {c.config: ArmStats() for c in self.survivors}
-        self.queue: list[MemoryConfig] = [c.config for c in self.survivors]
-        self.baseline: float | None = None
-        self.last_metric: float | None = None
-        self.last_se: float | None = None
-        self.trial_seconds = 0.0
-        self.trial_steps_done = 0
-        self.last_retune_step = 0
-        self.last_peak: float | None = None
-        self.race_state = RaceState()  # what the race has done and has left; saved under every strategy
-        self._race = Race(self)  # the race's queries (`race_cost_s`, `stop_race`) answer under every strategy
+        self.queue: list[MemoryConfig] = [c.config for c in self.survivors]  # survivors due a trial (ucb)
         self.policy = STRATEGY_TYPES[strategy](self)
+        # the race's state and queries (`race_cost_s`, `stop_race`) answer under every strategy
+        self._race = self.policy if isinstance(self.policy, Race) else Race(self)
         self.decisions: list[Decision] = []
 
     # -------------------------------------------------------------- queries
@@ -139,6 +141,16 @@ class RuleEngine(EngineInputs):
         """``config`` with its predicted peak and its step seconds as learned so far (`StepTimeLearner`)."""
         found = next((c for c in self.candidates if c.config == config), Candidate(config))
         return replace(found, step_s=self.step_times.corrected(config)) if found.step_s is not None else found
+
+    @property
+    def race_state(self) -> RaceState:
+        """What the race has done and has left (saved under every strategy); changed only by the race."""
+        return self._race.state
+
+    @property
+    def awaits_race_start(self) -> bool:
+        """A race runs whose start has no gain metric yet (it opened at a task boundary): the next is its start."""
+        return self.racing and self.race_state.start_metric is None
 
     @property
     def best(self) -> MemoryConfig | None:
@@ -230,23 +242,41 @@ class RuleEngine(EngineInputs):
         """A new trial begins: its counts, and its half-way metric, start again."""
         self.trial_seconds = 0.0
         self.trial_steps_done = 0
-        self.race_state.mid, self.race_state.want_mid = None, False
+        self._race.new_trial()
+
+    def credit(self, config: MemoryConfig, gain: float) -> None:
+        """One more measured gain (per second, or per step) of ``config``."""
+        self.arms.setdefault(config, ArmStats()).add(gain)
 
     def credit_trial(self, metric: float) -> None:
         """The trial that just ended (on the running weights) adds its gain per second to its configuration's
         estimate; ``metric`` is the next trial's baseline."""
         if self.baseline is not None and self.current is not None and self.trial_progress > 0:
-            self.arms[self.current].add((metric - self.baseline) / self.trial_progress)
-        self.baseline = self.last_metric = metric
+            self.credit(self.current, (metric - self.baseline) / self.trial_progress)
+        self.go_on_from(metric)
         self.restart_trial()
+
+    def go_on_from(self, metric: float) -> None:
+        """Training goes on from weights whose gain metric is ``metric``: the next trial is measured against it."""
+        self.baseline = self.last_metric = metric
 
     def reopen(self) -> None:
         """Search again: older estimates are discounted, the candidates are pruned again on the step times learned
         so far, and every survivor is due a trial."""
-        self.survivors = self.reprune("re-pricing on measured step times")
+        self.reprune("re-pricing on measured step times")
         for stats in self.arms.values():
             stats.discount(self.discount)
         self.queue = [c.config for c in self.survivors]
+
+    def next_due(self) -> MemoryConfig | None:
+        """The next survivor due a trial (ucb measures each once), taken off the list; None when none is."""
+        return self.queue.pop(0) if self.queue else None
+
+    def take_due(self, config: MemoryConfig) -> MemoryConfig:
+        """``config`` runs now: it is no longer due a trial."""
+        if config in self.queue:
+            self.queue.remove(config)
+        return config
 
     def roomy_survivors(self, copies: int = 2) -> list[Candidate]:
         """The survivors of the candidates under the budget less ``copies`` host copies: what a race can compare
@@ -279,34 +309,42 @@ class RuleEngine(EngineInputs):
         return [c for c in order if (self.candidate(c).peak_bytes or 0.0) + extra <= usable]
 
     def reprune(self, reason: str) -> list[Candidate]:
-        """The survivors after configurations were marked infeasible (``reason``), keeping the arms that remain."""
+        """Prune again after configurations were marked infeasible or the budget changed (``reason``): the arms
+        and the survivors due a trial that remain are kept, a new survivor is due one. Returns the survivors."""
         try:
             survivors = self._prune()
         except ValueError as exc:
             raise RuntimeError(
                 f"No feasible configuration is left after {reason} ({len(self.infeasible)} marked infeasible): {exc}"
             ) from exc
-        self.arms = {c.config: self.arms.get(c.config) or ArmStats() for c in survivors}
+        alive = [c.config for c in survivors]
+        self.queue = [c for c in self.queue if c in alive] + [c for c in alive if c not in self.arms]
+        self.arms = {c: self.arms.get(c) or ArmStats() for c in alive}
+        self.survivors = survivors
+        self._race.keep_only(set(alive))
         return survivors
 
-    def decide(self, step: int, choice: MemoryConfig, why: str) -> MemoryConfig:
-        """Run ``choice`` next, logged as a `Decision` with ``why``."""
-        self.current = choice
-        cand = self.candidate(choice)
+    def decide(self, step: int, choice: Choice | None) -> MemoryConfig | None:
+        """Run ``choice`` next, logged as a `Decision` of the current cause (None: nothing changes). Returns the
+        configuration to run."""
+        if choice is None:
+            return self.current
+        self.current = config = choice.config
         self.decisions.append(
             Decision(
                 step=step,
                 elapsed_s=round(self.elapsed_s, 9),
-                config=choice.to_dict(),
-                predicted_peak_bytes=cand.peak_bytes,
+                config=config.to_dict(),
+                predicted_peak_bytes=self.candidate(config).peak_bytes,
                 measured_peak_bytes=self.last_peak,
-                gain_estimate=self.arms[choice].mean if choice in self.arms else None,
-                reason=why,
+                gain_estimate=self.arms[config].mean if config in self.arms else None,
+                reason=choice.why,
                 kind=DecisionKind(self.cause).value,
                 budget_bytes=self.budget_bytes,
+                outcome=choice.outcome.value,
             )
         )
-        return choice
+        return config
 
     # -------------------------------------------------------------- persistence
 

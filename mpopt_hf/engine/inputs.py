@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from ..config import MIB, MemoryConfig
-from .candidates import DecisionKind
+from .candidates import Choice, DecisionKind, Outcome
 from .events import (
     Action,
     Baseline,
@@ -84,7 +84,7 @@ class EngineInputs:
         self.baseline = self.last_metric = metric
         self.last_se = se
         self.cause = DecisionKind.START
-        return self.policy.start(step)
+        return self.decide(step, self.policy.start(step))
 
     def observe_step(self: RuleEngine, step: int, step_s: float, peak_bytes: float | None = None, timed: bool = True) -> bool:
         """Count one optimizer step of the current trial; True when the trial is over and a metric is wanted.
@@ -102,14 +102,18 @@ class EngineInputs:
             self.cause = DecisionKind.OVER_BUDGET
             self._mark(self.current, f"measured peak {peak_bytes / MIB:.1f} MiB > usable budget {limit / MIB:.1f} MiB")
             self.restart_trial()
-            self.policy.on_infeasible(step, self.current, "over budget")
+            self.decide(step, self.policy.on_infeasible(step, self.current, "over budget"))
             return False
         retuned = bool(self.retune_every_steps) and step - self.last_retune_step >= self.retune_every_steps
         self.cause = DecisionKind.RETUNE if retuned else DecisionKind.TRIAL
         if retuned:
             self.last_retune_step = step
             self.reopen()
-        return self.policy.wants_metric(step, retuned)
+        wanted = self.policy.wants_metric(step, retuned)
+        if isinstance(wanted, bool):
+            return wanted
+        self.decide(step, wanted)  # not now, and the strategy says why
+        return False
 
     def set_budget(self: RuleEngine, step: int, budget_bytes: float | None) -> MemoryConfig:
         """The memory budget is now ``budget_bytes`` (another process took memory or gave it back): re-plan from
@@ -122,10 +126,7 @@ class EngineInputs:
             for config in [c for c, b in self.marked_under.items() if b is not None and (budget_bytes is None or b < budget_bytes)]:
                 del self.infeasible[config], self.marked_under[config]
         before = {c.config for c in self.survivors}
-        self.survivors = self.reprune("a budget change")
-        after = {c.config for c in self.survivors}
-        self.queue = [c for c in self.queue if c in after]
-        self.race_state.queue = [c for c in self.race_state.queue if c in after]
+        after = {c.config for c in self.reprune("a budget change")}
         note = f"budget {mib_text(old)} -> {mib_text(budget_bytes)}"
         if self.below_minimum:
             note += f", below every candidate's predicted peak: the smallest ({mib_text(self.survivors[0].peak_bytes)}) runs"
@@ -135,12 +136,13 @@ class EngineInputs:
         peak = self.candidate(self.current).peak_bytes
         if self.current not in after and (self.below_minimum or (limit is not None and (peak or 0.0) > limit)):
             self.restart_trial()
-            return self.policy.on_infeasible(step, self.current, f"{note}: {self.current.short()} no longer fits")
+            return self.decide(step, self.policy.on_infeasible(step, self.current,
+                                                               f"{note}: {self.current.short()} no longer fits"))
         if after - before:
             self.reopen()
             self.restart_trial()
-            return self.policy.restart(step, f"{note}: {len(after - before)} more candidate(s) fit")
-        return self.decide(step, self.current, f"{note}: {self.current.short()} still fits")
+            return self.decide(step, self.policy.restart(step, f"{note}: {len(after - before)} more candidate(s) fit"))
+        return self.decide(step, Choice(self.current, Outcome.STILL_FITS, f"{note}: {self.current.short()} still fits"))
 
     def add_search_time(self: RuleEngine, seconds: float) -> None:
         """The caller spent ``seconds`` measuring the gain metric (it sets how long the next trials last)."""
@@ -159,8 +161,8 @@ class EngineInputs:
                 self.reopen()
                 self.baseline = metric
                 self.restart_trial()
-                return self.policy.restart(step, f"drift: proxy jumped by {jump:.0%}")
-        return self.policy.on_metric(step, metric)
+                return self.decide(step, self.policy.restart(step, f"drift: proxy jumped by {jump:.0%}"))
+        return self.decide(step, self.policy.on_metric(step, metric))
 
     def task_boundary(self: RuleEngine, step: int, horizon_s: float | None = None, steps_left: int | None = None) -> MemoryConfig:
         """The data changed: discount what was learned, trial every survivor again (when the new task's
@@ -172,13 +174,12 @@ class EngineInputs:
         self.reopen()
         self.baseline = None  # the caller's next `observe_metric` sets it on the new data
         self.restart_trial()
-        return self.policy.restart(step, "task boundary", new_task=True)
+        return self.decide(step, self.policy.restart(step, "task boundary", new_task=True))
 
     def set_baseline(self: RuleEngine, metric: float, se: float | None = None) -> None:
         self.baseline = self.last_metric = metric
         self.last_se = se
-        if self.racing and self.race_state.start_metric is None:
-            self.race_state.start_metric = metric  # a race opened at a task boundary starts from the new data's metric
+        self._race.start_from(metric)  # a race opened at a task boundary starts from the new data's metric
 
     def take_ops(self: RuleEngine) -> list[str]:
         """What the caller must do to the weights (with optimizer and scheduler state) before the next step:
@@ -189,15 +190,14 @@ class EngineInputs:
         * ``restore_best``: load the best trial's end state (the winner, when it was not the last trial);
         * ``drop``: forget both copies (the race is over).
         """
-        ops, self.ops = self.ops, []
-        return ops
+        return self._race.take_ops()
 
     def stop_race(self: RuleEngine, step: int) -> MemoryConfig:
         """Training stopped in the middle of a race: keep the best trial that ended (``restore_best`` in
         `take_ops`; with none ended, the weights stay as they are), drop the race, and exploit that
         configuration; the next step end asks for the metric that begins a new race."""
         self.cause = DecisionKind.STOP
-        return self._race.stop(step)
+        return self.decide(step, self._race.stop(step))
 
     def on_oom(self: RuleEngine, step: int, config: MemoryConfig) -> MemoryConfig:
         """``config`` ran out of memory: it and every configuration predicted at least as large are infeasible."""
@@ -208,4 +208,4 @@ class EngineInputs:
             if c.config not in self.infeasible and at_least_as_large(c, failed):
                 self._mark(c.config, f"predicted larger than {config.short()}, which ran out of memory")
         self.restart_trial()
-        return self.policy.on_infeasible(step, config, f"out of memory with {config.short()}")
+        return self.decide(step, self.policy.on_infeasible(step, config, f"out of memory with {config.short()}"))

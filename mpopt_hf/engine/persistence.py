@@ -1,43 +1,43 @@
-"""The engine's state as JSON-able data, and reading it back (older saved forms included)."""
+"""The engine's state as JSON-able data, and reading it back (older saved forms included). The parts that are
+dataclasses (`TrialCounts`, `SearchClock`, `RaceState`, `ArmStats`, `Decision`) are saved as their fields through
+`codec`; what is written by hand here is only how the parts are laid out."""
 
 from __future__ import annotations
 
-from dataclasses import asdict
+from dataclasses import fields
 from typing import TYPE_CHECKING, Any
 
 from ..config import MemoryConfig
-from .candidates import Candidate, Decision, config_or_none, dict_or_none
+from .candidates import Candidate, Decision
+from .codec import decode, encode, load_fields
 from .scoring import ArmStats
 from .step_times import StepTimeLearner
 
 if TYPE_CHECKING:  # pragma: no cover
     from .engine import RuleEngine
 
+_CLOCK_FIELDS = ("elapsed_s", "search_seconds", "last_eval_s")  # saved at the top, as they always were
+
 
 def engine_state_dict(self: RuleEngine) -> dict[str, Any]:
     """The engine's state as JSON-able data (`RuleEngine.state_dict`)."""
+    clock = encode(self.clock)
     return {
         "gain_per": self.gain_per,
         "candidates": [c.to_dict() for c in self.candidates],
         "infeasible": [[c.to_dict(), r, self.marked_under.get(c)] for c, r in self.infeasible.items()],
         "budget_bytes": self.budget_bytes,
-        "arms": [[c.to_dict(), asdict(s)] for c, s in self.arms.items()],
-        "queue": [c.to_dict() for c in self.queue],
-        "current": dict_or_none(self.current),
-        "baseline": self.baseline,
-        "last_metric": self.last_metric,
-        "trial_seconds": self.trial_seconds,
-        "trial_steps_done": self.trial_steps_done,
-        "elapsed_s": self.elapsed_s,
-        "last_retune_step": self.last_retune_step,
-        "last_peak": self.last_peak,
-        "search_seconds": self.search_seconds,
-        "last_eval_s": self.last_eval_s,
-        "race": self.race_state.to_dict(self.last_se),
-        "horizon": {"seconds": self.horizon_s, "from": self.horizon_from},
-        "decisions": [d.to_dict() for d in self.decisions],
+        "arms": encode(self.arms),
+        "queue": encode(self.queue),
+        "current": encode(self.current),
+        **encode(self.counts),
+        **{name: clock[name] for name in _CLOCK_FIELDS},
+        "race": encode(self.race_state),
+        "horizon": {"seconds": self.clock.horizon_s, "from": self.clock.horizon_from},
+        "decisions": encode(self.decisions),
         "step_times": self.step_times.state_dict(),
     }
+
 
 def load_engine_state(self: RuleEngine, state: dict[str, Any]) -> None:
     """Read back `engine_state_dict`'s form, older states included (`RuleEngine.load_state_dict`)."""
@@ -53,17 +53,16 @@ def load_engine_state(self: RuleEngine, state: dict[str, Any]) -> None:
     self.step_times = StepTimeLearner({c.config: c.step_s for c in self.candidates})
     if "step_times" in state:  # saved before step times were learned: they are learned afresh
         self.step_times.load_state_dict(state["step_times"])
-    self.survivors = self._prune()
-    self.arms = {MemoryConfig.from_dict(c): ArmStats(**s) for c, s in state["arms"]}
-    self.queue = [MemoryConfig.from_dict(c) for c in state["queue"]]
-    self.current = config_or_none(state["current"])
-    for name in ("baseline", "last_metric", "trial_seconds", "trial_steps_done", "elapsed_s", "last_retune_step", "last_peak"):
-        setattr(self, name, state[name])
-    self.search_seconds, self.last_eval_s = state.get("search_seconds", 0.0), state.get("last_eval_s")
-    race = state.get("race")
-    if race is not None:
-        self.race_state.load(race)
-        self.last_se = race["last_se"]
+    self.current = decode(MemoryConfig | None, state["current"])
+    race = state.get("race") or {}
+    # states saved before the counts were one dataclass kept the last metric's error with the race
+    load_fields(self.counts, {"last_se": race.get("last_se"), **state})
+    load_fields(self.race_state, race)
     horizon = state.get("horizon") or {}
-    self.horizon_s, self.horizon_from = horizon.get("seconds"), horizon.get("from", 0.0)
-    self.decisions = [Decision(**d) for d in state["decisions"]]
+    load_fields(self.clock, {**{k: state[k] for k in _CLOCK_FIELDS if k in state},
+                             "horizon_s": horizon.get("seconds"), "horizon_from": horizon.get("from", 0.0)})
+    self.survivors = self._prune()
+    self.arms = decode(dict[MemoryConfig, ArmStats], state["arms"])
+    self.queue = decode(list[MemoryConfig], state["queue"])
+    known = {f.name for f in fields(Decision)}
+    self.decisions = [Decision(**{k: v for k, v in d.items() if k in known}) for d in state["decisions"]]

@@ -1,25 +1,32 @@
-"""The pruning rules, in order: a configuration must fit the budget (*feasibility*); BatchNorm models never
-train on tiny micro-batches; among those with the same trainable set and precision only the fastest is worth a
-trial (*dominance*); an out-of-memory error removes everything predicted at least as large. Pure functions on
-`Candidate` lists, so each rule is tested on numbers alone."""
+"""The pruning rules, in order (`RULES`): BatchNorm models never train on tiny micro-batches; a configuration must
+fit the budget (*feasibility*); among those with the same trainable set and precision only the fastest is worth a
+trial (*dominance*). Each rule is a pure filter ``(candidates, context) -> candidates`` on `Candidate` lists, so
+each is tested on numbers alone; an out-of-memory error removes everything predicted at least as large
+(`at_least_as_large`)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 
-from ..config import MIB, MemoryConfig
+from ..config import MIB, MemoryConfig, fits, min_fitting_budget, usable_bytes
 from .candidates import Candidate
 
 
-def usable_bytes(budget_bytes: float | None, margin: float) -> float | None:
-    """The budget less its safety margin (None: no budget)."""
-    return None if budget_bytes is None else budget_bytes * (1.0 - margin)
+@dataclass(frozen=True)
+class PruneContext:
+    """What the rules judge candidates against: the budget, its margin, and what the model is."""
+
+    budget_bytes: float | None
+    margin: float
+    has_batchnorm: bool = False
+    bn_min_micro_batch: int = 8
+    effective_batch: int | None = None
 
 
 def feasible(candidates: Iterable[Candidate], budget_bytes: float | None, margin: float) -> list[Candidate]:
     """Predicted peak <= budget x (1 - margin). Without a budget or a prediction, a candidate is kept."""
-    limit = usable_bytes(budget_bytes, margin)
-    return [c for c in candidates if limit is None or c.peak_bytes is None or c.peak_bytes <= limit]
+    return [c for c in candidates if fits(c.peak_bytes, budget_bytes, margin)]
 
 
 def group_key(config: MemoryConfig) -> tuple[float, str, int | None, str]:
@@ -63,6 +70,43 @@ def batchnorm_filter(candidates: Iterable[Candidate], min_micro_batch: int, effe
     ]
 
 
+def batchnorm_rule(candidates: Sequence[Candidate], ctx: PruneContext) -> list[Candidate]:
+    """`batchnorm_filter` for BatchNorm models; raises ValueError when it leaves nothing."""
+    if not ctx.has_batchnorm:
+        return list(candidates)
+    allowed = batchnorm_filter(candidates, ctx.bn_min_micro_batch, ctx.effective_batch)
+    if not allowed:
+        raise ValueError(
+            f"No configuration is allowed: the model has BatchNorm and every micro-batch is below "
+            f"bn_min_micro_batch={ctx.bn_min_micro_batch}; add larger micro_batch_sizes or lower bn_min_micro_batch."
+        )
+    return allowed
+
+
+def feasibility_rule(candidates: Sequence[Candidate], ctx: PruneContext) -> list[Candidate]:
+    """`feasible`; raises ValueError when nothing fits, naming the minimum and the budget it needs."""
+    fitting = feasible(candidates, ctx.budget_bytes, ctx.margin)
+    if not fitting:
+        smallest = min(candidates, key=lambda c: c.peak_bytes)  # all predicted, else they would fit
+        raise ValueError(
+            f"MPOptArguments.memory_budget_mib={ctx.budget_bytes / MIB:.1f} (usable "
+            f"{usable_bytes(ctx.budget_bytes, ctx.margin) / MIB:.1f} MiB after a margin of {ctx.margin:.3g}: "
+            f"safety_margin, or the cost model's uncertainty when larger) is below the minimum feasible peak "
+            f"{smallest.peak_bytes / MIB:.1f} MiB, reached by {smallest.config.short()}; raise memory_budget_mib to "
+            f"at least {min_fitting_budget(smallest.peak_bytes, ctx.margin) / MIB:.1f} or widen the search space."
+        )
+    return fitting
+
+
+def dominance_rule(candidates: Sequence[Candidate], ctx: PruneContext) -> list[Candidate]:
+    """`dominance_prune`: the fastest of each trainable set, fastest first."""
+    return dominance_prune(candidates)
+
+
+Rule = Callable[[Sequence[Candidate], PruneContext], list[Candidate]]
+RULES: tuple[Rule, ...] = (batchnorm_rule, feasibility_rule, dominance_rule)
+
+
 def prune(
     candidates: Sequence[Candidate],
     budget_bytes: float | None,
@@ -72,23 +116,15 @@ def prune(
     bn_min_micro_batch: int = 8,
     effective_batch: int | None = None,
 ) -> list[Candidate]:
-    """Feasibility, then BatchNorm, then dominance. Raises ValueError when nothing fits, naming the minimum."""
-    allowed = batchnorm_filter(candidates, bn_min_micro_batch, effective_batch) if has_batchnorm else list(candidates)
-    if not allowed:
-        raise ValueError(
-            f"No configuration is allowed: the model has BatchNorm and every micro-batch is below "
-            f"bn_min_micro_batch={bn_min_micro_batch}; add larger micro_batch_sizes or lower bn_min_micro_batch."
-        )
-    fitting = feasible(allowed, budget_bytes, margin)
-    if not fitting:
-        smallest = min(allowed, key=lambda c: c.peak_bytes)  # all predicted, else they would fit
-        raise ValueError(
-            f"MPOptArguments.memory_budget_mib={budget_bytes / MIB:.1f} (usable {usable_bytes(budget_bytes, margin) / MIB:.1f} "
-            f"MiB after a margin of {margin:.3g}: safety_margin, or the cost model's uncertainty when larger) is below the minimum feasible peak {smallest.peak_bytes / MIB:.1f} MiB, "
-            f"reached by {smallest.config.short()}; raise memory_budget_mib to at least "
-            f"{smallest.peak_bytes / (1 - margin) / MIB:.1f} or widen the search space."
-        )
-    return dominance_prune(fitting)
+    """The `RULES` in order. Raises ValueError when a rule leaves nothing (e.g. nothing fits, naming the minimum)."""
+    if not candidates:
+        raise ValueError("No candidate configuration is left to prune: the space is empty, or every configuration "
+                         "of it is marked infeasible.")
+    ctx = PruneContext(budget_bytes, margin, has_batchnorm, bn_min_micro_batch, effective_batch)
+    survivors = list(candidates)
+    for rule in RULES:
+        survivors = rule(survivors, ctx)
+    return survivors
 
 
 def at_least_as_large(c: Candidate, failed: Candidate) -> bool:

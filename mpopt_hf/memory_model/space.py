@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Sequence
 
-from ..config import MemoryConfig
+from ..config import MIB, MemoryConfig, fits, min_fitting_budget
 from ..model.knobs import plan_knobs
 from .model import MemoryModel, Prediction
 
@@ -13,12 +13,13 @@ from .model import MemoryModel, Prediction
 class BudgetTooSmallError(ValueError):
     """No configuration of the space fits the memory budget."""
 
-    def __init__(self, budget_mib: float, min_peak_mib: float, config: MemoryConfig) -> None:
+    def __init__(self, budget_mib: float, min_peak_mib: float, config: MemoryConfig, margin: float = 0.0) -> None:
         self.budget_mib, self.min_peak_mib, self.config = budget_mib, min_peak_mib, config
+        kept = f" less its safety margin of {margin:.3g}" if margin else ""
         super().__init__(
-            f"A memory budget of {budget_mib:.1f} MiB is below the smallest predicted peak of this configuration "
-            f"space, {min_peak_mib:.1f} MiB (reached by {config.short()}); raise the budget to at least "
-            f"{math.ceil(min_peak_mib)} MiB or shrink the model/batch."
+            f"A memory budget of {budget_mib:.1f} MiB{kept} is below the smallest predicted peak of this "
+            f"configuration space, {min_peak_mib:.1f} MiB (reached by {config.short()}); raise the budget to at least "
+            f"{math.ceil(min_fitting_budget(min_peak_mib, margin))} MiB or shrink the model/batch."
         )
 
 
@@ -73,11 +74,13 @@ def min_peak(model: MemoryModel, space: Iterable[MemoryConfig], batch_size: int)
     return min(predictions, key=lambda p: p.peak_bytes)
 
 
-def check_budget(model: MemoryModel, space: Iterable[MemoryConfig], batch_size: int, budget_mib: float) -> Prediction:
-    """Raise `BudgetTooSmallError` (naming the minimum and its configuration) if nothing fits the budget."""
+def check_budget(model: MemoryModel, space: Iterable[MemoryConfig], batch_size: int, budget_mib: float,
+                 margin: float = 0.0) -> Prediction:
+    """Raise `BudgetTooSmallError` (naming the minimum and its configuration) if nothing fits the budget less its
+    ``margin`` (`config.fits`, the engine's rule)."""
     if not budget_mib > 0:
         raise ValueError(f"The memory budget must be a positive number of MiB, got {budget_mib}.")
     best = min_peak(model, space, batch_size)
-    if best.peak_mib > budget_mib:
-        raise BudgetTooSmallError(budget_mib, best.peak_mib, best.config)
+    if not fits(best.peak_bytes, budget_mib * MIB, margin):
+        raise BudgetTooSmallError(budget_mib, best.peak_mib, best.config, margin)
     return best

@@ -41,6 +41,7 @@ from tqdm.auto import tqdm
 
 from ..budget import BudgetTrace, is_dynamic
 from ..config import (
+    DEFAULT_SAFETY_MARGIN,
     MIB,
     InvalidTypeError,
     MemoryConfig,
@@ -48,6 +49,7 @@ from ..config import (
     check_int,
     check_number,
     check_str,
+    fits,
 )
 from ..cost import FakeTensorCostModel, plain_optimizer
 from ..metrics import load_metric
@@ -157,7 +159,7 @@ class OnlineRetrainer:
         self.engine_eval_size = engine_eval_size
         self.show_trainer_logs = show_trainer_logs
         self.seconds_per_task = seconds_per_task
-        self.margin = getattr(mpopt_args, "safety_margin", 0.05) if mpopt_args is not None else 0.05
+        self.margin = getattr(mpopt_args, "safety_margin", DEFAULT_SAFETY_MARGIN)
 
     # ------------------------------------------------------------------ public
 
@@ -238,7 +240,7 @@ class OnlineRetrainer:
 
         A batch of b samples costs what a micro-batch of b does (the same activations, weights, gradients
         and optimizer state; only the loaded batch tensor differs), so one cost model serves both."""
-        return self._default_cost_model(train).peak_mib(config) <= self.budget_mib * (1 - self.margin)
+        return fits(self._default_cost_model(train).peak_mib(config) * MIB, self.budget_mib * MIB, self.margin)
 
     def _retrain(self, task, record: TaskRecord) -> None:
         from ..training.trainer import MPOptTrainer

@@ -69,8 +69,9 @@ class StepLog:
 
 
 def task_decisions(decisions: list[Any]) -> list[dict[str, Any]]:
-    """The engine's decisions of one task as a record holds them: step, kind, configuration, reason."""
-    return [{"step": d.step, "kind": d.kind, "config": MemoryConfig.from_dict(d.config).short(), "reason": d.reason,
+    """The engine's decisions of one task as a record holds them: step, kind, outcome, configuration, reason."""
+    return [{"step": d.step, "kind": d.kind, "outcome": d.outcome, "config": MemoryConfig.from_dict(d.config).short(),
+             "reason": d.reason,
              "budget_mib": None if d.budget_bytes is None else d.budget_bytes / MIB} for d in decisions]
 
 

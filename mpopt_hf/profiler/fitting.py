@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..config import MIB, PRECISIONS, MemoryConfig
+from ..config import MIB, PRECISIONS, MemoryConfig, usable_bytes
 from ..memory_model import MemoryModel
 from ..store import ProfileKey, ProfileStore, make_key
 from ..training.microbatch import batch_size_of
@@ -130,7 +130,7 @@ def fit_profile(
     batch_size = batch_size_of(batch)
     limit = spill_dir = None
     if budget_bytes is not None:
-        limit = budget_bytes * (1 - margin)
+        limit = usable_bytes(budget_bytes, margin)
         # on a CPU the host is the budgeted device: the isolation copy goes to disk, not beside the step
         spill_dir = tempfile.gettempdir() if device_type_of(model) == "cpu" else None
     chosen = choose_fit_configs(memory_model, space, batch_size, n_measure, limit)

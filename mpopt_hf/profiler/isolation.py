@@ -25,14 +25,11 @@ from torch.utils._pytree import tree_map, tree_map_only
 
 from ..model.knobs import apply_memory_config, knob_state, remove_knobs
 from ..training.optimizer_state import set_state_bits, state_bits
+from ..training.snapshot import to_host
 
 
 class _Key(str):
     """A tensor's name in the copy (a plain string in the optimizer's state stays a string)."""
-
-
-def _to_cpu(value: Any) -> Any:
-    return tree_map_only(torch.Tensor, lambda t: t.detach().to("cpu", copy=True), value)
 
 
 def _separate(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -59,7 +56,7 @@ class StateCopy:
         self.state_bits = state_bits(optimizer)
         self.rng = torch.get_rng_state()
         self.cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
-        self.scaler = None if scaler is None else _to_cpu(scaler.state_dict())
+        self.scaler = None if scaler is None else to_host(scaler.state_dict())
         tensors: dict[str, torch.Tensor] = {}
 
         def name(key: str, t: torch.Tensor) -> _Key:

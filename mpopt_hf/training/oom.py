@@ -2,34 +2,28 @@
 
 from __future__ import annotations
 
-import gc
-
 import torch
+from accelerate.utils.memory import clear_device_cache, should_reduce_batch_size
 
-# Messages of allocation failures that are not raised as torch.OutOfMemoryError (older paths, CPU, cuBLAS/cuDNN).
-_OOM_MESSAGES = (
-    "CUDA out of memory.",
+# Allocation failures accelerate's `should_reduce_batch_size` does not recognise: the CUDA runtime's own wording,
+# cuBLAS's, and the CPU allocator's other message.
+_MORE_OOM_MESSAGES = (
     "CUDA error: out of memory",
-    "cuDNN error: CUDNN_STATUS_NOT_SUPPORTED.",
     "CUBLAS_STATUS_ALLOC_FAILED",
-    "DefaultCPUAllocator: can't allocate memory",
     "DefaultCPUAllocator: not enough memory",
-    "MPS backend out of memory",
-    "XPU out of memory.",
 )
 
 
 def is_out_of_memory(exc: BaseException) -> bool:
-    """True for `torch.OutOfMemoryError` and RuntimeErrors whose message is a known allocator failure."""
+    """True for `torch.OutOfMemoryError`, what accelerate's `should_reduce_batch_size` recognises, and a few more
+    allocator failures raised as RuntimeErrors."""
     if isinstance(exc, torch.OutOfMemoryError):
         return True
-    if isinstance(exc, RuntimeError) and len(exc.args) == 1 and isinstance(exc.args[0], str):
-        return any(message in exc.args[0] for message in _OOM_MESSAGES)
-    return False
+    if not (isinstance(exc, RuntimeError) and len(exc.args) == 1 and isinstance(exc.args[0], str)):
+        return False  # (accelerate's check would fail on a RuntimeError whose one argument is not a string)
+    return should_reduce_batch_size(exc) or any(message in exc.args[0] for message in _MORE_OOM_MESSAGES)
 
 
 def free_memory() -> None:
-    """Collect the failed step's garbage and return cached blocks to the device."""
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+    """Collect the failed step's garbage and return cached blocks to the device (accelerate's `clear_device_cache`)."""
+    clear_device_cache(garbage_collection=True)

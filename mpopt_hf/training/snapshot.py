@@ -12,24 +12,21 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_map_only
 
 
-def _to_host(value: Any) -> Any:
-    if torch.is_tensor(value):
-        return value.detach().to("cpu", copy=True)
-    if isinstance(value, dict):
-        return {k: _to_host(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(_to_host(v) for v in value)
-    return value
+def to_host(value: Any) -> Any:
+    """``value`` (a state dict, nested as it may be) with every tensor copied to the CPU, detached: the one host
+    copy the race's snapshots and the profiler's isolation both take."""
+    return tree_map_only(torch.Tensor, lambda t: t.detach().to("cpu", copy=True), value)
 
 
 def capture(model: nn.Module, optimizer: Any = None, scheduler: Any = None) -> dict[str, Any]:
     """A CPU copy of the model's, optimizer's and scheduler's state (what `restore` puts back)."""
     return {
-        "model": _to_host(model.state_dict()),
-        "optimizer": None if optimizer is None else _to_host(optimizer.state_dict()),
-        "scheduler": None if scheduler is None else _to_host(scheduler.state_dict()),
+        "model": to_host(model.state_dict()),
+        "optimizer": None if optimizer is None else to_host(optimizer.state_dict()),
+        "scheduler": None if scheduler is None else to_host(scheduler.state_dict()),
     }
 
 

@@ -120,11 +120,11 @@ class StepRecovery:
                 p.grad = torch.zeros_like(p)
         grads = [p.grad for p in params]
         if grads:
-            flat = torch._utils._flatten_dense_tensors(grads)
+            flat = torch.cat([g.reshape(-1) for g in grads])  # one all-reduce for all, as DDP's buckets do
             dist.all_reduce(flat)
             flat /= self.args.world_size
-            for grad, synced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
-                grad.copy_(synced)
+            for grad, synced in zip(grads, flat.split([g.numel() for g in grads])):
+                grad.copy_(synced.view_as(grad))
         if getattr(model, "broadcast_buffers", False):  # every backward ran under no_sync: DDP skipped it
             for buffer in model.buffers():
                 dist.broadcast(buffer, src=0)

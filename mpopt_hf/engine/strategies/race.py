@@ -9,12 +9,12 @@ not cap."""
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from ...config import DEFAULT_SEARCH_SHARE, MIB, MemoryConfig
-from ..candidates import Candidate, RaceTrial, config_or_none, dict_or_none
-from ..scoring import ArmStats, judge_race, payback_seconds, trial_gain
+from ..candidates import Candidate, Choice, Outcome, RaceTrial
+from ..scoring import judge_race, payback_seconds, trial_gain
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..engine import RuleEngine
@@ -24,7 +24,7 @@ if TYPE_CHECKING:  # pragma: no cover
 class RaceState:
     """What a race has done and has left; saved under every strategy (``racing`` stays False under ``ucb``).
 
-    Field names are the keys of the ``"race"`` entry of `RuleEngine.state_dict`.
+    Its fields are the keys of the ``"race"`` entry of `RuleEngine.state_dict` (see `codec`).
     """
 
     ops: list[str] = field(default_factory=list)  # for the caller, in order, before the next step: `take_ops`
@@ -45,40 +45,6 @@ class RaceState:
     horizon_s: float | None = None  # how far ahead this race's trials are projected
     horizon_steps: float | None = None  # the same in steps, under gain_per='step'
 
-    def to_dict(self, last_se: float | None) -> dict[str, Any]:
-        """The saved form (``last_se``, the engine's, is saved here as it always was)."""
-        return {
-            "ops": list(self.ops), "queue": [c.to_dict() for c in self.queue], "racing": self.racing,
-            "trials": [[c.to_dict(), asdict(t)] for c, t in self.trials.items()],
-            "last_se": last_se,
-            "saved": dict_or_none(self.saved),
-            "mid": None if self.mid is None else list(self.mid), "want_mid": self.want_mid,
-            "start_metric": self.start_metric, "start_search_s": self.start_search_s,
-            "trial_s": self.trial_s, "exploit_until_s": self.exploit_until_s,
-            "discarded_seconds": self.discarded_seconds,
-            "incumbent": dict_or_none(self.incumbent),
-            "streak": self.streak,
-            "horizon_s": self.horizon_s,
-            "trial_steps": self.trial_steps, "horizon_steps": self.horizon_steps,
-        }
-
-    def load(self, race: dict[str, Any]) -> None:
-        """Read back `to_dict`'s form (``horizon_s``, ``trial_steps`` and ``horizon_steps`` may be missing: older
-        states)."""
-        self.ops, self.racing = list(race["ops"]), race["racing"]
-        self.queue = [MemoryConfig.from_dict(c) for c in race["queue"]]
-        self.trials = {MemoryConfig.from_dict(c): RaceTrial(**t) for c, t in race["trials"]}
-        self.saved = config_or_none(race["saved"])
-        self.mid = None if race["mid"] is None else (race["mid"][0], race["mid"][1])
-        self.want_mid = race["want_mid"]
-        self.start_metric, self.start_search_s = race["start_metric"], race["start_search_s"]
-        self.trial_s, self.exploit_until_s = race["trial_s"], race["exploit_until_s"]
-        self.discarded_seconds = race["discarded_seconds"]
-        self.incumbent = config_or_none(race["incumbent"])
-        self.streak = race["streak"]
-        self.horizon_s = race.get("horizon_s")
-        self.trial_steps, self.horizon_steps = race.get("trial_steps"), race.get("horizon_steps")
-
 
 def _slow_key(c: Candidate) -> tuple[float, float, int, int]:
     known = c.step_s if c.step_s is not None else 0.0
@@ -86,23 +52,41 @@ def _slow_key(c: Candidate) -> tuple[float, float, int, int]:
 
 
 class Race:
-    """The race's decisions, on the engine's `RaceState` (``engine.race_state``)."""
+    """The race's decisions, on its own `RaceState`. The engine reads that state (``engine.race_state``) and
+    changes it only through the methods below (`new_trial`, `keep_only`, `start_from`, `take_ops`)."""
 
     measures = True
 
     def __init__(self, engine: RuleEngine) -> None:
         self.engine = engine
+        self.state = RaceState()
 
-    @property
-    def state(self) -> RaceState:
-        return self.engine.race_state
+    # -------------------------------------------------------------- what the engine tells the race
+
+    def new_trial(self) -> None:
+        """A trial begins: its half-way metric is not measured yet."""
+        self.state.mid, self.state.want_mid = None, False
+
+    def keep_only(self, alive: set[MemoryConfig]) -> None:
+        """The survivors are now ``alive``: the race trials none of the others."""
+        self.state.queue = [c for c in self.state.queue if c in alive]
+
+    def start_from(self, metric: float) -> None:
+        """The gain metric on the weights a race (opened at a task boundary) starts from, when it has none yet."""
+        if self.state.racing and self.state.start_metric is None:
+            self.state.start_metric = metric
+
+    def take_ops(self) -> list[str]:
+        """The copy operations due (`RuleEngine.take_ops`), handed over once."""
+        ops, self.state.ops = self.state.ops, []
+        return ops
 
     # -------------------------------------------------------------- the strategy protocol
 
-    def start(self, step: int) -> MemoryConfig:
+    def start(self, step: int) -> Choice:
         return self.begin(step, "start")
 
-    def wants_metric(self, step: int, retuned: bool) -> bool:
+    def wants_metric(self, step: int, retuned: bool) -> bool | Choice:
         e, s = self.engine, self.state
         if not s.racing:
             if retuned:
@@ -112,8 +96,7 @@ class Race:
             pays, why = self.pays(self.order())
             if not pays:  # exploit to the end of the horizon; no evaluation is spent on a race not run
                 s.exploit_until_s = None
-                e.decide(step, e.current, f"exploitation over: no new race ({why})")
-                return False
+                return Choice(e.current, Outcome.EXPLOITATION_OVER, f"exploitation over: no new race ({why})")
             return True
         if e.trial_over(1.0):
             return True
@@ -122,7 +105,7 @@ class Race:
             return True
         return False
 
-    def on_metric(self, step: int, metric: float) -> MemoryConfig:
+    def on_metric(self, step: int, metric: float) -> Choice | None:
         e, s = self.engine, self.state
         if not s.racing:  # the exploitation is over: its gain is one more estimate, then race again
             e.credit_trial(metric)
@@ -130,7 +113,7 @@ class Race:
             return self.begin(step, "exploitation over")
         if s.want_mid:
             s.want_mid, s.mid = False, (metric, e.trial_progress)
-            return e.current  # the trial goes on
+            return None  # the trial goes on
         start = s.start_metric if s.start_metric is not None else metric
         horizon = s.horizon_steps if e.gain_per == "step" else s.horizon_s
         gain, projected = trial_gain(start, metric, e.trial_progress, s.mid, horizon, e.metric_ceiling,
@@ -141,26 +124,25 @@ class Race:
             following = s.queue.pop(0)
             n = len(s.trials) + len(s.queue) + 1
             e.restart_trial()
-            return e.decide(step, following, f"trial: race {len(s.trials) + 1}/{n} from the same weights")
+            return Choice(following, Outcome.RACE_TRIAL, f"trial: race {len(s.trials) + 1}/{n} from the same weights")
         return self.finish(step)
 
-    def restart(self, step: int, reason: str, new_task: bool = False) -> MemoryConfig:
+    def restart(self, step: int, reason: str, new_task: bool = False) -> Choice:
         self.abandon()
         if new_task:
             self.state.streak = 0
         return self.begin(step, reason)
 
-    def on_infeasible(self, step: int, config: MemoryConfig, reason: str) -> MemoryConfig:
+    def on_infeasible(self, step: int, config: MemoryConfig, reason: str) -> Choice:
         """``config`` (the current trial's) cannot run: the race goes on without it, from its start again."""
         e, s = self.engine, self.state
-        e.survivors = e.reprune(reason)
-        alive = {c.config for c in e.survivors}
-        s.queue = [c for c in s.queue if c in alive]
+        e.reprune(reason)
+        self.keep_only({c.config for c in e.survivors})
         if not s.racing:
             return self.begin(step, reason)
         s.ops.append("restore_start")  # the failed trial's partial steps are undone
         if s.queue:
-            return e.decide(step, s.queue.pop(0), f"{reason}: next in the race")
+            return Choice(s.queue.pop(0), Outcome.RACE_TRIAL, f"{reason}: next in the race")
         if s.trials:
             return self.finish(step)
         return self.begin(step, reason)
@@ -171,12 +153,12 @@ class Race:
         """Slowest first, so that the first trial (which sets every trial's length) covers trial_steps of each."""
         return [c.config for c in sorted(self.engine.survivors, key=_slow_key)]
 
-    def begin(self, step: int, reason: str) -> MemoryConfig:
+    def begin(self, step: int, reason: str) -> Choice:
         e, s = self.engine, self.state
         order = self.order()
         if len(order) == 1:  # nothing to compare: run it until something changes
             s.racing, s.exploit_until_s = False, None
-            return e.decide(step, order[0], f"{reason}: the only feasible candidate")
+            return Choice(order[0], Outcome.ONLY_CANDIDATE, f"{reason}: the only feasible candidate")
         roomy = e.leave_room_for_copies(order)
         room_note = ""
         if len(roomy) < 2:  # the fastest of each set leave no room for the copies: race slower ones that do
@@ -186,10 +168,9 @@ class Race:
                 room_note = ", at configurations that leave room for its two host copies"
         if len(roomy) < 2:  # the race's two copies do not fit beside any two candidates: no race, and say so
             s.racing, s.exploit_until_s = False, None
-            choice = self.no_race_choice()
-            return e.decide(step, choice, f"{reason}: no race (the budget leaves no room for its two host copies of "
-                                          f"{e.copy_bytes / MIB:.1f} MiB beside two candidates): "
-                                          "the least frozen, fastest candidate")
+            return Choice(self.no_race_choice(), Outcome.NO_RACE_ROOM,
+                          f"{reason}: no race (the budget leaves no room for its two host copies of "
+                          f"{e.copy_bytes / MIB:.1f} MiB beside two candidates): the least frozen, fastest candidate")
         if len(roomy) < len(order):
             room_note = f", {len(order) - len(roomy)} left out for the room its two host copies take"
             order = roomy
@@ -198,7 +179,7 @@ class Race:
             s.racing, s.exploit_until_s = False, None
             choice = self.no_race_choice()
             kind = "the last race's winner" if choice == s.incumbent else "the least frozen, fastest candidate"
-            return e.decide(step, choice, f"{reason}: no race ({why}): {kind}")
+            return Choice(choice, Outcome.NO_RACE_COST, f"{reason}: no race ({why}): {kind}")
         s.racing, s.queue = True, order[1:]
         s.trials = {}
         s.horizon_s = self.projection_horizon(order)  # before trial_s is reset: it uses the last race's
@@ -209,22 +190,22 @@ class Race:
         s.start_metric, s.trial_s, s.trial_steps = e.baseline, None, None
         s.start_search_s = e.search_seconds
         s.ops.append("snapshot")
-        return e.decide(step, order[0], f"{reason}: race 1/{len(order)} from the same weights{room_note}")
+        return Choice(order[0], Outcome.RACE_TRIAL, f"{reason}: race 1/{len(order)} from the same weights{room_note}")
 
-    def stop(self, step: int) -> MemoryConfig:
+    def stop(self, step: int) -> Choice | None:
         """See `RuleEngine.stop_race`."""
         e, s = self.engine, self.state
         if not s.racing:
-            return e.current
+            return None
         keep = s.saved
         s.ops = [op for op in s.ops if op == "save_best"] + (["restore_best"] if keep is not None else []) + ["drop"]
         s.racing, s.queue = False, []
         s.exploit_until_s = e.elapsed_s
         choice = keep if keep is not None else e.current
         if keep is not None:
-            e.baseline = e.last_metric = s.trials[keep].metric
+            e.go_on_from(s.trials[keep].metric)
         e.restart_trial()
-        return e.decide(step, choice, "training stopped mid-race: keep the best trial that ended")
+        return Choice(choice, Outcome.KEEP_BEST, "training stopped mid-race: keep the best trial that ended")
 
     def abandon(self) -> None:
         s = self.state
@@ -237,7 +218,7 @@ class Race:
         s.trials[config] = RaceTrial(gain, metric, e.trial_seconds, e.last_se, projected)
         if s.trial_s is None:
             s.trial_s, s.trial_steps = e.trial_seconds, e.trial_steps_done
-        e.arms.setdefault(config, ArmStats()).add(gain)
+        e.credit(config, gain)
         if self.winner()[0] == config:  # the winner so far: keep its end state
             s.ops.append("save_best")
             s.saved = config
@@ -248,7 +229,7 @@ class Race:
         length = s.trial_steps if self.engine.gain_per == "step" else s.trial_s
         return judge_race(s.trials, length, self.engine.significance)
 
-    def finish(self, step: int) -> MemoryConfig:
+    def finish(self, step: int) -> Choice:
         e, s = self.engine, self.state
         winner, by_tie = self.winner()
         if winner not in (e.current, s.saved):  # its end state is gone (ties judged on another error)
@@ -266,7 +247,7 @@ class Race:
         kept = s.trials[winner].seconds
         s.exploit_until_s = e.elapsed_s + max(self.exploitation_s(cost) - kept, 0.0)
         s.racing = False
-        e.baseline = e.last_metric = s.trials[winner].metric
+        e.go_on_from(s.trials[winner].metric)
         e.restart_trial()
         run = e.fastest_sibling(winner)  # the copies are gone: the same learning at the fastest that fits
         tie = f", the least frozen within {e.significance:g} standard errors of the best" if by_tie else ""
@@ -277,8 +258,9 @@ class Race:
                  and horizon is not None else "")
         sibling = "" if run == winner else f", run as {run.short()}"
         rate = "/step" if per_step else "/s"
-        return e.decide(step, run, f"race won by {winner.short()} ({ahead}{won.gain:.4g}{rate} over {len(s.trials)}{tie}"
-                                   f"{sibling}): exploit for {s.exploit_until_s - e.elapsed_s:.1f} s")
+        return Choice(run, Outcome.RACE_WON, f"race won by {winner.short()} ({ahead}{won.gain:.4g}{rate} over "
+                                             f"{len(s.trials)}{tie}{sibling}): exploit for "
+                                             f"{s.exploit_until_s - e.elapsed_s:.1f} s")
 
     # -------------------------------------------------------------- what a race costs and buys
 

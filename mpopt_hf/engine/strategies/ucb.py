@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from ...config import MemoryConfig
+from ..candidates import Choice, Outcome
 from ..rules import group_key
 from ..scoring import ucb_choice
 
@@ -14,43 +15,42 @@ if TYPE_CHECKING:  # pragma: no cover
 
 
 class Bandit:
-    """Each survivor is measured once (the engine's ``queue``), then UCB on the gain per second picks."""
+    """Each survivor is measured once (the engine's survivors due a trial), then UCB on the gain per second picks."""
 
     measures = True
 
     def __init__(self, engine: RuleEngine) -> None:
         self.engine = engine
 
-    def start(self, step: int) -> MemoryConfig:
+    def start(self, step: int) -> Choice:
         return self.choose(step, "start")
 
     def wants_metric(self, step: int, retuned: bool) -> bool:
         return self.engine.trial_over(1.0)
 
-    def on_metric(self, step: int, metric: float) -> MemoryConfig:
+    def on_metric(self, step: int, metric: float) -> Choice:
         self.engine.credit_trial(metric)
         return self.choose(step, "trial")
 
-    def restart(self, step: int, reason: str, new_task: bool = False) -> MemoryConfig:
+    def restart(self, step: int, reason: str, new_task: bool = False) -> Choice:
         return self.choose(step, reason)
 
-    def on_infeasible(self, step: int, config: MemoryConfig, reason: str) -> MemoryConfig:
+    def on_infeasible(self, step: int, config: MemoryConfig, reason: str) -> Choice:
         return self.choose(step, reason, prefer_group_of=config)
 
-    def choose(self, step: int, reason: str, prefer_group_of: MemoryConfig | None = None) -> MemoryConfig:
+    def choose(self, step: int, reason: str, prefer_group_of: MemoryConfig | None = None) -> Choice:
         """The next trial; after a configuration was marked infeasible, its group's next fastest."""
         e = self.engine
-        if prefer_group_of is not None:  # survivors changed: re-prune and keep the arms that remain
-            known = set(e.arms)
-            e.survivors = e.reprune(reason)
-            e.queue = [c for c in e.queue if c in e.arms] + [c for c in e.arms if c not in known]
+        if prefer_group_of is not None:  # survivors changed: re-prune, keeping the arms that remain
+            e.reprune(reason)
             group = group_key(prefer_group_of)
             same = [c.config for c in e.survivors if group_key(c.config) == group]
-            choice = same[0] if same else (e.best or e.survivors[0].config)
-            if choice in e.queue:
-                e.queue.remove(choice)
-            return e.decide(step, choice, reason)
-        if e.queue:
-            return e.decide(step, e.queue.pop(0), f"{reason}: measure each candidate")
+            choice = e.take_due(same[0] if same else (e.best or e.survivors[0].config))
+            return Choice(choice, Outcome.SAME_GROUP, reason)
+        due = e.next_due()
+        if due is not None:
+            return Choice(due, Outcome.MEASURE, f"{reason}: measure each candidate")
         choice, is_best = ucb_choice(list(e.arms.items()), e.exploration)
-        return e.decide(step, choice, f"{reason}: {'exploit best' if is_best else 're-measure challenger'}")
+        if is_best:
+            return Choice(choice, Outcome.EXPLOIT, f"{reason}: exploit best")
+        return Choice(choice, Outcome.CHALLENGER, f"{reason}: re-measure challenger")
