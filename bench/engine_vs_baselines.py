@@ -230,6 +230,8 @@ def main() -> None:
             "decisions": len(ran), "final": engine.current.short(),
             "max_predicted_peak_mib": max(cost.predict(c.without_batch())[0] for c in ran) / MIB,
             "sequence": [f"{d.step}:{MemoryConfig.from_dict(d.config).short()}:{d.reason}" for d in engine.decisions],
+            # the last race's trials: gain, metric at the end, seconds, standard error, metric projected ahead
+            "last_race": {c.short(): vars(t) for c, t in engine.race_trials.items()},
         })
 
     # rows interleaved per seed, so that a change of machine load hits every row alike

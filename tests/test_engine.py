@@ -236,3 +236,22 @@ def test_a_slow_candidates_trial_is_capped_in_seconds():
     engine = RuleEngine(cands, strategy="ucb", trial_steps=10, trial_max_s=2.5)
     engine.start(0, 0.0)
     assert [engine.observe_step(s, 1.0) for s in (1, 2, 3)] == [False, False, True]  # 3 s >= 2.5 s before 10 steps
+
+
+def test_the_rules_are_ordered_filters_and_marked_configurations_go_first():
+    from mpopt_hf.engine.rules import RULES, PruneContext
+
+    assert [r.__name__ for r in RULES] == ["known_infeasible_rule", "batchnorm_rule", "feasibility_rule",
+                                           "dominance_rule"]
+    configs = enumerate_configs([8, 4], [0.0], [0], ["fp32"], 4)
+    cands = _cands(configs)  # mb8 predicted 74 MiB, mb4 42 MiB
+    assert [c.config for c in prune(cands, 100 * MIB, 0.0)] == [MemoryConfig(8)]  # dominance keeps the fastest
+    # a marked mb8 is out before dominance, so its slower sibling survives
+    assert [c.config for c in prune(cands, 100 * MIB, 0.0, infeasible={MemoryConfig(8)})] == [MemoryConfig(4)]
+    with pytest.raises(ValueError, match="Every configuration \\(2\\) is marked infeasible"):
+        prune(cands, None, 0.0, infeasible=set(configs))
+    ctx = PruneContext(budget_bytes=50 * MIB, margin=0.0)
+    out = cands
+    for rule in RULES:  # each rule alone is a filter on numbers
+        out = rule(out, ctx)
+    assert [c.config for c in out] == [MemoryConfig(4)]

@@ -197,3 +197,19 @@ def test_the_baselines_run_as_engine_strategies_without_evaluating(tmp_path, str
     decisions = trainer.mpopt_callback.engine.decisions
     assert [(d.kind, d.config["micro_batch_size"]) for d in decisions] == [("start", 8), ("oom", 4), ("oom", 2)]
     assert trainer.mpopt_callback.engine.search_seconds == 0.0
+
+
+def test_halve_until_returns_the_largest_halving_that_fits():
+    from mpopt_hf.training.oom import halve_until
+
+    asked = []
+
+    def fits(n):
+        asked.append(n)
+        return n <= 10
+
+    assert halve_until(fits, 64) == 8 and asked == [64, 32, 16, 8]
+    assert halve_until(lambda n: False, 64) == 1  # nothing fits: the smallest is the caller's to refuse
+    assert halve_until(lambda n: True, 7) == 7
+    with pytest.raises(ValueError, match="n >= 1"):
+        halve_until(fits, 0)

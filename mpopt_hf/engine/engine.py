@@ -122,13 +122,12 @@ class RuleEngine(EngineInputs):
     def _prune(self) -> list[Candidate]:
         """The survivors under the current budget. Before training, a budget below every candidate is the user's
         error (raised, naming the minimum); once training runs (the budget fell), the smallest candidate runs."""
-        allowed = [self.candidate(c.config) for c in self.candidates if c.config not in self.infeasible]
-        rules = dict(has_batchnorm=self.has_batchnorm, bn_min_micro_batch=self.bn_min_micro_batch,
-                     effective_batch=self.effective_batch)
+        candidates = [self.candidate(c.config) for c in self.candidates]
         self.below_minimum = False
         try:
-            return prune(allowed, self.budget_bytes, self.margin, **rules)
+            return prune(candidates, self.budget_bytes, self.margin, **self._rule_context())
         except ValueError:
+            allowed = [c for c in candidates if c.config not in self.infeasible]
             if self.current is None or not allowed:
                 raise
         if self.has_batchnorm:
@@ -136,6 +135,10 @@ class RuleEngine(EngineInputs):
         smallest = min(allowed, key=lambda c: c.peak_bytes or 0.0)
         self.below_minimum = True
         return [smallest]
+
+    def _rule_context(self) -> dict[str, Any]:
+        return dict(has_batchnorm=self.has_batchnorm, bn_min_micro_batch=self.bn_min_micro_batch,
+                    effective_batch=self.effective_batch, infeasible=self.infeasible)
 
     def candidate(self, config: MemoryConfig) -> Candidate:
         """``config`` with its predicted peak and its step seconds as learned so far (`StepTimeLearner`)."""
@@ -287,10 +290,9 @@ class RuleEngine(EngineInputs):
         reduced = (usable - copies * self.copy_bytes) / (1.0 - self.margin)
         if reduced <= 0:
             return []
-        allowed = [self.candidate(c.config) for c in self.candidates if c.config not in self.infeasible]
         try:
-            return prune(allowed, reduced, self.margin, has_batchnorm=self.has_batchnorm,
-                         bn_min_micro_batch=self.bn_min_micro_batch, effective_batch=self.effective_batch)
+            return prune([self.candidate(c.config) for c in self.candidates], reduced, self.margin,
+                         **self._rule_context())
         except ValueError:
             return []
 

@@ -1,4 +1,5 @@
-"""The pruning rules, in order (`RULES`): BatchNorm models never train on tiny micro-batches; a configuration must
+"""The pruning rules, in order (`RULES`): what ran out of memory (or over the budget) is out; BatchNorm models never
+train on tiny micro-batches; a configuration must
 fit the budget (*feasibility*); among those with the same trainable set and precision only the fastest is worth a
 trial (*dominance*). Each rule is a pure filter ``(candidates, context) -> candidates`` on `Candidate` lists, so
 each is tested on numbers alone; an out-of-memory error removes everything predicted at least as large
@@ -22,6 +23,7 @@ class PruneContext:
     has_batchnorm: bool = False
     bn_min_micro_batch: int = 8
     effective_batch: int | None = None
+    infeasible: frozenset[MemoryConfig] = frozenset()  # marked: ran out of memory, measured over the budget
 
 
 def feasible(candidates: Iterable[Candidate], budget_bytes: float | None, margin: float) -> list[Candidate]:
@@ -70,6 +72,15 @@ def batchnorm_filter(candidates: Iterable[Candidate], min_micro_batch: int, effe
     ]
 
 
+def known_infeasible_rule(candidates: Sequence[Candidate], ctx: PruneContext) -> list[Candidate]:
+    """Drop what is marked infeasible; raises ValueError when every candidate is."""
+    allowed = [c for c in candidates if c.config not in ctx.infeasible]
+    if not allowed:
+        raise ValueError(f"Every configuration ({len(candidates)}) is marked infeasible: each ran out of memory, or "
+                         "is predicted at least as large as one that did, or measured over the budget.")
+    return allowed
+
+
 def batchnorm_rule(candidates: Sequence[Candidate], ctx: PruneContext) -> list[Candidate]:
     """`batchnorm_filter` for BatchNorm models; raises ValueError when it leaves nothing."""
     if not ctx.has_batchnorm:
@@ -104,7 +115,7 @@ def dominance_rule(candidates: Sequence[Candidate], ctx: PruneContext) -> list[C
 
 
 Rule = Callable[[Sequence[Candidate], PruneContext], list[Candidate]]
-RULES: tuple[Rule, ...] = (batchnorm_rule, feasibility_rule, dominance_rule)
+RULES: tuple[Rule, ...] = (known_infeasible_rule, batchnorm_rule, feasibility_rule, dominance_rule)
 
 
 def prune(
@@ -115,12 +126,12 @@ def prune(
     has_batchnorm: bool = False,
     bn_min_micro_batch: int = 8,
     effective_batch: int | None = None,
+    infeasible: Iterable[MemoryConfig] = (),
 ) -> list[Candidate]:
     """The `RULES` in order. Raises ValueError when a rule leaves nothing (e.g. nothing fits, naming the minimum)."""
     if not candidates:
-        raise ValueError("No candidate configuration is left to prune: the space is empty, or every configuration "
-                         "of it is marked infeasible.")
-    ctx = PruneContext(budget_bytes, margin, has_batchnorm, bn_min_micro_batch, effective_batch)
+        raise ValueError("No candidate configuration to prune: the search space is empty.")
+    ctx = PruneContext(budget_bytes, margin, has_batchnorm, bn_min_micro_batch, effective_batch, frozenset(infeasible))
     survivors = list(candidates)
     for rule in RULES:
         survivors = rule(survivors, ctx)

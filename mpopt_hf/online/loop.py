@@ -54,6 +54,7 @@ from ..config import (
 from ..cost import FakeTensorCostModel, plain_optimizer
 from ..metrics import load_metric
 from ..model.blocks import find_blocks
+from ..training.oom import halve_until
 from ..training.wall_clock import WallClockLimit
 from .evaluation import accuracy_on
 from .records import ACCURACY, OnlineResult, TaskRecord, summarise
@@ -229,10 +230,8 @@ class OnlineRetrainer:
         args.auto_find_batch_size = True
         if self.budget_mib is not None and args.device.type != "cuda":
             # no out-of-memory error on a CPU: halve as transformers would on a device with this budget
-            batch = args.per_device_train_batch_size
-            while batch > 1 and not self._fits(train, MemoryConfig(micro_batch_size=batch)):
-                batch //= 2
-            args.per_device_train_batch_size = batch
+            args.per_device_train_batch_size = halve_until(
+                lambda b: self._fits(train, MemoryConfig(micro_batch_size=b)), args.per_device_train_batch_size)
         return args
 
     def _fits(self, train, config: MemoryConfig) -> bool:
@@ -331,9 +330,10 @@ class OnlineRetrainer:
             return MemoryConfig(micro_batch_size=effective)
         if self.baseline == "full_checkpointing":
             config = MemoryConfig(micro_batch_size=effective, checkpoint_segments=find_blocks(self.model).n_blocks)
-            while self.budget_mib is not None and config.micro_batch_size > 1 and not self._fits(train, config):
-                config = config.replace(micro_batch_size=config.micro_batch_size // 2)
-            return config
+            if self.budget_mib is None:
+                return config
+            return config.replace(micro_batch_size=halve_until(
+                lambda b: self._fits(train, config.replace(micro_batch_size=b)), effective))
         raise RuntimeError(f"baseline {self.baseline!r} chooses its configurations through the engine.")
 
     def _collate(self, dataset, size: int) -> dict[str, Any]:

@@ -122,8 +122,8 @@ def fit_profile(
             else:
                 if set(precisions) <= set(memory_model.precisions) and memory_model.selective >= selective:
                     # the structure is cheap and exact: take it from the live model (optimizer state may have grown)
-                    memory_model.structure = model_structure(model, batch, optimizer,
-                                                             never_grad=memory_model.structure.never_grad)
+                    memory_model = replace(memory_model, structure=model_structure(
+                        model, batch, optimizer, never_grad=memory_model.structure.never_grad))
                     measured = [Measurement.from_dict(m.data) for m in store.measurements(key)]
                     return Profile(key, memory_model, measured, reused=True)
     memory_model = build_memory_model(model, batch, optimizer, precisions, selective=selective)
@@ -148,7 +148,8 @@ def fit_profile(
                 store.mark_infeasible(key, config, f"out of memory while profiling: {err}"[:500])
     memory_model.calibrate([(m.config, m.batch_size, m.peak_bytes, m.step_s) for m in measured])
     if not measured:
-        memory_model.calibration = replace(memory_model.calibration, uncertainty=UNMEASURED_UNCERTAINTY)
+        memory_model = replace(memory_model, calibration=replace(memory_model.calibration,
+                                                                 uncertainty=UNMEASURED_UNCERTAINTY))
     if store is not None:
         for m in measured:
             store.add_measurement(key, m.config, m.to_dict())

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from accelerate.utils.memory import clear_device_cache, should_reduce_batch_size
 
@@ -27,3 +29,13 @@ def is_out_of_memory(exc: BaseException) -> bool:
 def free_memory() -> None:
     """Collect the failed step's garbage and return cached blocks to the device (accelerate's `clear_device_cache`)."""
     clear_device_cache(garbage_collection=True)
+
+
+def halve_until(fits: Callable[[int], bool], n: int) -> int:
+    """The largest of ``n``, ``n // 2``, ``n // 4``, ... (at least 1) that ``fits``: accelerate's
+    `find_executable_batch_size` without the failed attempts, for callers that can ask a cost model first."""
+    if n < 1:
+        raise ValueError(f"halve_until needs n >= 1, got {n}.")
+    while n > 1 and not fits(n):
+        n //= 2
+    return n
