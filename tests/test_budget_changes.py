@@ -163,7 +163,7 @@ def test_a_race_without_room_for_its_copies_beside_the_fastest_races_smaller_sib
                         strategy="race", trial_steps=1, late_gain=False, copy_bytes=10 * MIB)
     # fastest per set: mb8/f0 (74 MiB), mb8/f0.5 (42 MiB); with 2 x 10 MiB of copies only mb4/f0 (42) and mb8/f0.5 fit
     first = engine.start(0, 0.0)
-    assert engine.racing and engine.decisions[-1].outcome == Outcome.RACE_TRIAL
+    assert engine.racing and engine.decisions[-1].outcome == Outcome.RACE_ROOM
     raced = {first, *engine.race_state.queue}
     assert raced == {MemoryConfig(4), MemoryConfig(8, freeze_rate=0.5)}
     assert engine.observe_step(1, 1.0) is True
@@ -173,3 +173,20 @@ def test_a_race_without_room_for_its_copies_beside_the_fastest_races_smaller_sib
     assert chosen == MemoryConfig(8)  # mb4/f0 won; it goes on as mb8/f0, its set's fastest, once the copies are gone
     assert engine.decisions[-1].outcome == Outcome.RACE_WON and engine.race_incumbent == MemoryConfig(4)
     assert MemoryConfig.from_dict(engine.decisions[-1].config) == MemoryConfig(8)
+
+
+def test_under_ucb_a_survivor_the_budget_brings_in_is_due_a_measurement():
+    """A lower budget can make a slower configuration of a set its survivor: it has no estimate, so ucb measures it."""
+    configs = enumerate_configs([8, 4], [0.0, 0.5], [0], ["fp32"], n_blocks=4)
+    engine = RuleEngine([Candidate(c, *COST.predict(c)) for c in configs], budget_bytes=80 * MIB, margin=0.0,
+                        strategy="ucb", trial_steps=1)
+    assert {c.config for c in engine.survivors} == {MemoryConfig(8), MemoryConfig(8, freeze_rate=0.5)}
+    engine.start(0, 0.0)
+    for step in (1, 2):  # both survivors measured once: nothing is due
+        engine.observe_step(step, 1.0)
+        engine.observe_metric(step, 0.1 * step)
+    assert engine.queue == []
+    engine.set_budget(3, 50 * MIB)  # mb8/f0 (74 MiB) no longer fits: mb4/f0 (42) is its set's survivor now
+    assert MemoryConfig(4) in {c.config for c in engine.survivors}
+    assert MemoryConfig(4) in engine.queue or engine.current == MemoryConfig(4)
+    assert MemoryConfig(8) not in engine.queue and MemoryConfig(8) not in engine.arms

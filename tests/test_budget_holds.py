@@ -65,9 +65,9 @@ def test_no_configuration_over_the_budget_runs_fit_included(tmp_path, monkeypatc
     engine = trainer.mpopt_callback.engine
     assert engine.copy_bytes > 0
     outcomes = [d.outcome for d in engine.decisions]
-    assert Outcome.RACE_TRIAL in outcomes or Outcome.NO_RACE_ROOM in outcomes, outcomes
+    assert Outcome.RACE_ROOM in outcomes or Outcome.NO_RACE_ROOM in outcomes, outcomes  # the copies shaped it
     for d in engine.decisions:  # a race runs only at configurations that leave room for its two host copies
-        if d.outcome == Outcome.RACE_TRIAL:
+        if d.outcome in (Outcome.RACE_TRIAL, Outcome.RACE_ROOM):
             assert d.predicted_peak_bytes + 2 * engine.copy_bytes <= budget * (1 - engine.margin), d
 
 

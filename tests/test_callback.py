@@ -107,7 +107,6 @@ def test_race_trials_start_from_the_same_weights_and_the_winner_is_kept(tmp_path
     decisions = [(d.step, d.kind, d.outcome) for d in engine.decisions]
     assert decisions[:3] == [(0, "start", Outcome.RACE_TRIAL), (1, "trial", Outcome.RACE_TRIAL),
                              (2, "trial", Outcome.RACE_WON)]
-    assert decisions[1] != decisions[0]
 
     def same(a, b):
         return all(torch.equal(a[k], b[k]) for k in a)

@@ -62,12 +62,14 @@ class Outcome(str, Enum):
     """What the engine chose (its `DecisionKind` says what it was answering): tests and reports read this."""
 
     RACE_TRIAL = "race_trial"  # a race trial begins (the first, or the next from the same weights)
+    RACE_ROOM = "race_room"  # a race's first trial, among candidates narrowed to leave room for its host copies
     RACE_WON = "race_won"  # the race is over: its winner (or the fastest configuration learning the same) runs
     NO_RACE_COST = "no_race_cost"  # no race: it would cost over search_share of the time (or steps) left
     NO_RACE_ROOM = "no_race_room"  # no race: the budget leaves no room for its two host copies
     ONLY_CANDIDATE = "only_candidate"  # one feasible candidate: nothing to compare
     EXPLOITATION_OVER = "exploitation_over"  # the exploitation a race bought is over, and no new race pays
     KEEP_BEST = "keep_best"  # training stopped mid-race: the best trial that ended is kept
+    KEEP_CURRENT = "keep_current"  # training stopped mid-race before any trial ended: the weights stay
     STILL_FITS = "still_fits"  # the budget changed and the configuration running still fits it
     MEASURE = "measure"  # ucb: a survivor not measured yet
     EXPLOIT = "exploit"  # ucb: the best estimate
@@ -118,13 +120,3 @@ class RaceTrial:
     seconds: float
     se: float | None = None
     projected: float | None = None
-
-
-def config_or_none(data: dict[str, Any] | None) -> MemoryConfig | None:
-    """A saved configuration that may be absent (``None`` in a state dict)."""
-    return None if data is None else MemoryConfig.from_dict(data)
-
-
-def dict_or_none(config: MemoryConfig | None) -> dict[str, Any] | None:
-    """The saved form of a configuration that may be absent."""
-    return None if config is None else config.to_dict()

@@ -2,8 +2,9 @@
 is its fields (``asdict`` with configurations as dicts) and no field list is written twice by hand.
 
 Configurations are saved as `MemoryConfig.to_dict`; a dict keyed by configurations as ``[[key, value], ...]``
-(JSON keys are strings); a tuple as a list. Reading back, a field missing from the data keeps its default, so that
-a state saved before the field existed still loads.
+(JSON keys are strings; int and float keys are read back as numbers); a tuple or a set as a list. Reading back, a
+field missing from the data keeps its default, so that a state saved before the field existed still loads; a type
+hint the codec cannot read back (a union of several types, say) raises TypeError rather than guess.
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ def encode(value: Any) -> Any:
         return {k: encode(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [encode(v) for v in value]
+    if isinstance(value, (set, frozenset)):
+        return [encode(v) for v in sorted(value, key=repr)]
     return value
 
 
@@ -43,7 +46,9 @@ def decode(hint: Any, data: Any) -> Any:
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin in (Union, types.UnionType):
         concrete = [a for a in args if a is not type(None)]
-        return decode(concrete[0], data) if len(concrete) == 1 else data
+        if len(concrete) != 1:
+            raise TypeError(f"codec.decode cannot tell which of {hint} saved {data!r}.")
+        return decode(concrete[0], data)
     if hint is MemoryConfig:
         return MemoryConfig.from_dict(data)
     if isinstance(hint, type) and issubclass(hint, Enum):
@@ -53,10 +58,13 @@ def decode(hint: Any, data: Any) -> Any:
     if origin is dict:
         key, value = args
         pairs = data if isinstance(data, list) else data.items()
-        return {decode(key, k): decode(value, v) for k, v in pairs}
-    if origin is list:
-        return [decode(args[0], v) for v in data]
+        read_key = key if key in (int, float) else (lambda k: decode(key, k))  # JSON made number keys strings
+        return {read_key(k): decode(value, v) for k, v in pairs}
+    if origin in (list, set, frozenset):
+        return origin(decode(args[0], v) for v in data)
     if origin is tuple:
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(decode(args[0], v) for v in data)
         return tuple(decode(a, v) for a, v in zip(args, data, strict=True))
     return data
 

@@ -331,6 +331,9 @@ class RuleEngine(EngineInputs):
         configuration to run."""
         if choice is None:
             return self.current
+        if not isinstance(choice, Choice):
+            raise TypeError(f"A search strategy must answer an engine.candidates.Choice (or None), got {choice!r}: "
+                            f"{type(self.policy).__name__} follows an older protocol (see engine.strategies.base).")
         self.current = config = choice.config
         self.decisions.append(
             Decision(

@@ -110,10 +110,10 @@ class EngineInputs:
             self.last_retune_step = step
             self.reopen()
         wanted = self.policy.wants_metric(step, retuned)
-        if isinstance(wanted, bool):
-            return wanted
-        self.decide(step, wanted)  # not now, and the strategy says why
-        return False
+        if isinstance(wanted, Choice):
+            self.decide(step, wanted)  # not now, and the strategy says why
+            return False
+        return bool(wanted)
 
     def set_budget(self: RuleEngine, step: int, budget_bytes: float | None) -> MemoryConfig:
         """The memory budget is now ``budget_bytes`` (another process took memory or gave it back): re-plan from

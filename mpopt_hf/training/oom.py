@@ -7,12 +7,19 @@ from collections.abc import Callable
 import torch
 from accelerate.utils.memory import clear_device_cache, should_reduce_batch_size
 
-# Allocation failures accelerate's `should_reduce_batch_size` does not recognise: the CUDA runtime's own wording,
-# cuBLAS's, and the CPU allocator's other message.
+# Allocation failures raised as RuntimeErrors, beside what accelerate's `should_reduce_batch_size` recognises: every
+# one is listed, because older accelerate releases (this package allows >= 1.0) know only the CUDA, cuDNN and CPU
+# ones; the CUDA runtime's own wording, cuBLAS's and the CPU allocator's other message no release knows.
 _MORE_OOM_MESSAGES = (
+    "CUDA out of memory.",
     "CUDA error: out of memory",
+    "cuDNN error: CUDNN_STATUS_NOT_SUPPORTED.",
     "CUBLAS_STATUS_ALLOC_FAILED",
+    "DefaultCPUAllocator: can't allocate memory",
     "DefaultCPUAllocator: not enough memory",
+    "HIP out of memory.",
+    "MPS backend out of memory",
+    "XPU out of memory.",
 )
 
 

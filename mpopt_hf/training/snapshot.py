@@ -8,17 +8,28 @@ the device whose memory is scarce never holds a second copy.
 
 from __future__ import annotations
 
+from collections import OrderedDict
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import nn
-from torch.utils._pytree import tree_map_only
 
 
 def to_host(value: Any) -> Any:
     """``value`` (a state dict, nested as it may be) with every tensor copied to the CPU, detached: the one host
-    copy the race's snapshots and the profiler's isolation both take."""
-    return tree_map_only(torch.Tensor, lambda t: t.detach().to("cpu", copy=True), value)
+    copy the race's snapshots and the profiler's isolation both take. Any mapping, list or tuple is walked (a dict
+    subclass too, so no tensor of the training state is kept by reference)."""
+    if torch.is_tensor(value):
+        return value.detach().to("cpu", copy=True)
+    if isinstance(value, Mapping):
+        items = [(k, to_host(v)) for k, v in value.items()]
+        return OrderedDict(items) if isinstance(value, OrderedDict) else dict(items)
+    if isinstance(value, tuple) and hasattr(value, "_fields"):  # a named tuple
+        return type(value)(*(to_host(v) for v in value))
+    if isinstance(value, (list, tuple)):
+        return type(value)(to_host(v) for v in value)
+    return value
 
 
 def capture(model: nn.Module, optimizer: Any = None, scheduler: Any = None) -> dict[str, Any]:

@@ -190,7 +190,8 @@ class Race:
         s.start_metric, s.trial_s, s.trial_steps = e.baseline, None, None
         s.start_search_s = e.search_seconds
         s.ops.append("snapshot")
-        return Choice(order[0], Outcome.RACE_TRIAL, f"{reason}: race 1/{len(order)} from the same weights{room_note}")
+        return Choice(order[0], Outcome.RACE_ROOM if room_note else Outcome.RACE_TRIAL,
+                      f"{reason}: race 1/{len(order)} from the same weights{room_note}")
 
     def stop(self, step: int) -> Choice | None:
         """See `RuleEngine.stop_race`."""
@@ -205,6 +206,8 @@ class Race:
         if keep is not None:
             e.go_on_from(s.trials[keep].metric)
         e.restart_trial()
+        if keep is None:
+            return Choice(choice, Outcome.KEEP_CURRENT, "training stopped mid-race before a trial ended: go on as is")
         return Choice(choice, Outcome.KEEP_BEST, "training stopped mid-race: keep the best trial that ended")
 
     def abandon(self) -> None:

@@ -45,8 +45,11 @@ class Bandit:
             e.reprune(reason)
             group = group_key(prefer_group_of)
             same = [c.config for c in e.survivors if group_key(c.config) == group]
-            choice = e.take_due(same[0] if same else (e.best or e.survivors[0].config))
-            return Choice(choice, Outcome.SAME_GROUP, reason)
+            if same:
+                return Choice(e.take_due(same[0]), Outcome.SAME_GROUP, reason)
+            if e.best is not None:  # the set is gone: the best estimate so far
+                return Choice(e.take_due(e.best), Outcome.EXPLOIT, f"{reason}: exploit best")
+            return Choice(e.take_due(e.survivors[0].config), Outcome.MEASURE, f"{reason}: measure the fastest")
         due = e.next_due()
         if due is not None:
             return Choice(due, Outcome.MEASURE, f"{reason}: measure each candidate")
