@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from mpopt_hf import MemoryConfig, MPOptArguments, MPOptTrainer
-from mpopt_hf.engine.space import enumerate_configs
+from mpopt_hf.space import enumerate_configs
 from mpopt_hf.training.optimizer_state import QMAP_BYTES, is_switchable, set_state_bits, state_bits, state_bytes, switchable_adamw
 from mpopt_hf.profiler import build_memory_model, measure, predict_step
 from mpopt_hf.testing.tiny_models import build_tiny, example_batch

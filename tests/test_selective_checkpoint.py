@@ -13,7 +13,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from mpopt_hf import MemoryConfig, MPOptArguments
-from mpopt_hf.engine.space import enumerate_configs
+from mpopt_hf.space import enumerate_configs
 from mpopt_hf.model.knobs import apply_memory_config, remove_knobs
 from mpopt_hf.memory_model import config_space
 from mpopt_hf.profiler import build_memory_model, measure, predict_step

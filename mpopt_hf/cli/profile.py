@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..config import MIB
-from ..config import fits as budget_fits
+from ..space import fits as budget_fits
 from .arguments import (
     DEFAULT_CHECKPOINT_SEGMENTS,
     DEFAULT_FREEZE_RATES,

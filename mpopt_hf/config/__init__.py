@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from .arguments import (
     COST_PREDICTORS,
+    DEFAULT_SAFETY_MARGIN,
     DEFAULT_SEARCH_SHARE,
     GAIN_METRICS,
     GAIN_UNITS,
@@ -13,7 +14,6 @@ from .arguments import (
     STRATEGIES,
     MPOptArguments,
 )
-from .fits import DEFAULT_SAFETY_MARGIN, fits, min_fitting_budget, usable_bytes
 from .memory import (
     CHECKPOINT_POLICIES,
     OPTIMIZER_STATES,
@@ -37,9 +37,6 @@ MIB = 2**20  # bytes in code, MiB in what a person reads
 
 __all__ = [
     "DEFAULT_SAFETY_MARGIN",
-    "fits",
-    "min_fitting_budget",
-    "usable_bytes",
     "CHECKPOINT_POLICIES",
     "COST_PREDICTORS",
     "DEFAULT_SEARCH_SHARE",

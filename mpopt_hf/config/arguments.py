@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .fits import DEFAULT_SAFETY_MARGIN
 from .memory import CHECKPOINT_POLICIES, OPTIMIZER_STATES, PRECISIONS, check_budget
 from .validation import (
     check_bool,
@@ -24,6 +23,7 @@ STRATEGIES = ("race", "ucb", "fixed", "halving")  # the last two compare nothing
 GAIN_UNITS = ("second", "step")  # what a trial's gain is divided by: training seconds, or Trainer steps
 LR_SCALINGS = ("none", "linear", "sqrt")
 DEFAULT_SEARCH_SHARE = 0.05
+DEFAULT_SAFETY_MARGIN = 0.05  # MPOptArguments.safety_margin's default, also `mpopt profile --safety-margin`'s
 
 
 @dataclass

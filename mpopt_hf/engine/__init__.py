@@ -58,7 +58,7 @@ from .events import (
 from .rules import _speed_key as _speed_key  # importable from here before the split
 from .rules import batchnorm_filter, dominance_prune, feasible, prune, usable_bytes
 from .scoring import ArmStats, project_metric, ucb_choice
-from .space import (
+from ..space import (
     default_checkpoint_segments,
     default_freeze_rates,
     default_micro_batch_sizes,

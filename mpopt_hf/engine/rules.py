@@ -10,7 +10,8 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
-from ..config import MIB, MemoryConfig, fits, min_fitting_budget, usable_bytes
+from ..config import MIB, MemoryConfig
+from ..space import fits, min_fitting_budget, usable_bytes
 from .candidates import Candidate
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Sequence
 
-from ..config import MIB, MemoryConfig, fits, min_fitting_budget
-from ..model.knobs import plan_knobs
+from ..config import MIB, MemoryConfig
+from ..space import enumerate_configs, fits, min_fitting_budget
 from .model import MemoryModel, Prediction
 
 
@@ -41,29 +41,21 @@ def config_space(
     checkpoint_policies: Sequence[str] = ("block",),
     optimizer_states: Sequence[str] = ("fp32",),
 ) -> list[MemoryConfig]:
-    """Every valid configuration of the knob grid (segments above the trainable block count are skipped;
-    the policies apply to segment counts above 0)."""
+    """Every valid configuration of the knob grid that `mpopt profile` shows, as `space.enumerate_configs` lists
+    it (segments above the trainable block count are skipped; the policies apply to segment counts above 0), in
+    the table's order: precision, freeze rate, segments, policy, optimizer state, micro-batch. Its defaults are
+    wider than the engine's search (`space.default_*`): a profile also shows head-only training."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
     sizes = sorted(set(micro_batch_sizes or _powers_of_two_upto(batch_size)))
     bad = [s for s in sizes if not 1 <= s <= batch_size]
     if bad:
         raise ValueError(f"micro_batch_sizes {bad} are outside 1..{batch_size} (the effective batch).")
-    space = []
-    for precision in precisions:
-        for rate in freeze_rates:
-            for segments in checkpoint_segments:
-                for policy in checkpoint_policies if segments else ["block"]:
-                    for state in optimizer_states:
-                        for size in sizes:
-                            cfg = MemoryConfig(size, rate, segments, precision, checkpoint_policy=policy,
-                                               optimizer_state=state)
-                            try:
-                                plan_knobs(cfg, n_blocks)
-                            except ValueError:
-                                continue
-                            space.append(cfg)
-    return list(dict.fromkeys(space))
+    configs = enumerate_configs(sizes, freeze_rates, checkpoint_segments, precisions, n_blocks,
+                                checkpoint_policies=checkpoint_policies, optimizer_states=optimizer_states)
+    order = {name: i for i, name in enumerate(dict.fromkeys([*precisions, *checkpoint_policies, *optimizer_states]))}
+    return sorted(configs, key=lambda c: (order[c.precision], c.freeze_rate, c.checkpoint_segments,
+                                          order[c.checkpoint_policy], order[c.optimizer_state], c.micro_batch_size))
 
 
 def min_peak(model: MemoryModel, space: Iterable[MemoryConfig], batch_size: int) -> Prediction:
@@ -77,7 +69,7 @@ def min_peak(model: MemoryModel, space: Iterable[MemoryConfig], batch_size: int)
 def check_budget(model: MemoryModel, space: Iterable[MemoryConfig], batch_size: int, budget_mib: float,
                  margin: float = 0.0) -> Prediction:
     """Raise `BudgetTooSmallError` (naming the minimum and its configuration) if nothing fits the budget less its
-    ``margin`` (`config.fits`, the engine's rule)."""
+    ``margin`` (`space.fits`, the engine's rule)."""
     if not budget_mib > 0:
         raise ValueError(f"The memory budget must be a positive number of MiB, got {budget_mib}.")
     best = min_peak(model, space, batch_size)

@@ -49,11 +49,11 @@ from ..config import (
     check_int,
     check_number,
     check_str,
-    fits,
 )
 from ..cost import FakeTensorCostModel, plain_optimizer
 from ..metrics import load_metric
 from ..model.blocks import find_blocks
+from ..space import fits
 from ..training.oom import halve_until
 from ..training.wall_clock import WallClockLimit
 from .evaluation import accuracy_on

@@ -13,7 +13,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..config import MIB, PRECISIONS, MemoryConfig, usable_bytes
+from ..config import MIB, PRECISIONS, MemoryConfig
+from ..space import usable_bytes
 from ..memory_model import MemoryModel
 from ..store import ProfileKey, ProfileStore, make_key
 from ..training.microbatch import batch_size_of

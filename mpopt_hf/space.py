@@ -1,11 +1,29 @@
-"""The search space: every valid combination of the knobs, and the default values of each knob."""
+"""The search space, once for every caller (the engine, the online loop, `mpopt profile`, the benchmarks): every
+valid combination of the knobs, the default values of each knob, and what "fits" means: the predicted peak is at
+most the budget less its safety margin. Torch-free, like the engine that reads it."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 
-from ..config import MemoryConfig
-from ..model.plan import n_frozen_blocks
+from .config import MemoryConfig
+from .model.plan import n_frozen_blocks
+
+
+def usable_bytes(budget_bytes: float | None, margin: float) -> float | None:
+    """The budget less its safety margin (None: no budget)."""
+    return None if budget_bytes is None else budget_bytes * (1.0 - margin)
+
+
+def fits(peak_bytes: float | None, budget_bytes: float | None, margin: float) -> bool:
+    """Whether a predicted peak fits the budget less its margin; without a budget or a prediction, it does."""
+    limit = usable_bytes(budget_bytes, margin)
+    return limit is None or peak_bytes is None or peak_bytes <= limit
+
+
+def min_fitting_budget(peak_bytes: float, margin: float) -> float:
+    """The smallest budget that ``peak_bytes`` fits once the margin is taken off."""
+    return peak_bytes / (1.0 - margin)
 
 
 def enumerate_configs(
