@@ -338,3 +338,15 @@ def test_a_step_race_resumes_mid_trial_with_its_units_and_refuses_another_unit()
     assert resumed.trial_progress == engine.trial_progress == 1.0
     with pytest.raises(ValueError, match="counts gains per step, this engine per second"):
         fresh("second").load_state_dict(saved)
+
+
+def test_a_tie_at_the_cap_is_reported_as_a_tie_even_when_the_least_frozen_leads():
+    """Setting A's races (BENCHMARKS): both projections reach the ceiling, full training is first in race order and
+    so the nominal leader; the decision must still say that a tie, not a lead, chose it."""
+    from mpopt_hf.engine.candidates import RaceTrial
+    from mpopt_hf.engine.scoring import judge_race
+
+    trials = {FULL: RaceTrial(0.075, 0.133, 0.75, 0.03, 1.0), HALF: RaceTrial(0.087, 0.289, 0.79, 0.04, 1.0)}
+    assert judge_race(trials, 0.75, 2.0) == (FULL, True)
+    clear = {FULL: RaceTrial(0.2, 0.5, 0.75, 0.03, 0.9), HALF: RaceTrial(0.05, 0.3, 0.79, 0.04, 0.6)}
+    assert judge_race(clear, 0.75, 2.0) == (FULL, False)

@@ -64,7 +64,7 @@ def judge_race(
     trials: Mapping[MemoryConfig, RaceTrial], trial_s: float | None, significance: float
 ) -> tuple[MemoryConfig, bool]:
     """The best metric projected to the race's horizon, or without projections (no half-way metric) the best
-    gain per second; (winner, whether it won a tie).
+    gain per second; (winner, whether it won a tie: another candidate was within the tolerance).
 
     Gains are compared over the race's trial length ``trial_s``: a lead smaller than ``significance`` standard
     errors of the metric is a tie, and a tie goes to the least frozen candidate (then the earliest in the
@@ -81,7 +81,7 @@ def judge_race(
     tolerance = significance * (trials[leader].se or 0.0)
     tied = [c for c in score if score[c] >= score[leader] - tolerance]  # in race order
     winner = min(tied, key=lambda c: c.freeze_rate)
-    return winner, winner != leader
+    return winner, len(tied) > 1  # a tie even when the least frozen also leads: the noise, not it, decided
 
 
 def payback_seconds(cost_s: float, share: float) -> float:
