@@ -259,8 +259,9 @@ class RuleEngine(EngineInputs):
         self.go_on_from(metric)
         self.restart_trial()
 
-    def go_on_from(self, metric: float) -> None:
-        """Training goes on from weights whose gain metric is ``metric``: the next trial is measured against it."""
+    def go_on_from(self, metric: float | None) -> None:
+        """Training goes on from weights whose gain metric is ``metric`` (None: not measured): the next trial is
+        measured against it."""
         self.baseline = self.last_metric = metric
 
     def reopen(self) -> None:

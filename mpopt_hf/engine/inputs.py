@@ -81,7 +81,7 @@ class EngineInputs:
     def start(self: RuleEngine, step: int, metric: float | None, se: float | None = None) -> MemoryConfig:
         """The first configuration to run; ``metric`` is the gain metric before any training (``se``: its
         standard error over the evaluation items, when known)."""
-        self.baseline = self.last_metric = metric
+        self.go_on_from(metric)
         self.last_se = se
         self.cause = DecisionKind.START
         return self.decide(step, self.policy.start(step))
@@ -177,7 +177,7 @@ class EngineInputs:
         return self.decide(step, self.policy.restart(step, "task boundary", new_task=True))
 
     def set_baseline(self: RuleEngine, metric: float, se: float | None = None) -> None:
-        self.baseline = self.last_metric = metric
+        self.go_on_from(metric)
         self.last_se = se
         self._race.start_from(metric)  # a race opened at a task boundary starts from the new data's metric
 

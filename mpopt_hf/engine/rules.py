@@ -1,9 +1,8 @@
 """The pruning rules, in order (`RULES`): what ran out of memory (or over the budget) is out; BatchNorm models never
-train on tiny micro-batches; a configuration must
-fit the budget (*feasibility*); among those with the same trainable set and precision only the fastest is worth a
-trial (*dominance*). Each rule is a pure filter ``(candidates, context) -> candidates`` on `Candidate` lists, so
-each is tested on numbers alone; an out-of-memory error removes everything predicted at least as large
-(`at_least_as_large`)."""
+train on tiny micro-batches; a configuration must fit the budget (*feasibility*); among those with the same
+trainable set and precision only the fastest is worth a trial (*dominance*). Each rule is a pure filter
+``(candidates, context) -> candidates`` on `Candidate` lists, so each is tested on numbers alone. An
+out-of-memory error marks everything predicted at least as large (`at_least_as_large`)."""
 
 from __future__ import annotations
 
