@@ -1,4 +1,5 @@
-"""Train a tiny ViT with MPOptTrainer micro-batching; run by test_distributed.py, alone or under torchrun.
+"""Train a tiny model (ViT, or GPT-Neo with padded token labels) with MPOptTrainer micro-batching; run by
+test_distributed.py, alone or under torchrun.
 
 Each of the two epochs is one optimizer step over the same 8 samples, so one process with a batch of 8 and
 two processes with 4 each see the same global batch.
@@ -21,13 +22,18 @@ from mpopt_hf.testing.tiny_models import build_tiny, example_batch  # noqa: E402
 parser = argparse.ArgumentParser()
 parser.add_argument("--out", required=True)
 parser.add_argument("--micro-batch-size", type=int, required=True)
+parser.add_argument("--model", default="vit", choices=["vit", "gpt_neo"])
 cli = parser.parse_args()
 
 world = int(os.environ.get("WORLD_SIZE", "1"))
-model = build_tiny("vit", dropout=0.0)
+model = build_tiny(cli.model, dropout=0.0)
 # a parameter no rank uses keeps no gradient, as under DDP, so the optimizer leaves it alone
 model.register_parameter("unused_by_every_rank", torch.nn.Parameter(torch.ones(3)))
-data = ListDataset(example_batch(model, 8))
+batch = example_batch(model, 8)
+if cli.model == "gpt_neo":  # padded token labels, a different count per sample: the ranks' token counts differ
+    for i in range(8):
+        batch["labels"][i, batch["labels"].shape[1] - 2 * i:] = -100
+data = ListDataset(batch)
 args = training_args(cli.out, 8 // world, steps=-1, num_train_epochs=2, optim="sgd", weight_decay=0.0)
 
 
@@ -44,7 +50,9 @@ trainer.train()
 assert trainer.state.global_step == 2, trainer.state.global_step
 assert trainer.args.world_size == world, (trainer.args.world_size, world)
 if trainer.is_world_process_zero():
-    save_file({k: v.contiguous() for k, v in trainer.model.state_dict().items()}, os.path.join(cli.out, "weights.safetensors"))
+    # clones: GPT-Neo ties its embedding and head, which safetensors refuses to save as one storage
+    save_file({k: v.detach().clone().contiguous() for k, v in trainer.model.state_dict().items()},
+              os.path.join(cli.out, "weights.safetensors"))
 # Tear gloo down before interpreter exit: its threads aborting at exit ("terminate called without an active
 # exception") would turn a finished run into a SIGABRT.
 if torch.distributed.is_initialized():
