@@ -3,7 +3,8 @@
 Per model, on one effective batch: the baseline (whole batch, no knob), then cumulatively + micro-batching
 (gradient accumulation over batch/4), + bf16 autocast, + checkpointing (every trainable block), + freezing (half the
 blocks) = all together; then each knob alone (micro-batching alone is the "+ micro-batching" row), with selective
-checkpointing and 8-bit optimizer state, and all together with 8-bit optimizer state. On CUDA also fp16
+checkpointing, 8-bit optimizer state and LoRA adapters (where the blocks have Linear layers), and all together with
+8-bit optimizer state and with LoRA. On CUDA also fp16
 (with a loss scaler) alone and all together with fp16. Each configuration's peak is measured
 (`mpopt_hf.profiler.measure`) beside the fake-tensor memory model's prediction; step times are given as ratios to
 the baseline, measured side by side.
@@ -18,6 +19,7 @@ import torch
 
 from mpopt_hf import MemoryConfig
 from mpopt_hf.model.blocks import find_blocks
+from mpopt_hf.model.lora import lora_targets
 from mpopt_hf.model.plan import n_frozen_blocks
 from mpopt_hf.training.optimizer_state import switchable_adamw
 
@@ -29,6 +31,7 @@ from .space import PeakPredictor
 CHAIN = ("micro-batching", "bf16", "checkpointing", "freezing")  # the cumulative order
 SELECTIVE = "selective checkpointing"  # alone only: the policy that keeps matmul outputs
 LOW_BIT = "8-bit optimizer state"  # alone, and added to all together: bitsandbytes' blockwise AdamW moments
+LORA = "LoRA"  # alone, and added to all together: peft adapters on the trainable blocks' Linear layers
 QUICK_MODELS = ("resnet50", "vit")
 
 
@@ -47,6 +50,7 @@ class AblationSettings:
     batch_size: int = 32
     micro_batch_divisor: int = 4  # micro-batching: batch // this samples per micro-batch
     freeze_rate: float = 0.5  # freezing: the first round(rate x blocks) blocks (and the stem)
+    lora_rank: int = 8  # LoRA: adapters of this rank
     steps: int = 2  # timed steps per configuration (median), after `warmup`
     warmup: int = 1
     tiny: bool = False  # the zoo's few-channel variants (--quick)
@@ -73,19 +77,24 @@ def config_with(knobs: tuple[str, ...], n_blocks: int, settings: AblationSetting
     return MemoryConfig(settings.micro_batch_size if "micro-batching" in knobs else settings.batch_size, rate,
                         trainable if checkpointing else 0, precision,
                         checkpoint_policy="selective" if SELECTIVE in knobs else "block",
-                        optimizer_state="8bit" if LOW_BIT in knobs else "fp32")
+                        optimizer_state="8bit" if LOW_BIT in knobs else "fp32",
+                        lora_rank=settings.lora_rank if LORA in knobs else 0)
 
 
-def ablation_rows(n_blocks: int, settings: AblationSettings, device_type: str = "cpu") -> list[AblationRow]:
-    """The cumulative chain, then each knob alone; fp16 rows only on CUDA."""
+def ablation_rows(n_blocks: int, settings: AblationSettings, device_type: str = "cpu",
+                  lora: bool = False) -> list[AblationRow]:
+    """The cumulative chain, then each knob alone; fp16 rows only on CUDA, LoRA rows only with ``lora`` (a model
+    whose blocks have Linear layers)."""
     rows = [AblationRow("baseline", "cumulative", (), config_with((), n_blocks, settings))]
     for i, knob in enumerate(CHAIN):
         label = "+ freezing = all together" if i == len(CHAIN) - 1 else f"+ {knob}"
         rows.append(AblationRow(label, "cumulative", CHAIN[:i + 1], config_with(CHAIN[:i + 1], n_blocks, settings)))
-    alone = [*CHAIN[1:3], SELECTIVE, *CHAIN[3:], LOW_BIT] + (["fp16"] if device_type == "cuda" else [])
+    alone = [*CHAIN[1:3], SELECTIVE, *CHAIN[3:], LOW_BIT] + (["fp16"] if device_type == "cuda" else []) \
+        + ([LORA] if lora else [])
     rows += [AblationRow(f"{k} alone", "alone", (k,), config_with((k,), n_blocks, settings)) for k in alone]
-    rows.append(AblationRow(f"all together + {LOW_BIT}", "cumulative", (*CHAIN, LOW_BIT),
-                            config_with((*CHAIN, LOW_BIT), n_blocks, settings)))
+    for extra in [LOW_BIT] + ([LORA] if lora else []):
+        rows.append(AblationRow(f"all together + {extra}", "cumulative", (*CHAIN, extra),
+                                config_with((*CHAIN, extra), n_blocks, settings)))
     if device_type == "cuda":
         knobs = tuple("fp16" if k == "bf16" else k for k in CHAIN)
         rows.append(AblationRow("all together, fp16", "cumulative", knobs, config_with(knobs, n_blocks, settings)))
@@ -99,8 +108,9 @@ def run_model(name: str, settings: AblationSettings, where: torch.device) -> dic
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     # the 8-bit rows run bitsandbytes' AdamW (measure converts its moments); the others torch's, as a user's would
     low_bit = switchable_adamw(torch.optim.AdamW(model.parameters(), lr=1e-4))
-    n_blocks = find_blocks(model).n_blocks
-    rows = ablation_rows(n_blocks, settings, where.type)
+    blocks = find_blocks(model)
+    n_blocks = blocks.n_blocks
+    rows = ablation_rows(n_blocks, settings, where.type, lora=bool(lora_targets(model, blocks, 0)))
     predictors = {False: PeakPredictor(model, batch, optimizer), True: PeakPredictor(model, batch, low_bit)}
     cache: dict[MemoryConfig, dict[str, Any]] = {}
     out = []
@@ -146,7 +156,7 @@ SPEC = TableSpec(columns=(
 ), key=("model", "row"))
 
 TAGS = ("mpopt_hf", "memory-budget", "benchmark", "gradient-accumulation", "mixed-precision",
-        "activation-checkpointing", "selective-activation-checkpointing", "layer-freezing")
+        "activation-checkpointing", "selective-activation-checkpointing", "layer-freezing", "lora")
 
 
 def _setup_table(results: dict[str, Any]) -> str:
@@ -164,6 +174,8 @@ def _setup_table(results: dict[str, Any]) -> str:
         ("freezing", f"freeze rate {s['freeze_rate']:g}: the stem and the first round(rate x blocks) blocks"),
         ("8-bit optimizer state", "bitsandbytes' AdamW with blockwise 8-bit moments (tensors of 4096 elements or "
                                   "more; smaller ones stay 32-bit), created at the warm-up step"),
+        ("LoRA", f"peft's adapters of rank {s.get('lora_rank', 8)} (alpha = 2 x rank) on every Linear layer of the "
+                 "trainable blocks, whose own weights freeze (models whose blocks have Linear layers only)"),
         ("optimizer", "torch's AdamW (two fp32 state tensors per trainable parameter); bitsandbytes' on 8-bit rows"),
         ("steps", f"{max(1, s['warmup'])} warm-up + {s['steps']} timed (median) + 1 tracked step per configuration"),
         ("device, backend", f"`{env.get('device')}`: " + ("CUDA caching allocator's peak (max_memory_allocated)"

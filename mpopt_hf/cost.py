@@ -71,10 +71,17 @@ class FakeTensorCostModel:
 
 
 class ProfileCostModel:
-    """`CostModel` from a fitted `MemoryModel`: peak bytes and step seconds (None when no step was timed)."""
+    """`CostModel` from a fitted `MemoryModel`: peak bytes and step seconds (None when no step was timed).
 
-    def __init__(self, profile: Any, batch_size: int, seconds: float = 0.0) -> None:
+    The memory model does not trace LoRA adapters: a configuration with ``lora_rank > 0`` is priced by one
+    fake-tensor step (``adapters``, exact tensor bytes) plus the calibration's workspace for its precision and
+    micro-batch, as the memory model adds it; its step time is its twin's without adapters (an upper bound: the
+    frozen weights need no gradient), which the engine's online step-time correction then replaces."""
+
+    def __init__(self, profile: Any, batch_size: int, seconds: float = 0.0,
+                 adapters: FakeTensorCostModel | None = None) -> None:
         self.profile, self.batch_size, self.seconds = profile, int(batch_size), seconds
+        self.adapters = adapters
         # (embedding width, batch x batch tensors) of a batch-coupled loss: a split batch is gradient-cached
         self.grad_cache: tuple[int, int] | None = None
 
@@ -97,15 +104,19 @@ class ProfileCostModel:
         from .training.microbatch import batch_size_of
 
         start = time.perf_counter()
-        profile = fit_profile(model, batch, plain_optimizer(optimizer), space, store, n_measure=n_measure,
-                              budget_bytes=budget_bytes, margin=margin)
-        return cls(profile, batch_size_of(batch), time.perf_counter() - start)
+        plain = [c for c in space if not c.lora_rank]
+        adapters = FakeTensorCostModel(model, batch, optimizer) if len(plain) < len(space) else None
+        profile = fit_profile(model, batch, plain_optimizer(optimizer), plain or [c.replace(lora_rank=0) for c in space],
+                              store, n_measure=n_measure, budget_bytes=budget_bytes, margin=margin)
+        return cls(profile, batch_size_of(batch), time.perf_counter() - start, adapters)
 
     @property
     def reused(self) -> bool:
         return bool(self.profile.reused)
 
     def predict(self, config: MemoryConfig) -> tuple[float | None, float | None]:
+        if config.lora_rank:
+            return self._predict_adapters(config)
         memory_model = self.profile.model
         prediction = memory_model.predict(config, self.batch_size)
         timed = memory_model.calibration.n_time_points > 0
@@ -117,6 +128,17 @@ class ProfileCostModel:
             peak = overhead.apply(prediction)[0]
             step_s = None if step_s is None else step_s + overhead.extra_s
         return peak, step_s
+
+    def _predict_adapters(self, config: MemoryConfig) -> tuple[float, float | None]:
+        if self.adapters is None:
+            raise ValueError(f"{config.short()} has LoRA adapters, which this cost model was not fitted for: list the "
+                             "rank in MPOptArguments.lora_ranks (the fit then prices adapters by fake-tensor steps).")
+        memory_model, twin = self.profile.model, config.replace(lora_rank=0)
+        twin_peak, twin_s = self.predict(twin)
+        # what gradient caching adds to the twin (cached embeddings; 0 when the batch is not split) adds here too
+        grad_cache_bytes = twin_peak - memory_model.predict(twin, self.batch_size).peak_bytes
+        workspace = memory_model.calibration.workspace(config.precision, min(config.micro_batch_size, self.batch_size))
+        return self.adapters.peak_mib(config) * MIB + workspace + grad_cache_bytes, twin_s
 
     def peak_mib(self, config: MemoryConfig) -> float:
         return self.predict(config)[0] / MIB

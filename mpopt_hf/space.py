@@ -35,14 +35,17 @@ def enumerate_configs(
     batch_sizes: Iterable[int | None] = (None,),
     checkpoint_policies: Iterable[str] = ("block",),
     optimizer_states: Iterable[str] = ("fp32",),
+    lora_ranks: Iterable[int] = (0,),
 ) -> list[MemoryConfig]:
     """Every combination that is valid for a model with ``n_blocks`` blocks (segments <= trainable blocks).
 
     ``batch_sizes``: the batches per update (None: the loader's); under a batch ``b`` a micro-batch above ``b``
     would run as ``b``, so it is listed as ``b``, once. ``checkpoint_policies`` apply to segment counts above 0
     (without checkpointing the policy is moot: that configuration is listed once, as 'block'); every configuration
-    is listed once per ``optimizer_states``."""
+    is listed once per ``optimizer_states`` and once per ``lora_ranks`` (0: no adapters; a rank
+    above 0 only where some block trains, to carry the adapters)."""
     policies, states = list(dict.fromkeys(checkpoint_policies)), list(dict.fromkeys(optimizer_states))
+    ranks = list(dict.fromkeys(lora_ranks))
     configs = []
     for batch in batch_sizes:
         micro = sorted({m if batch is None else min(m, batch) for m in micro_batch_sizes}, reverse=True)
@@ -56,8 +59,9 @@ def enumerate_configs(
                         for state in states:
                             configs.extend(MemoryConfig(mb, freeze_rate=rate, checkpoint_segments=segments,
                                                         precision=precision, batch_size=batch,
-                                                        checkpoint_policy=policy, optimizer_state=state)
-                                           for mb in micro)
+                                                        checkpoint_policy=policy, optimizer_state=state,
+                                                        lora_rank=rank)
+                                           for rank in ranks if trainable or not rank for mb in micro)
     return configs
 
 

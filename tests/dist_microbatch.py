@@ -1,4 +1,5 @@
-"""Train a tiny model (ViT, or GPT-Neo with padded token labels) with MPOptTrainer micro-batching; run by
+"""Train a tiny model (ViT, or GPT-Neo with padded token labels) with MPOptTrainer micro-batching, optionally
+with the LoRA knob's adapters (injected at the first step, after DDP wrapped the model); run by
 test_distributed.py, alone or under torchrun.
 
 Each of the two epochs is one optimizer step over the same 8 samples, so one process with a batch of 8 and
@@ -23,6 +24,7 @@ parser = argparse.ArgumentParser()
 parser.add_argument("--out", required=True)
 parser.add_argument("--micro-batch-size", type=int, required=True)
 parser.add_argument("--model", default="vit", choices=["vit", "gpt_neo"])
+parser.add_argument("--lora-rank", type=int, default=0)
 cli = parser.parse_args()
 
 world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -43,7 +45,7 @@ class UnusedHasNoGradient(TrainerCallback):
 
 
 trainer = MPOptTrainer(
-    model=model, args=args, train_dataset=data, memory_config=MemoryConfig(cli.micro_batch_size, checkpoint_segments=2),
+    model=model, args=args, train_dataset=data, memory_config=MemoryConfig(cli.micro_batch_size, checkpoint_segments=2, lora_rank=cli.lora_rank),
     callbacks=[UnusedHasNoGradient()],
 )
 trainer.train()

@@ -19,14 +19,18 @@ def _run(cmd, cwd):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
 
-@pytest.mark.parametrize("family", ["vit", "gpt_neo"])  # GPT-Neo: decoder-only, padded token labels
-def test_two_processes_match_one(tmp_path, family):
+# GPT-Neo: decoder-only, padded token labels; LoRA: adapters made after DDP wrapped the model, reduced by the
+# trainer's own all-reduce, initialised alike on every rank (their seed is the run's, not the global generator)
+@pytest.mark.parametrize("family,lora_rank", [("vit", 0), ("gpt_neo", 0), ("vit", 4)])
+def test_two_processes_match_one(tmp_path, family, lora_rank):
     one, two = tmp_path / "one", tmp_path / "two"
-    _run([sys.executable, str(SCRIPT), "--out", str(one), "--micro-batch-size", "8", "--model", family], tmp_path)
-    _run(torchrun_two(SCRIPT, "--out", two, "--micro-batch-size", "3", "--model", family), tmp_path)
+    flags = ["--model", family, "--lora-rank", str(lora_rank)]
+    _run([sys.executable, str(SCRIPT), "--out", str(one), "--micro-batch-size", "8", *flags], tmp_path)
+    _run(torchrun_two(SCRIPT, "--out", two, "--micro-batch-size", "3", *flags), tmp_path)
     reference, distributed = load_file(one / "weights.safetensors"), load_file(two / "weights.safetensors")
     start = __import__("mpopt_hf.testing.tiny_models", fromlist=["build_tiny"]).build_tiny(family, dropout=0.0).state_dict()
     assert reference.keys() == distributed.keys()
-    assert any(not torch.equal(reference[k], start[k]) for k in reference)  # training moved the weights
+    assert (lora_rank > 0) == any("lora_B" in k for k in reference)
+    assert any(not torch.equal(reference[k], start[k]) for k in reference if k in start or lora_rank)  # it trained
     for key in reference:
         assert torch.allclose(reference[key], distributed[key], atol=1e-6), key

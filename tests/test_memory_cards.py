@@ -80,6 +80,13 @@ def test_ablation_rows_are_cumulative_in_the_order_they_say():
         plan_knobs(r.config, 16)  # every configuration is valid for the model
 
 
+def test_ablation_adds_lora_rows_only_for_models_with_linear_blocks():
+    assert not any("LoRA" in r.label for r in ablation.ablation_rows(16, _settings()))
+    rows = {r.label: r.config for r in ablation.ablation_rows(16, _settings(), lora=True)}
+    assert rows["LoRA alone"] == MemoryConfig(32, lora_rank=8)
+    assert rows["all together + LoRA"] == MemoryConfig(8, 0.5, 8, "bf16", lora_rank=8)
+
+
 def test_ablation_adds_fp16_rows_on_cuda_only():
     rows = {r.label: r.config for r in ablation.ablation_rows(5, _settings(batch_size=6), "cuda")}
     assert rows["fp16 alone"] == MemoryConfig(6, precision="fp16")

@@ -38,6 +38,8 @@ def decision_entry(decision: Decision, index: int, trainer: Any, gain_per: str =
         entry["mpopt/selective_checkpointing"] = 1
     if config.optimizer_state == "8bit":
         entry["mpopt/optimizer_state_bits"] = 8
+    if config.lora_rank:
+        entry["mpopt/lora_rank"] = config.lora_rank
     if config.batch_size is not None:  # the batch as a knob: the update's batch and learning rate
         entry["mpopt/update_batch_size"] = config.batch_size
         entry["mpopt/learning_rate_scale"] = trainer.learning_rate_scale(config)

@@ -54,6 +54,10 @@ def search_space(a: MPOptArguments, args, n_blocks: int, effective: int, plain: 
         raise ValueError(
             f"MPOptArguments.optimizer_states={a.optimizer_states} needs MPOptTrainer, which builds the optimizer for "
             "8-bit state; with a plain Trainer keep optimizer_states=['fp32'].")
+    if plain and a.lora_ranks != [0]:
+        raise ValueError(
+            f"MPOptArguments.lora_ranks={a.lora_ranks} needs MPOptTrainer, which puts the adapters into its optimizer; "
+            "with a plain Trainer keep lora_ranks=[0].")
     if plain:
         micro, precisions = [effective], ["fp16" if args.fp16 else ("bf16" if args.bf16 else "fp32")]
     else:
@@ -68,6 +72,7 @@ def search_space(a: MPOptArguments, args, n_blocks: int, effective: int, plain: 
         batch_sizes=[None] if plain else update_batches(a, args, effective),
         checkpoint_policies=a.checkpoint_policies,
         optimizer_states=a.optimizer_states,
+        lora_ranks=a.lora_ranks,
     )
     if not configs:
         raise ValueError(

@@ -89,6 +89,13 @@ class MPOptArguments:
                   "makes the trainer build bitsandbytes' AdamW (in 32 bits until a configuration asks for 8) and "
                   "adds every configuration with 8-bit moments. Default: 'fp32' only."},
     )
+    lora_ranks: list[int] = field(
+        default_factory=lambda: [0],
+        metadata={"help": "LoRA ranks to consider (MemoryConfig.lora_rank, opt in: adapters change what is learned); "
+                  "0 is full training of the trainable blocks. Listing a rank > 0 adds every configuration with "
+                  "adapters of that rank, each costed by one fake-tensor step (the profiled memory model does not trace "
+                  "adapters yet). Default: 0 only."},
+    )
     precisions: list[str] | None = field(
         default=None,
         metadata={"help": f"Precisions to consider, from {list(PRECISIONS)}. None: the run's own precision (fp32, "
@@ -230,6 +237,10 @@ class MPOptArguments:
         self.optimizer_states = list(dict.fromkeys(check_list(
             where + "optimizer_states", self.optimizer_states, lambda v: isinstance(v, str) and v in OPTIMIZER_STATES,
             f"values from {list(OPTIMIZER_STATES)}")))
+        self.lora_ranks = sorted({int(v) for v in check_list(where + "lora_ranks", self.lora_ranks,
+                                                             lambda v: is_int(v) and v >= 0, "ints >= 0")})
+        if not self.lora_ranks:
+            raise ValueError(f"{where}lora_ranks is empty; give [0] (no adapters) or the ranks to consider.")
         self.precisions = check_list(where + "precisions", self.precisions,
                                      lambda v: isinstance(v, str) and v in PRECISIONS,
                                      f"values from {list(PRECISIONS)}", optional=True)

@@ -94,6 +94,14 @@ class MemoryConfig:
                   "4096 elements stay 32-bit), converted in place when switched, so the moments are kept. Needs "
                   "bitsandbytes and torch's AdamW. Label part: 'opt8'."},
     )
+    lora_rank: int = field(
+        default=0,
+        metadata={"help": "LoRA adapters of this rank (peft) on every Linear layer of the blocks that freeze_rate leaves "
+                  "trainable; those layers' own weights and biases are then frozen, the blocks' other parameters "
+                  "(norms) and the head train as before. A switch merges the adapters into the weights first, so "
+                  "what they learned is kept. Like batch_size it changes what is learned (opt in through "
+                  "MPOptArguments.lora_ranks). 0: off. Label part: 'lora8'."},
+    )
 
     def __post_init__(self) -> None:
         # type errors raise InvalidTypeError (a TypeError and a ValueError), range errors ValueError
@@ -111,6 +119,8 @@ class MemoryConfig:
         if self.checkpoint_segments == 0:  # nothing checkpointed: the policy is moot, and one such config is enough
             set_(self, "checkpoint_policy", "block")
         check_choice("MemoryConfig.optimizer_state", self.optimizer_state, OPTIMIZER_STATES)
+        set_(self, "lora_rank", check_int("MemoryConfig.lora_rank", self.lora_rank, lambda v: v >= 0,
+                                          "an int >= 0 (0 = off)"))
 
     def replace(self, **changes: Any) -> "MemoryConfig":
         """A copy with some fields changed (validated again)."""
@@ -142,12 +152,19 @@ class MemoryConfig:
         policy = "s" if self.checkpoint_policy == "selective" else ""
         text = f"mb{self.micro_batch_size}/f{self.freeze_rate:.2f}/ckpt{self.checkpoint_segments}{policy}/{self.precision}"
         text += "/opt8" if self.optimizer_state == "8bit" else ""
+        text += f"/lora{self.lora_rank}" if self.lora_rank else ""
         return text if self.batch_size is None else f"bs{self.batch_size}/{text}"
 
     @property
     def selective(self) -> bool:
         """True when some block is checkpointed selectively (the policy is moot without checkpointing)."""
         return self.checkpoint_policy == "selective" and self.checkpoint_segments > 0
+
+    @property
+    def frozenness(self) -> tuple[float, float]:
+        """How much of the model this configuration holds fixed, for "the least frozen" (what the engine prefers
+        when candidates tie): the freeze rate, then LoRA (full training 0, a lower rank holds more fixed)."""
+        return (self.freeze_rate, 1.0 / self.lora_rank if self.lora_rank else 0.0)
 
     @property
     def step_micro_batch(self) -> int:
@@ -170,7 +187,7 @@ class MemoryConfig:
             raise InvalidTypeError(f"MemoryConfig.parse expects a str such as 'mb8/f0.5/ckpt2/bf16', got {described(text)}.")
         values: dict[str, Any] = {}
         prefixes = (("mb", "micro_batch_size", int), ("ckpt", "checkpoint_segments", int), ("bs", "batch_size", int),
-                    ("f", "freeze_rate", float))
+                    ("lora", "lora_rank", int), ("f", "freeze_rate", float))
         for part in filter(None, text.strip().split("/")):
             if part.startswith("ckpt") and part.endswith("s") and "checkpoint_policy" not in values:
                 values["checkpoint_policy"], part = "selective", part[:-1]  # 'ckpt2s': two blocks, selectively
@@ -194,8 +211,8 @@ class MemoryConfig:
                 raise ValueError(
                     f"Cannot read {part!r} in the memory configuration {text!r}: expected parts like 'mb8/f0.5/ckpt2/bf16' "
                     f"(micro-batch, freeze rate, checkpoint segments with an 's' for selective, one of "
-                    f"{list(PRECISIONS)}; optionally 'bs16', the batch per update, and 'opt8', 8-bit optimizer "
-                    "state), 'mb' required."
+                    f"{list(PRECISIONS)}; optionally 'bs16', the batch per update, 'opt8', 8-bit optimizer "
+                    "state, and 'lora8', LoRA adapters of rank 8), 'mb' required."
                 ) from None
         if "micro_batch_size" not in values:
             raise ValueError(f"The memory configuration {text!r} has no micro-batch size: start it with e.g. 'mb8'.")

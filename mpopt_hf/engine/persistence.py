@@ -65,4 +65,6 @@ def load_engine_state(self: RuleEngine, state: dict[str, Any]) -> None:
     self.arms = decode(dict[MemoryConfig, ArmStats], state["arms"])
     self.queue = decode(list[MemoryConfig], state["queue"])
     known = {f.name for f in fields(Decision)}
-    self.decisions = [Decision(**{k: v for k, v in d.items() if k in known}) for d in state["decisions"]]
+    # each configuration read back through MemoryConfig: a field added since (e.g. lora_rank) gets its default
+    self.decisions = [Decision(**{k: (MemoryConfig.from_dict(v).to_dict() if k == "config" else v)
+                                  for k, v in d.items() if k in known}) for d in state["decisions"]]

@@ -31,11 +31,11 @@ def feasible(candidates: Iterable[Candidate], budget_bytes: float | None, margin
     return [c for c in candidates if fits(c.peak_bytes, budget_bytes, margin)]
 
 
-def group_key(config: MemoryConfig) -> tuple[float, str, int | None, str]:
-    """What a configuration learns: its trainable set, precision, batch per update and optimizer state (8-bit
-    moments round what AdamW keeps, as bf16 rounds the forward); micro-batching and checkpointing change only
-    what it costs."""
-    return (config.freeze_rate, config.precision, config.batch_size, config.optimizer_state)
+def group_key(config: MemoryConfig) -> tuple[float, str, int | None, str, int]:
+    """What a configuration learns: its trainable set, precision, batch per update, optimizer state (8-bit
+    moments round what AdamW keeps, as bf16 rounds the forward) and LoRA rank; micro-batching and checkpointing
+    change only what it costs."""
+    return (config.freeze_rate, config.precision, config.batch_size, config.optimizer_state, config.lora_rank)
 
 
 def _speed_key(c: Candidate) -> tuple[float, int, int]:
@@ -44,7 +44,7 @@ def _speed_key(c: Candidate) -> tuple[float, int, int]:
 
 
 def dominance_prune(candidates: Iterable[Candidate]) -> list[Candidate]:
-    """Keep, per (freeze_rate, precision, batch per update, optimizer state), only the fastest candidate.
+    """Keep, per (freeze_rate, precision, batch per update, optimizer state, LoRA rank), only the fastest candidate.
 
     Micro-batch size and checkpointing change cost, not what is learned (same gradient for the same effective
     batch), so within one trainable set and precision a slower candidate can never gain more per second.
@@ -147,7 +147,8 @@ def at_least_as_large(c: Candidate, failed: Candidate) -> bool:
     # fewer checkpointed blocks keep more; a selective block keeps more than a whole-block one
     keeps_as_much = c.config.checkpoint_segments <= config.checkpoint_segments and (
         not c.config.checkpoint_segments or c.config.selective or not config.selective)
-    # fp32 moments hold more than 8-bit ones
+    # fp32 moments hold more than 8-bit ones; full training more than any LoRA rank, a higher rank more than a lower
     same_learning = group_key(c.config)[:3] == group_key(config)[:3] and (
-        c.config.optimizer_state == config.optimizer_state or c.config.optimizer_state == "fp32")
+        c.config.optimizer_state == config.optimizer_state or c.config.optimizer_state == "fp32") and (
+        c.config.lora_rank == 0 or 0 < config.lora_rank <= c.config.lora_rank)
     return same_learning and c.config.micro_batch_size >= config.micro_batch_size and keeps_as_much

@@ -80,7 +80,7 @@ def judge_race(
     leader = max(score, key=lambda c: score[c])
     tolerance = significance * (trials[leader].se or 0.0)
     tied = [c for c in score if score[c] >= score[leader] - tolerance]  # in race order
-    winner = min(tied, key=lambda c: c.freeze_rate)
+    winner = min(tied, key=lambda c: c.frozenness)
     return winner, len(tied) > 1  # a tie even when the least frozen also leads: the noise, not it, decided
 
 

@@ -62,6 +62,11 @@ class MemoryModel:
         return "ckpt" if config.checkpoint_segments else "plain"
 
     def spans_for(self, config: MemoryConfig) -> list[Span]:
+        if config.lora_rank:
+            raise ValueError(
+                f"The profiled memory model does not price LoRA adapters ({config.short()}) yet; cost such "
+                "configurations with a fake-tensor step each (MPOptArguments(cost_predictor='fake'), or "
+                "mpopt_hf.profiler.predict_step).")
         if config.precision not in self.precisions:
             raise ValueError(
                 f"The memory model was traced for precisions {list(self.precisions)}, not {config.precision!r}; "

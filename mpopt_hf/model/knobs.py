@@ -19,6 +19,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..config import MemoryConfig
 from .blocks import ModelBlocks, find_blocks, unwrap_model
+from .lora import LoraPlacement, adapted_base_parameters, adapter_parameters, lora_targets, place_lora
 from .plan import KnobPlan, plan_knobs
 from .selective_checkpoint import entered, selective_contexts
 
@@ -62,9 +63,11 @@ def knob_state(model: nn.Module) -> KnobState | None:
 
 
 def apply_memory_config(
-    model: nn.Module, config: MemoryConfig, blocks: ModelBlocks | None = None, device_type: str | None = None
+    model: nn.Module, config: MemoryConfig, blocks: ModelBlocks | None = None, device_type: str | None = None,
+    lora_seed: int = 0,
 ) -> KnobState:
-    """Put ``config``'s freezing, checkpointing and precision checks into effect; call at a step boundary."""
+    """Put ``config``'s adapters, freezing, checkpointing and precision checks into effect; call at a step
+    boundary. New LoRA adapters are initialised from ``lora_seed`` (not from the global generator)."""
     base = unwrap_model(model)
     if device_type is None:
         device_type = next((p.device.type for p in base.parameters()), "cpu")
@@ -76,26 +79,45 @@ def apply_memory_config(
         state = KnobState(blocks=blocks, baseline_requires_grad=baseline)
         setattr(base, _STATE_ATTR, state)
     plan = plan_knobs(config, state.blocks.n_blocks)  # validates before anything changes
+    _apply_lora(base, state, plan, config.lora_rank, lora_seed)
     _apply_freezing(base, state, plan)
     _apply_checkpointing(base, state, plan)
     state.config, state.plan = config, plan
     return state
 
 
-def remove_knobs(model: nn.Module) -> None:
-    """Undo every knob: baseline ``requires_grad``, no checkpointing, BatchNorm back to the model's mode."""
+def remove_knobs(model: nn.Module, keep_lora: bool = False) -> None:
+    """Undo every knob: adapters merged into their weights, baseline ``requires_grad``, no checkpointing,
+    BatchNorm back to the model's mode. ``keep_lora`` leaves the adapters in place (trainable, like the weights
+    under them): a copy can then be taken and the knobs re-applied without touching what the adapters hold."""
     base = unwrap_model(model)
     state = knob_state(base)
     if state is None:
         return
     empty = KnobPlan(n_blocks=state.blocks.n_blocks, n_frozen=0, checkpointed=())
-    _apply_freezing(base, state, empty)
+    if not keep_lora:
+        _apply_lora(base, state, empty, 0, 0)
+    _apply_freezing(base, state, empty, lora_frozen=False)
     _apply_checkpointing(base, state, empty)
     delattr(base, _STATE_ATTR)
 
 
 def count_trainable_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in unwrap_model(model).parameters() if p.requires_grad)
+
+
+# ---------------------------------------------------------------------------- LoRA
+
+
+def _apply_lora(model: nn.Module, state: KnobState, plan: KnobPlan, rank: int, seed: int) -> None:
+    before = {id(p) for p in adapter_parameters(model)}
+    targets = lora_targets(model, state.blocks, plan.n_frozen) if rank else ()
+    if not place_lora(model, LoraPlacement(rank, targets), seed):
+        return
+    for key in before:  # the merged adapters are gone: a later parameter may reuse their id
+        state.baseline_requires_grad.pop(key, None)
+    for p in adapter_parameters(model):
+        state.baseline_requires_grad[id(p)] = True
 
 
 # ---------------------------------------------------------------------------- freezing
@@ -107,8 +129,8 @@ def _frozen_modules(blocks: ModelBlocks, plan: KnobPlan) -> list[nn.Module]:
     ]
 
 
-def _apply_freezing(model: nn.Module, state: KnobState, plan: KnobPlan) -> None:
-    frozen: set[int] = set()
+def _apply_freezing(model: nn.Module, state: KnobState, plan: KnobPlan, lora_frozen: bool = True) -> None:
+    frozen: set[int] = {id(p) for p in adapted_base_parameters(model)} if lora_frozen else set()
     if plan.stem_frozen:
         frozen.update(id(p) for p in state.blocks.stem_params())
     for index in range(plan.n_frozen):

@@ -16,6 +16,8 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 from ..config import MemoryConfig
 from ..model.knobs import apply_memory_config, knob_state, remove_knobs
+from ..model.lora import adapter_parameters, merge_lora
+from ..training.adapter_optimizer import sync_adapters
 from ..training.microbatch import batch_size_of
 from ..training.optimizer_state import (
     is_switchable,
@@ -55,12 +57,15 @@ def fake_setup(model: nn.Module, optimizer: torch.optim.Optimizer, batch: Mappin
     """Fake copies that cost no memory: the module tree is copied, every tensor replaced by a fake one.
 
     The copy is taken with the knobs removed (then re-applied to ``model``), so that the fake model
-    starts from the user's own ``requires_grad`` and no checkpoint wrapper points at the real blocks.
+    starts from the user's own ``requires_grad`` and no checkpoint wrapper points at the real blocks. LoRA
+    adapters stay on the real model (their values are training state) and are merged on the copy, which is
+    then the plain model.
     """
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     state = knob_state(model)
     previous = None if state is None else state.config
-    remove_knobs(model)
+    adapters = {id(p) for p in adapter_parameters(model)}
+    remove_knobs(model, keep_lora=True)
     try:
         memo: dict[int, Any] = {}
         for tensor in list(model.parameters()) + list(model.buffers()):
@@ -69,15 +74,20 @@ def fake_setup(model: nn.Module, optimizer: torch.optim.Optimizer, batch: Mappin
     finally:
         if previous is not None:
             apply_memory_config(model, previous)
-    fake_optimizer = _fake_optimizer(optimizer, memo, mode)
+    merge_lora(fake_model)
+    fake_optimizer = _fake_optimizer(optimizer, memo, mode, skip=adapters)
     fake_batch = {k: mode.from_tensor(v) if torch.is_tensor(v) else v for k, v in batch.items()}
     initial = {p: dict(state) for p, state in fake_optimizer.state.items()}
     return FakeSetup(mode, fake_model, fake_optimizer, fake_batch, initial)
 
 
-def _fake_optimizer(optimizer: torch.optim.Optimizer, memo: dict[int, Any], mode: FakeTensorMode) -> torch.optim.Optimizer:
+def _fake_optimizer(optimizer: torch.optim.Optimizer, memo: dict[int, Any], mode: FakeTensorMode,
+                    skip: set[int] = frozenset()) -> torch.optim.Optimizer:
+    """A fake copy of ``optimizer`` over the fake parameters; the parameters in ``skip`` (adapters merged on the
+    fake model) are left out."""
     groups = []
     for group in optimizer.param_groups:
+        group = {**group, "params": [p for p in group["params"] if id(p) not in skip]}
         missing = [p for p in group["params"] if id(p) not in memo]
         if missing:
             raise ValueError(
@@ -99,11 +109,19 @@ def _fake_optimizer(optimizer: torch.optim.Optimizer, memo: dict[int, Any], mode
         fake.fill_qmap()
         fake.name2qmap = {name: mode.from_tensor(code) for name, code in fake.name2qmap.items()}
     for p, state in optimizer.state.items():
-        if id(p) in memo:
+        if id(p) in memo and id(p) not in skip:
             fake.state[memo[id(p)]] = {
                 k: mode.from_tensor(v) if torch.is_tensor(v) else copy.deepcopy(v) for k, v in state.items()
             }
     return fake
+
+
+def fake_new_parameters(setup: FakeSetup) -> None:
+    """Parameters the knobs created on the fake model (LoRA adapters, made outside the mode) become fake too."""
+    for module in setup.model.modules():
+        for name, p in list(module._parameters.items()):
+            if p is not None and not setup.mode.is_our_fake(p):
+                module._parameters[name] = _fake_param(setup.mode, p)
 
 
 def init_optimizer_state(setup: FakeSetup) -> None:
@@ -133,6 +151,8 @@ def predict_step(
     """
     setup = setup or fake_setup(model, optimizer, batch)
     apply_memory_config(setup.model, config)
+    fake_new_parameters(setup)
+    sync_adapters(setup.optimizer, setup.model)
     setup.model.train()
     setup.reset_optimizer()
     init_optimizer_state(setup)

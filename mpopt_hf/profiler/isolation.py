@@ -24,6 +24,7 @@ from torch import nn
 from torch.utils._pytree import tree_map, tree_map_only
 
 from ..model.knobs import apply_memory_config, knob_state, remove_knobs
+from ..training.adapter_optimizer import sync_adapters
 from ..training.optimizer_state import set_state_bits, state_bits
 from ..training.snapshot import to_host
 
@@ -94,6 +95,7 @@ class StateCopy:
             remove_knobs(model)
         else:
             apply_memory_config(model, self.config)
+        sync_adapters(optimizer, model)  # the adapters the copy was taken with (re-made, if a config replaced them)
         optimizer.state.clear()  # the measured steps' state goes before the copy's comes back
         with self._reader() as get, torch.no_grad():
             for p, key, grad in zip(model.parameters(), self.params, self.grads):

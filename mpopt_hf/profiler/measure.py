@@ -30,6 +30,7 @@ from ..config import MIB, MemoryConfig
 from ..model.knobs import apply_memory_config, autocast_context
 from ..training.mem_tracking import CATEGORIES, new_tracker, tracker_peak
 from ..training.microbatch import batch_size_of, micro_batch_shares, split_batch
+from ..training.adapter_optimizer import sync_adapters
 from ..training.optimizer_state import set_state_bits
 from .isolation import restored_after
 
@@ -216,6 +217,7 @@ def measure(
     device = next(model.parameters()).device
     with restored_after(model, optimizer, scaler, spill_dir):
         apply_memory_config(model, config)
+        sync_adapters(optimizer, model)
         set_state_bits(optimizer, config.optimizer_state)
         model.train()
         _timed_steps(model, batch, config, optimizer, scaler, max(warmup, 1))

@@ -29,6 +29,8 @@ from ..model.knobs import (
     knob_state,
     plan_knobs,
 )
+from .adapter_checkpoints import AdapterCheckpoints
+from .adapter_optimizer import sync_adapters
 from .batch_updates import BatchUpdates
 from .checkpoint_compat import reload_renamed_weights
 from .config_checks import check_config_for_run
@@ -54,7 +56,7 @@ OOMHandler = Callable[[MemoryConfig, int], MemoryConfig]
 logger = logging.getLogger(__name__)
 
 
-class MPOptTrainer(BatchUpdates, HalvingEvaluation, StepRecovery, OptimizerSetup, Trainer):
+class MPOptTrainer(BatchUpdates, HalvingEvaluation, StepRecovery, OptimizerSetup, AdapterCheckpoints, Trainer):
     """A Trainer that trains under a `MemoryConfig` (micro-batching, freezing, checkpointing, precision).
 
     ``memory_config`` is the configuration to start with; ``mpopt_args`` attaches an `MPOptCallback` that lets
@@ -179,11 +181,14 @@ class MPOptTrainer(BatchUpdates, HalvingEvaluation, StepRecovery, OptimizerSetup
         self._pending_config = None
         previous = self._memory_config
         if _uses_blocks(config) or knob_state(model) is not None:
-            apply_memory_config(model, config, blocks=self._model_blocks(), device_type=self.args.device.type)
+            # new LoRA adapters draw from a seed of their own: the run's random stream is not touched
+            apply_memory_config(model, config, blocks=self._model_blocks(), device_type=self.args.device.type,
+                                lora_seed=self.args.seed + self.state.global_step)
         else:
             check_precision(config.precision, self.args.device.type)
         if self.optimizer is not None:
             set_state_bits(self.optimizer, config.optimizer_state)
+            sync_adapters(self.optimizer, model)
         self._memory_config = config
         loader_batch = self.args.per_device_train_batch_size
         update = (config.batch_size or loader_batch) * self.args.gradient_accumulation_steps
@@ -384,6 +389,7 @@ class MPOptTrainer(BatchUpdates, HalvingEvaluation, StepRecovery, OptimizerSetup
             logs["freeze_rate"] = self._memory_config.freeze_rate
             logs["checkpoint_segments"] = self._memory_config.checkpoint_segments
             logs["optimizer_state_bits"] = 8 if self._memory_config.optimizer_state == "8bit" else 32
+            logs["lora_rank"] = self._memory_config.lora_rank
             if self._memory_config.batch_size is not None:
                 logs["update_batch_size"] = self._memory_config.batch_size
                 logs["learning_rate_scale"] = self.learning_rate_scale()
@@ -399,4 +405,4 @@ def _steers(callback: Any) -> bool:
 
 
 def _uses_blocks(config: MemoryConfig) -> bool:
-    return config.freeze_rate > 0 or config.checkpoint_segments > 0
+    return config.freeze_rate > 0 or config.checkpoint_segments > 0 or config.lora_rank > 0

@@ -48,7 +48,7 @@ class RaceState:
 
 def _slow_key(c: Candidate) -> tuple[float, float, int, int]:
     known = c.step_s if c.step_s is not None else 0.0
-    return (-known, c.config.freeze_rate, c.config.micro_batch_size, -c.config.checkpoint_segments)
+    return (-known, *c.config.frozenness, c.config.micro_batch_size, -c.config.checkpoint_segments)
 
 
 class Race:
@@ -338,4 +338,4 @@ class Race:
         incumbent = None if self.state.incumbent is None else self.engine.fastest_sibling(self.state.incumbent)
         if incumbent in alive:
             return incumbent
-        return min(alive, key=lambda c: c.freeze_rate)  # survivors are fastest first: ties keep the fastest
+        return min(alive, key=lambda c: c.frozenness)  # survivors are fastest first: ties keep the fastest
