@@ -18,6 +18,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from trainer_utils import ListDataset, training_args  # noqa: E402
 
 from mpopt_hf import MemoryConfig, MPOptTrainer  # noqa: E402
+from mpopt_hf.model.lora import adapter_parameters  # noqa: E402
 from mpopt_hf.testing.tiny_models import build_tiny, example_batch  # noqa: E402
 
 parser = argparse.ArgumentParser()
@@ -42,6 +43,8 @@ args = training_args(cli.out, 8 // world, steps=-1, num_train_epochs=2, optim="s
 class UnusedHasNoGradient(TrainerCallback):
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
         assert model.unused_by_every_rank.grad is None
+        adapters = adapter_parameters(model)  # the LoRA knob's, while they train (merged when training ends)
+        assert bool(adapters) == (cli.lora_rank > 0) and all(p.grad is not None for p in adapters)
 
 
 trainer = MPOptTrainer(

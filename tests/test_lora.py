@@ -116,10 +116,14 @@ class _SwitchAt(TrainerCallback):
             self.logits.append(self._logits(model))
             self.box[0].set_memory_config(self.config)
 
+    placements: list = []
+
     def on_step_begin(self, args, state, control, model=None, **kwargs):
         if state.global_step == self.step:
             self.box[0]._switch_if_pending(model)
             self.logits.append(self._logits(model))
+            placement = current_placement(model)
+            self.placements.append((placement.rank, len(placement.targets)))
 
 
 def test_the_trainer_trains_adapters_only_and_a_switch_keeps_what_was_learned(tmp_path):
@@ -156,10 +160,14 @@ def test_the_trainer_trains_adapters_only_and_a_switch_keeps_what_was_learned(tm
     trainer.train()
     before, after = switch.logits
     torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-5)
-    assert current_placement(trainer.model).rank == 2 and len(current_placement(trainer.model).targets) == 18
+    assert len(switch.placements) == 1 and switch.placements[0] == (2, 18)  # rank 2 on 3 blocks x 6 Linears
     held = [p for g in trainer.optimizer.param_groups for p in g["params"]]
     assert {id(p) for p in held} == {id(p) for p in trainer.model.parameters()}
     assert len(losses) == 6 and losses[-1] < losses[3] < losses[0]
+    # training ended: the adapters are merged, the model is the plain one again, its function kept
+    assert not adapter_parameters(trainer.model) and trainer.model.state_dict().keys() == start.keys()
+    trains = {n for n, p in trainer.model.named_parameters() if p.requires_grad}  # freeze_rate 0.25 still holds
+    assert "vit.layers.3.attention.q_proj.weight" in trains and "vit.layers.0.attention.q_proj.weight" not in trains
 
 
 def test_micro_batching_under_lora_is_the_whole_batch(tmp_path):
@@ -194,7 +202,7 @@ def test_a_checkpoint_holds_the_plain_model_and_a_run_resumes_from_it(tmp_path):
     resumed = MPOptTrainer(model=resumed_model, args=training_args(tmp_path, BATCH, steps=4, save_strategy="no"),
                            train_dataset=_data(resumed_model), memory_config=config)
     resumed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
-    assert resumed.state.global_step == 4 and current_placement(resumed.model).rank == 4
+    assert resumed.state.global_step == 4 and resumed.memory_config.lora_rank == 4
     assert json.loads((tmp_path / "checkpoint-2" / "trainer_state.json").read_text())["global_step"] == 2
 
 
@@ -229,7 +237,7 @@ def test_the_engine_chooses_lora_when_only_it_fits(tmp_path, predictor):
                            mpopt_args=MPOptArguments(memory_budget_mib=(full + lora) / 2 / (1 - margin), **space))
     trainer.train()
     used = {MemoryConfig.from_dict(d.config) for d in trainer.mpopt_callback.engine.decisions}
-    assert used == {MemoryConfig(16, lora_rank=4)} and current_placement(trainer.model).rank == 4
+    assert used == {MemoryConfig(16, lora_rank=4)} and trainer.memory_config.lora_rank == 4
 
 
 def test_labels_space_and_clear_errors(tmp_path):
@@ -303,3 +311,53 @@ def test_the_engine_keeps_ranks_apart_and_prefers_full_training_on_a_tie():
     assert at_least_as_large(Candidate(full), failed) and at_least_as_large(Candidate(MemoryConfig(8, lora_rank=16)), failed)
     assert not at_least_as_large(Candidate(r4), failed)
     assert not at_least_as_large(Candidate(MemoryConfig(8, lora_rank=4)), Candidate(full))
+
+
+def test_a_race_copy_comes_back_across_placements():
+    """A race between ranks: the copy taken at rank 4 is restored while the model carries rank-8 adapters on other
+    blocks; the adapters are re-made at the copy's placement and every weight and moment is the copy's."""
+    from mpopt_hf.training import snapshot
+
+    model = build_tiny("gpt_neo", num_layers=4, dropout=0.0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    batch = example_batch(model, 4)
+
+    def train(config, steps):
+        apply_memory_config(model, config)
+        sync_adapters(optimizer, model)
+        for _ in range(steps):
+            model(**batch).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+
+    train(MemoryConfig(4, lora_rank=4), 2)
+    copy = snapshot.capture(model, optimizer)
+    with torch.no_grad():
+        logits = model(**batch).logits
+    train(MemoryConfig(4, 0.25, lora_rank=8), 1)
+    snapshot.restore(copy, model, optimizer)
+    assert current_placement(model).rank == 4
+    state = model.state_dict()
+    assert state.keys() == copy["model"].keys() and all(torch.equal(state[k], copy["model"][k]) for k in state)
+    moments = optimizer.state_dict()["state"]
+    assert moments.keys() == copy["optimizer"]["state"].keys()
+    assert all(torch.equal(moments[i]["exp_avg"], copy["optimizer"]["state"][i]["exp_avg"]) for i in moments)
+    with torch.no_grad():
+        torch.testing.assert_close(model(**batch).logits, logits, rtol=0, atol=0)
+    train(MemoryConfig(4, lora_rank=4), 1)  # and training goes on from it
+
+
+def test_the_engine_races_ranks_and_leaves_the_plain_model(tmp_path):
+    """An engine racing full training against ranks 2 and 4 (race copies taken and restored across placements)
+    runs to its end; afterwards the model is the plain one."""
+    from dist_fakes import StepClock
+
+    model = build_tiny("vit", dropout=0.0)
+    args = MPOptArguments(micro_batch_sizes=[8], freeze_rates=[0.0], checkpoint_segments=[0], lora_ranks=[0, 2, 4],
+                          trial_steps=2, search_share=None, cost_predictor="fake")
+    trainer = MPOptTrainer(model=model, args=training_args(tmp_path, 8, steps=12), train_dataset=_data(model, 96),
+                           eval_dataset=_data(model, 16), clock=StepClock(), mpopt_args=args)
+    trainer.train()
+    tried = {MemoryConfig.from_dict(d.config).lora_rank for d in trainer.mpopt_callback.engine.decisions}
+    assert tried == {0, 2, 4} and trainer.state.global_step == 12
+    assert trainer.model.state_dict().keys() == build_tiny("vit").state_dict().keys()

@@ -110,14 +110,34 @@ def count_trainable_parameters(model: nn.Module) -> int:
 
 
 def _apply_lora(model: nn.Module, state: KnobState, plan: KnobPlan, rank: int, seed: int) -> None:
+    baseline = state.baseline_requires_grad
+    targets = lora_targets(model, state.blocks, plan.n_frozen, lambda p: baseline.get(id(p), p.requires_grad)) \
+        if rank else ()
+    _place(model, state, LoraPlacement(rank, targets), seed)
+
+
+def _place(model: nn.Module, state: KnobState | None, placement: LoraPlacement, seed: int) -> bool:
     before = {id(p) for p in adapter_parameters(model)}
-    targets = lora_targets(model, state.blocks, plan.n_frozen) if rank else ()
-    if not place_lora(model, LoraPlacement(rank, targets), seed):
-        return
-    for key in before:  # the merged adapters are gone: a later parameter may reuse their id
-        state.baseline_requires_grad.pop(key, None)
-    for p in adapter_parameters(model):
-        state.baseline_requires_grad[id(p)] = True
+    if not place_lora(model, placement, seed):
+        return False
+    if state is not None:
+        for key in before:  # the merged adapters are gone: a later parameter may reuse their id
+            state.baseline_requires_grad.pop(key, None)
+        for p in adapter_parameters(model):
+            state.baseline_requires_grad[id(p)] = True
+    return True
+
+
+def place_adapters(model: nn.Module, placement: LoraPlacement, seed: int = 0) -> bool:
+    """Give the model ``placement``'s adapters outside a configuration switch (a race copy restored, training
+    ended); the weights under new adapters train again until the next `apply_memory_config` freezes them."""
+    base = unwrap_model(model)
+    state = knob_state(base)
+    if not _place(base, state, placement, seed):
+        return False
+    if state is not None and state.plan is not None:
+        _apply_freezing(base, state, state.plan)  # adapters in or out: the base weights follow
+    return True
 
 
 # ---------------------------------------------------------------------------- freezing

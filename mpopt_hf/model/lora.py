@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -46,12 +46,18 @@ def _linear_types() -> tuple[type, ...]:
     return (nn.Linear, Conv1D)
 
 
-def lora_targets(model: nn.Module, blocks: ModelBlocks, first_trainable: int) -> tuple[str, ...]:
+def lora_targets(model: nn.Module, blocks: ModelBlocks, first_trainable: int,
+                 trainable: Callable[[nn.Parameter], bool] = lambda p: True) -> tuple[str, ...]:
     """Qualified names of the Linear layers (``nn.Linear``, transformers' ``Conv1D``) inside blocks
-    ``first_trainable..``, in module order."""
+    ``first_trainable..``, in module order, whose weight is ``trainable`` (a layer the user froze stays frozen, with
+    no adapter). The output projection of ``nn.MultiheadAttention`` is left out: that module reads its weight
+    directly, so an adapter there would never be used."""
     wanted = {id(m) for block in blocks.blocks[first_trainable:] for m in block.modules()}
+    inside_mha = {id(m.out_proj) for m in model.modules() if isinstance(m, nn.MultiheadAttention)}
     kinds = _linear_types()
-    return tuple(name for name, module in _plain_modules(model) if id(module) in wanted and isinstance(module, kinds))
+    return tuple(name for name, module in _plain_modules(model)
+                 if id(module) in wanted and isinstance(module, kinds) and id(module) not in inside_mha
+                 and trainable(module.weight))
 
 
 def current_placement(model: nn.Module) -> LoraPlacement:

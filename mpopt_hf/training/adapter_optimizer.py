@@ -20,26 +20,28 @@ _MARK = "_mpopt_adapter"
 
 def sync_adapters(optimizer: Any, model: nn.Module) -> tuple[int, int]:
     """Add the model's adapters the optimizer lacks and drop the adapters the model no longer has; returns
-    (added, dropped)."""
+    (added, dropped).
+
+    The live adapters always end up last in the weight-decay group, in the model's order (also those an optimizer
+    built over a model that had them already holds elsewhere): the optimizer's state dict, which numbers
+    parameters by position, is then the same for the same placement however the adapters came in, so a copy of
+    it loads back onto re-made adapters (race copies, the profiler's isolation)."""
     inner: torch.optim.Optimizer = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer
-    live = {id(p) for p in model.parameters()}
-    dropped = 0
-    for group in inner.param_groups:
-        gone = [p for p in group["params"] if getattr(p, _MARK, False) and id(p) not in live]
-        if gone:
-            ids = {id(p) for p in gone}
-            group["params"] = [p for p in group["params"] if id(p) not in ids]
-            for p in gone:
-                inner.state.pop(p, None)
-            dropped += len(gone)
     adapters = adapter_parameters(model)
-    for p in adapters:  # also those an optimizer built over a model that had them already holds
+    for p in adapters:
         setattr(p, _MARK, True)
-    held = {id(p) for group in inner.param_groups for p in group["params"]}
-    new = [p for p in adapters if id(p) not in held]
-    if new:
-        max(inner.param_groups, key=lambda g: g.get("weight_decay", 0.0))["params"].extend(new)
-    return len(new), dropped
+    live = {id(p) for p in model.parameters()}
+    held, dropped = set(), 0
+    for group in inner.param_groups:
+        for p in group["params"]:
+            if getattr(p, _MARK, False):
+                held.add(id(p))
+                if id(p) not in live:
+                    inner.state.pop(p, None)
+                    dropped += 1
+        group["params"] = [p for p in group["params"] if not getattr(p, _MARK, False)]
+    max(inner.param_groups, key=lambda g: g.get("weight_decay", 0.0))["params"].extend(adapters)
+    return sum(id(p) not in held for p in adapters), dropped
 
 
 def without_adapters(optimizer: Any) -> _AdaptersSetAside:

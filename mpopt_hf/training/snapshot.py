@@ -15,6 +15,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..model.knobs import place_adapters
+from ..model.lora import LoraPlacement, current_placement
+from .adapter_optimizer import sync_adapters
+
 
 def to_host(value: Any) -> Any:
     """``value`` (a state dict, nested as it may be) with every tensor copied to the CPU, detached: the one host
@@ -33,8 +37,11 @@ def to_host(value: Any) -> Any:
 
 
 def capture(model: nn.Module, optimizer: Any = None, scheduler: Any = None) -> dict[str, Any]:
-    """A CPU copy of the model's, optimizer's and scheduler's state (what `restore` puts back)."""
+    """A CPU copy of the model's, optimizer's and scheduler's state (what `restore` puts back), with the LoRA
+    adapters' placement, which the state dict's keys depend on."""
+    placement = current_placement(model)
     return {
+        "lora": {"rank": placement.rank, "targets": list(placement.targets)},
         "model": to_host(model.state_dict()),
         "optimizer": None if optimizer is None else to_host(optimizer.state_dict()),
         "scheduler": None if scheduler is None else to_host(scheduler.state_dict()),
@@ -42,7 +49,13 @@ def capture(model: nn.Module, optimizer: Any = None, scheduler: Any = None) -> d
 
 
 def restore(copy: dict[str, Any], model: nn.Module, optimizer: Any = None, scheduler: Any = None) -> None:
-    """Load a `capture` back in place: parameters keep their identity (the optimizer still holds them)."""
+    """Load a `capture` back in place: parameters keep their identity (the optimizer still holds them). A copy
+    taken under another LoRA placement (a race between ranks) first gets its adapters back, re-made, so that its
+    keys and the optimizer's parameters match; their values then come from the copy."""
+    lora = copy.get("lora") or {}
+    if place_adapters(model, LoraPlacement(int(lora.get("rank", 0)), tuple(lora.get("targets", ())))) \
+            and optimizer is not None:
+        sync_adapters(optimizer, model)
     with torch.no_grad():
         model.load_state_dict(copy["model"])
     if optimizer is not None and copy["optimizer"] is not None:
