@@ -361,3 +361,39 @@ def test_the_engine_races_ranks_and_leaves_the_plain_model(tmp_path):
     tried = {MemoryConfig.from_dict(d.config).lora_rank for d in trainer.mpopt_callback.engine.decisions}
     assert tried == {0, 2, 4} and trainer.state.global_step == 12
     assert trainer.model.state_dict().keys() == build_tiny("vit").state_dict().keys()
+
+
+def test_no_adapter_on_layers_the_user_froze_or_inside_multihead_attention():
+    model = build_tiny("vit", dropout=0.0)
+    model.vit.layers[3].mlp.fc1.weight.requires_grad_(False)  # the user's own choice
+    apply_memory_config(model, MemoryConfig(4, freeze_rate=0.5, lora_rank=2))
+    targets = current_placement(model).targets
+    assert "vit.layers.3.mlp.fc1" not in targets and "vit.layers.3.mlp.fc2" in targets and len(targets) == 11
+    remove_knobs(model)
+    assert not model.vit.layers[3].mlp.fc1.weight.requires_grad and model.vit.layers[3].mlp.fc2.weight.requires_grad
+
+    torch.manual_seed(0)
+    layer = torch.nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+    encoder = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.TransformerEncoder(layer, 2, enable_nested_tensor=False))
+    blocks = find_blocks(encoder)
+    from mpopt_hf.model.lora import lora_targets
+
+    names = lora_targets(encoder, blocks, 0)
+    assert names and not any("out_proj" in n for n in names) and any(n.endswith("linear1") for n in names)
+
+
+def test_load_best_model_at_end_loads_the_plain_best_checkpoint(tmp_path):
+    """The best checkpoint holds the plain model; at the end the adapters are merged first, so the model is that
+    checkpoint's weights exactly, not a mix with live adapters."""
+    model = build_tiny("vit", dropout=0.0)
+    args = training_args(tmp_path, BATCH, steps=4, save_strategy="steps", save_steps=2, eval_strategy="steps",
+                         eval_steps=2, load_best_model_at_end=True, metric_for_best_model="loss")
+    trainer = MPOptTrainer(model=model, args=args, train_dataset=_data(model), eval_dataset=_data(model, 8),
+                           memory_config=MemoryConfig(4, 0.25, lora_rank=4))
+    trainer.train()
+    # from_pretrained maps the legacy key names transformers writes ViT's checkpoints with
+    best = type(model).from_pretrained(trainer.state.best_model_checkpoint).state_dict()
+    state = trainer.model.state_dict()
+    assert not adapter_parameters(trainer.model) and best.keys() == state.keys()
+    assert all(torch.equal(state[k], best[k]) for k in best)
+    assert not all(torch.equal(state[k], v) for k, v in build_tiny("vit", dropout=0.0).state_dict().items())

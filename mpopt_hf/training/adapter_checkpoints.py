@@ -21,6 +21,7 @@ from ..model.blocks import unwrap_model
 from ..model.knobs import place_adapters
 from ..model.lora import LoraPlacement, adapter_parameters, plain_state_dict
 from .adapter_optimizer import holds_adapters, sync_adapters, without_adapters
+from .checkpoint_compat import reload_renamed_weights
 
 
 class AdapterCheckpoints(Trainer):
@@ -46,6 +47,9 @@ class AdapterCheckpoints(Trainer):
     def _load_best_model(self) -> None:
         self.merge_adapters()  # the best checkpoint holds the plain model: load it into the plain model
         super()._load_best_model()
+        best = self.state.best_model_checkpoint
+        if best:  # Trainer loads the file as-is, so blocks saved under legacy key names would keep their weights
+            reload_renamed_weights(unwrap_model(self.model), best)
 
     def merge_adapters(self) -> bool:
         """Merge the LoRA knob's adapters into their weights and leave the plain model (its function unchanged);
