@@ -90,6 +90,7 @@ def test_budget_below_minimum_exits_nonzero_naming_it(capsys, store):
          "--checkpoint-policies ['sac'] unknown (in 'block,sac'); accepted: ['block', 'selective']"),
         (["--model", "tiny-vit", "--input-shape", "3,32,32", "--optimizer-states", "fp32,4bit"],
          "--optimizer-states ['4bit'] unknown (in 'fp32,4bit'); accepted: ['fp32', '8bit']"),
+        (["--model", "tiny-vit", "--input-shape", "3,32,32", "--lora-ranks", "0,-4"], "--lora-ranks must be"),
     ],
 )
 def test_bad_input_names_value_and_what_is_accepted(capsys, tmp_path, argv, message):
@@ -158,6 +159,22 @@ def test_8_bit_optimizer_state_is_profiled_when_listed(capsys):
     assert code == 0, err
     state = {r["optimizer_state"]: r["predicted_optimizer_state_mib"] for r in json.loads(out)}
     assert list(state) == ["fp32", "8bit"] and 0 < state["8bit"] < state["fp32"]
+
+
+def test_lora_ranks_are_profiled_by_a_fake_step_when_listed(capsys):
+    """Rows with adapters: the fake step's bytes plus the fit's workspace, fewer optimizer-state bytes than full
+    training, and one of them measured; the error stays within the profiler's bounds."""
+    code, out, err = run(capsys, "profile", "--model", "tiny-gpt-neo", "--input-shape", "32", "--batch-size", "4",
+                         "--precisions", "fp32", "--micro-batch-sizes", "4", "--freeze-rates", "0",
+                         "--checkpoint-segments", "0", "--lora-ranks", "0,4", "--fit-measurements", "1",
+                         "--measure", "1", "--json", "--no-store")
+    assert code == 0, err
+    rows = {r["lora_rank"]: r for r in json.loads(out)}
+    assert list(rows) == [0, 4] and rows[4]["peak_phase"] == "fake step (LoRA)"
+    assert 0 < rows[4]["predicted_optimizer_state_mib"] < rows[0]["predicted_optimizer_state_mib"]
+    assert rows[4]["predicted_step_s"] == rows[0]["predicted_step_s"]  # the twin's: an upper bound
+    measured = [r for r in rows.values() if r["measured"]]
+    assert len(measured) == 2 and all(abs(r["peak_error"]) < 0.1 for r in measured)
 
 
 # ---------------------------------------------------------------------------- the arguments as a dataclass

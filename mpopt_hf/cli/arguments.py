@@ -188,6 +188,9 @@ class ProfileArguments:
         "list of block,selective: how checkpointed blocks recompute (default: block)", "LIST"))
     optimizer_states: list[str] | None = field(default=None, metadata=_help(
         "list of fp32,8bit: AdamW's moments (8bit: bitsandbytes' blockwise AdamW; default: fp32)", "LIST"))
+    lora_ranks: list[int] | None = field(default=None, metadata=_help(
+        "list of LoRA ranks, 0 = no adapters (peft's, on the trainable blocks' Linear layers; each priced by a "
+        "fake-tensor step; default: 0)", "LIST"))
 
     def __post_init__(self) -> None:
         # Type errors raise InvalidTypeError (a TypeError and a ValueError), the others ValueError; each message names
@@ -208,6 +211,9 @@ class ProfileArguments:
                                                  "non-negative integers", "0,1,2,4", lambda v: v >= 0)[0]
         self.checkpoint_policies = _choices("--checkpoint-policies", self.checkpoint_policies, CHECKPOINT_POLICIES)
         self.optimizer_states = _choices("--optimizer-states", self.optimizer_states, OPTIMIZER_STATES)
+        if self.lora_ranks is not None:
+            self.lora_ranks = read_list("--lora-ranks", self.lora_ranks, int, "non-negative integers", "0,8",
+                                        lambda v: v >= 0)[0]
 
     @property
     def device_type(self) -> str:
@@ -260,5 +266,5 @@ def _choices(name: str, values: list[str] | None, allowed: tuple[str, ...]) -> l
 FLAG_TYPES: dict[str, Callable[[str], Any]] = {
     **{name: accepts.flag_type(flag(name)) for name, accepts in SCALARS.items()},
     **{name: str for name in ("input_shape", "precisions", "micro_batch_sizes", "freeze_rates", "checkpoint_segments",
-                                     "checkpoint_policies", "optimizer_states")},
+                                     "checkpoint_policies", "optimizer_states", "lora_ranks")},
 }

@@ -69,7 +69,8 @@ def knob_space(args: ProfileArguments, n_blocks: int, model_name: str = "the mod
     else:
         segments = DEFAULT_CHECKPOINT_SEGMENTS
     space = config_space(args.batch_size, n_blocks, precisions, args.micro_batch_sizes, freeze, segments,
-                         args.checkpoint_policies or ("block",), args.optimizer_states or ("fp32",))
+                         args.checkpoint_policies or ("block",), args.optimizer_states or ("fp32",),
+                         args.lora_ranks or (0,))
     if not space:
         trainable = sorted({n_blocks - n_frozen_blocks(r, n_blocks) for r in freeze})
         raise UsageError(f"No configuration is valid for {model_name} ({n_blocks} blocks): --checkpoint-segments "
@@ -119,11 +120,36 @@ def _device(args: ProfileArguments) -> Any:
     return device
 
 
+def _pricer(memory_model: Any, model: Any, batch: Any, optimizer: Any, batch_size: int) -> Any:
+    """``config -> Prediction``: the memory model's, and for LoRA adapters (which it does not trace) one fake-tensor
+    step's bytes by category, plus the calibrated workspace, with the step time of the twin without adapters (an
+    upper bound), as the trainer's profiled cost model prices them."""
+    from dataclasses import replace
+
+    from ..profiler import fake_setup, predict_step
+
+    setup = None
+
+    def predict(config: Any) -> Any:
+        nonlocal setup
+        if not config.lora_rank:
+            return memory_model.predict(config, batch_size)
+        setup = setup or fake_setup(model, optimizer, batch)
+        fake = predict_step(model, batch, config, optimizer, setup=setup)
+        workspace = memory_model.calibration.workspace(config.precision, min(config.micro_batch_size, batch_size))
+        twin = memory_model.predict(config.replace(lora_rank=0), batch_size)
+        return replace(twin, config=config, peak_bytes=fake.peak_bytes + workspace, weights=fake.weights,
+                       gradients=fake.gradients, optimizer_state=fake.optimizer_state, activations=fake.activations,
+                       temporaries=fake.temporaries + workspace, inputs=fake.inputs, phase="fake step (LoRA)")
+
+    return predict
+
+
 def run_profile(args: ProfileArguments) -> int:
     """Fit (or reuse) the memory model, measure where asked, print the rows; the exit status."""
     import torch
 
-    from ..memory_model import BudgetTooSmallError, check_budget
+    from ..memory_model import BudgetTooSmallError
     from ..model.blocks import find_blocks
     from ..profiler import fit_profile, measure
     from ..store import open_store
@@ -142,21 +168,23 @@ def run_profile(args: ProfileArguments) -> int:
     try:
         # with a budget, the fit measures only what is predicted to fit it (a device that small cannot run more)
         budget = None if args.budget_mib is None else args.budget_mib * MIB
-        fitted = fit_profile(model, batch, optimizer, space, store, n_measure=args.fit_measurements,
+        plain = [c for c in space if not c.lora_rank] or [c.replace(lora_rank=0) for c in space]
+        fitted = fit_profile(model, batch, optimizer, plain, store, n_measure=args.fit_measurements,
                              steps=args.steps, warmup=1, budget_bytes=budget)
     finally:
         if store is not None:
             store.close()
     memory_model = fitted.model
+    predict = _pricer(memory_model, model, batch, optimizer, args.batch_size)
+    predictions = {config: predict(config) for config in space}
     fit_configs = {m.config: m for m in fitted.measurements}
-    extra = [c for c in sorted(space, key=lambda c: memory_model.predict(c, args.batch_size).peak_bytes)
-             if c not in fit_configs]
+    extra = [c for c in sorted(space, key=lambda c: predictions[c].peak_bytes) if c not in fit_configs]
     measured = dict(fit_configs)
     for config in _spread(extra, args.measure) if args.measure else []:
         measured[config] = measure(model, batch, config, optimizer, steps=args.steps)
     rows = []
     for config in space:
-        prediction = memory_model.predict(config, args.batch_size)
+        prediction = predictions[config]
         fits = None if args.budget_mib is None else budget_fits(prediction.peak_bytes, args.budget_mib * MIB,
                                                                  args.safety_margin)
         rows.append(Row(config, prediction, fits, measured.get(config), config in fit_configs))
@@ -177,9 +205,9 @@ def run_profile(args: ProfileArguments) -> int:
             print(f"prediction error on {len(errors)} measured, unfitted configuration(s): "
                   f"median {sorted(errors)[len(errors) // 2]:.2%}, max {max(errors):.2%}")
     if args.budget_mib is not None:
-        try:
-            best = check_budget(memory_model, space, args.batch_size, args.budget_mib, args.safety_margin)
-        except BudgetTooSmallError as err:
+        best = min(predictions.values(), key=lambda p: p.peak_bytes)
+        if not budget_fits(best.peak_bytes, args.budget_mib * MIB, args.safety_margin):
+            err = BudgetTooSmallError(args.budget_mib, best.peak_mib, best.config, args.safety_margin)
             print(f"mpopt profile: {err}", file=sys.stderr)
             return EXIT_BUDGET_TOO_SMALL
         if not args.json:

@@ -40,11 +40,12 @@ def config_space(
     checkpoint_segments: Sequence[int] = (0, 1, 2, 4),
     checkpoint_policies: Sequence[str] = ("block",),
     optimizer_states: Sequence[str] = ("fp32",),
+    lora_ranks: Sequence[int] = (0,),
 ) -> list[MemoryConfig]:
     """Every valid configuration of the knob grid that `mpopt profile` shows, as `space.enumerate_configs` lists
     it (segments above the trainable block count are skipped; the policies apply to segment counts above 0), in
-    the table's order: precision, freeze rate, segments, policy, optimizer state, micro-batch. Its defaults are
-    wider than the engine's search (`space.default_*`): a profile also shows head-only training."""
+    the table's order: precision, freeze rate, segments, policy, optimizer state, LoRA rank, micro-batch. Its
+    defaults are wider than the engine's search (`space.default_*`): a profile also shows head-only training."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
     sizes = sorted(set(micro_batch_sizes or _powers_of_two_upto(batch_size)))
@@ -52,10 +53,12 @@ def config_space(
     if bad:
         raise ValueError(f"micro_batch_sizes {bad} are outside 1..{batch_size} (the effective batch).")
     configs = enumerate_configs(sizes, freeze_rates, checkpoint_segments, precisions, n_blocks,
-                                checkpoint_policies=checkpoint_policies, optimizer_states=optimizer_states)
+                                checkpoint_policies=checkpoint_policies, optimizer_states=optimizer_states,
+                                lora_ranks=lora_ranks)
     order = {name: i for i, name in enumerate(dict.fromkeys([*precisions, *checkpoint_policies, *optimizer_states]))}
     return sorted(configs, key=lambda c: (order[c.precision], c.freeze_rate, c.checkpoint_segments,
-                                          order[c.checkpoint_policy], order[c.optimizer_state], c.micro_batch_size))
+                                          order[c.checkpoint_policy], order[c.optimizer_state], c.lora_rank,
+                                          c.micro_batch_size))
 
 
 def min_peak(model: MemoryModel, space: Iterable[MemoryConfig], batch_size: int) -> Prediction:
