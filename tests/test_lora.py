@@ -106,6 +106,7 @@ class _SwitchAt(TrainerCallback):
     def __init__(self, trainer_box, step, config, batch):
         self.box, self.step, self.config, self.batch = trainer_box, step, config, batch
         self.logits: list[torch.Tensor] = []
+        self.placements: list[tuple[int, int]] = []
 
     def _logits(self, model):
         with torch.no_grad():
@@ -115,8 +116,6 @@ class _SwitchAt(TrainerCallback):
         if state.global_step == self.step:
             self.logits.append(self._logits(model))
             self.box[0].set_memory_config(self.config)
-
-    placements: list = []
 
     def on_step_begin(self, args, state, control, model=None, **kwargs):
         if state.global_step == self.step:
@@ -165,6 +164,9 @@ def test_the_trainer_trains_adapters_only_and_a_switch_keeps_what_was_learned(tm
     assert {id(p) for p in held} == {id(p) for p in trainer.model.parameters()}
     assert len(losses) == 6 and losses[-1] < losses[3] < losses[0]
     # training ended: the adapters are merged, the model is the plain one again, its function kept
+    assert not adapter_parameters(trainer.model) and trainer.model.state_dict().keys() == start.keys()
+    # and a measurement afterwards (the online loop's) does not bring them back
+    measure(trainer.model, batch, MemoryConfig(4), torch.optim.AdamW(trainer.model.parameters()), steps=1)
     assert not adapter_parameters(trainer.model) and trainer.model.state_dict().keys() == start.keys()
     trains = {n for n, p in trainer.model.named_parameters() if p.requires_grad}  # freeze_rate 0.25 still holds
     assert "vit.layers.3.attention.q_proj.weight" in trains and "vit.layers.0.attention.q_proj.weight" not in trains

@@ -137,6 +137,8 @@ def place_adapters(model: nn.Module, placement: LoraPlacement, seed: int = 0) ->
         return False
     if state is not None and state.plan is not None:
         _apply_freezing(base, state, state.plan)  # adapters in or out: the base weights follow
+    if state is not None and state.config is not None:  # what the model now carries, for whoever re-applies it
+        state.config = state.config.replace(lora_rank=placement.rank)
     return True
 
 

@@ -40,9 +40,10 @@ class AdapterCheckpoints(Trainer):
             super()._save_optimizer_and_scheduler(output_dir)
 
     def train(self, *args: Any, **kwargs: Any) -> Any:
-        result = super().train(*args, **kwargs)
-        self.merge_adapters()
-        return result
+        try:
+            return super().train(*args, **kwargs)
+        finally:  # also when training stops on an error: the model left behind is the plain one
+            self.merge_adapters()
 
     def _load_best_model(self) -> None:
         self.merge_adapters()  # the best checkpoint holds the plain model: load it into the plain model
